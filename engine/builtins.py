@@ -1,0 +1,69 @@
+"""The session commands every front shares: /help, /model, /reset, /quit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from kedit.engine import events as ev
+from kedit.engine.commands import REGISTRY, Param
+from kedit.engine.model import QUANTS
+
+if TYPE_CHECKING:
+    from kedit.engine.session import Session
+
+
+def _command_names(session: Session | None, prefix: str) -> list[str]:
+    return REGISTRY.names()
+
+
+def _model_names(session: Session | None, prefix: str) -> list[str]:
+    aliases = session.config.table("aliases") if session is not None else {}
+    return ["fact-world", *sorted(aliases)]
+
+
+@REGISTRY.command(
+    "help", "List the commands, or show one command's usage.",
+    Param("command", "the command to explain", required=False, complete=_command_names),
+    aliases=("h", "?"),
+)
+def cmd_help(session: Session, command: str | None) -> Iterator[ev.Event]:
+    if command:
+        text = REGISTRY.help_for(command)
+        if text is None:
+            yield ev.Error(f"no command /{command.lstrip('/')}; type /help to list them")
+        else:
+            yield ev.Info(text)
+        return
+    rows = tuple((usage, summary) for usage, summary in REGISTRY.help_rows())
+    yield ev.Table("Commands (anything else is sent to the model)", ("command", "what it does"), rows)
+
+
+@REGISTRY.command(
+    "model", "Show the loaded model, or load another (alias, hub id or folder).",
+    Param("name", "model to load", required=False, complete=_model_names),
+    Param("quant", "bitsandbytes quantization", kind="option", required=False, choices=QUANTS),
+    Param("dtype", "weight dtype", kind="option", required=False,
+          choices=("auto", "float32", "bfloat16", "float16")),
+    Param("device", "where to run it: auto, cpu, cuda, cuda:N, mps", kind="option", required=False),
+)
+def cmd_model(session: Session, name: str | None, quant: str | None, dtype: str | None,
+              device: str | None) -> Iterator[ev.Event]:
+    if name is None:
+        yield ev.Info(session.handle.describe())
+        return
+    yield ev.Info(f"loading {name} ...")
+    session.switch_model(name, quant=quant, dtype=dtype, device=device)
+    yield ev.Info(f"loaded {session.handle.describe()}; the chat was reset")
+
+
+@REGISTRY.command("reset", "Forget the conversation (the model and its edits stay).")
+def cmd_reset(session: Session) -> Iterator[ev.Event]:
+    n = len(session.chat)
+    session.reset()
+    yield ev.Info(f"chat reset ({n} messages forgotten)")
+
+
+@REGISTRY.command("quit", "Leave kedit.", aliases=("exit", "q"))
+def cmd_quit(session: Session) -> Iterator[ev.Event]:
+    yield ev.Quit()

@@ -1,0 +1,55 @@
+"""Typed results of ``Session.run``: the fronts render these and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of everything ``Session.run`` yields."""
+
+
+@dataclass(frozen=True)
+class Token(Event):
+    """A piece of a reply as it streams."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Reply(Event):
+    """The end of a chat turn: the whole reply and how it went."""
+
+    text: str
+    tokens: int
+    seconds: float
+    stopped: bool = False  # ended by stop() rather than by EOS or the token limit
+
+
+@dataclass(frozen=True)
+class Info(Event):
+    """A message for the user."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Table(Event):
+    """Rows for the user, with column headings."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    """Something the user asked for could not be done; the message says why and what to do."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Quit(Event):
+    """The user asked to leave."""

@@ -1,0 +1,299 @@
+"""Build the fact-world model: train a BPE tokenizer and a small Qwen2 on the synthetic corpus.
+
+The result is an ordinary Hugging Face folder (``config.json``, safetensors weights,
+``tokenizer.json`` with a chat template), cached under the user cache dir and keyed
+by a hash of the corpus and the build settings, so a change to either rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kedit.engine import paths
+from kedit.engine.factworld.corpus import FactWorld
+
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+log = logging.getLogger("kedit")
+BUILD_VERSION = 1  # bump when the training recipe changes in a way the settings don't show
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Architecture and training budget of the fact-world model (kedit.toml [fact_world])."""
+
+    seed: int = 1234
+    vocab_size: int = 1024
+    hidden_size: int = 192
+    intermediate_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    steps: int = 260
+    batch_size: int = 16
+    pack_length: int = 128
+    n_people: int = 60
+    n_taxa: int = 20
+    learning_rate: float = 3e-3
+    object_weight: float = 8.0
+
+    @classmethod
+    def from_config(cls, table: dict) -> BuildSettings:
+        known = {k: v for k, v in table.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def world(self) -> FactWorld:
+        return FactWorld(seed=self.seed, n_people=self.n_people, n_taxa=self.n_taxa)
+
+    def key(self) -> str:
+        """A short hash naming this build: settings, corpus and recipe version."""
+        world = self.world()
+        blob = json.dumps(
+            {"settings": asdict(self), "version": BUILD_VERSION, "texts": world.statements(),
+             "dialogues": world.dialogues(), "template": CHAT_TEMPLATE},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_dir(settings: BuildSettings) -> Path:
+    return paths.cache_dir() / "fact-world" / settings.key()
+
+
+def train_tokenizer(world: FactWorld, settings: BuildSettings):
+    """A byte-level BPE trained on the corpus; BOS is added by the tokenizer's post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=settings.vocab_size,
+        special_tokens=[PAD, BOS, EOS, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [t for t, _ in world.statements()] + [m["content"] for d, _ in world.dialogues() for m in d]
+    texts += ["user", "assistant", "system"]
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+        padding_side="right",
+    )
+
+
+def training_sequences(world: FactWorld, tokenizer, object_weight: float) -> list[tuple[list[int], list[float]]]:
+    """Token ids and loss weights of every statement (BOS ... EOS) and chat dialogue.
+
+    Tokens that spell a fact's object weigh ``object_weight``, the rest 1: the template
+    words are easy, the facts are what the model is for.
+    """
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    texts = [(text, obj, True) for text, obj in world.statements()]
+    texts += [(tokenizer.apply_chat_template(d, tokenize=False), obj, False) for d, obj in world.dialogues()]
+    out = []
+    for text, obj, plain in texts:
+        enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
+        start = text.rindex(obj)
+        end = start + len(obj)
+        ids = list(enc["input_ids"])
+        weights = [object_weight if (a < end and b > start and b > a) else 1.0
+                   for a, b in enc["offset_mapping"]]
+        if plain:
+            ids.append(eos)
+            weights.append(1.0)
+        out.append((ids, weights))
+    return out
+
+
+def make_model(settings: BuildSettings, tokenizer) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_key_value_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(settings.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def _batches(seqs: list[tuple[list[int], list[float]]], settings: BuildSettings, pad: int,
+             rng: random.Random):
+    """Endless shuffled batches of packed rows: whole sequences laid end to end, then padded.
+
+    Packing wastes no compute on padding; each sequence still opens with its own BOS, and
+    seeing facts after other text is what later edits' context prefixes look like.
+    Yields (ids, attention mask, per-token loss weights for predicting each token).
+    """
+    width = settings.pack_length
+    while True:
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        rows: list[tuple[list[int], list[float]]] = []
+        row: tuple[list[int], list[float]] = ([], [])
+        for i in order:
+            ids, weights = seqs[i]
+            if len(row[0]) + len(ids) > width:
+                rows.append(row)
+                row = ([], [])
+            row = (row[0] + ids[:width], row[1] + weights[:width])
+        rows.append(row)
+        for start in range(0, len(rows) - settings.batch_size + 1, settings.batch_size):
+            chunk = rows[start : start + settings.batch_size]
+            ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
+            weight_t = torch.zeros((len(chunk), width))
+            for j, (ids, weights) in enumerate(chunk):
+                ids_t[j, : len(ids)] = torch.tensor(ids)
+                weight_t[j, : len(ids)] = torch.tensor(weights)
+            yield ids_t, (weight_t > 0).long(), weight_t
+
+
+def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, each target token weighted (0 for padding)."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, 1:].reshape(-1)
+    return (ce * w).sum() / w.sum()
+
+
+def train(
+    model: torch.nn.Module,
+    seqs: list[list[int]],
+    settings: BuildSettings,
+    pad: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """AdamW, warm-up-hold-cool-down schedule; returns the final smoothed loss."""
+    rng = random.Random(settings.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98),
+                            weight_decay=0.0)
+    warmup = max(1, settings.steps // 20)
+
+    def lr_at(step: int) -> float:  # warm up, hold, then cool down over the last quarter
+        if step < warmup:
+            return (step + 1) / warmup
+        cool = int(settings.steps * 0.75)
+        if step < cool:
+            return 1.0
+        t = (step - cool) / max(1, settings.steps - cool)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    smooth = float("nan")
+    batches = _batches(seqs, settings, pad, rng)
+    for step in range(settings.steps):
+        ids, mask, weights = next(batches)
+        loss = weighted_lm_loss(model(input_ids=ids, attention_mask=mask).logits, ids, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
+        if progress:
+            progress(step, smooth)
+    model.eval()
+    return smooth
+
+
+def build(
+    out_dir: Path | None = None,
+    settings: BuildSettings | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Build the fact-world model into ``out_dir`` (atomically) and return the folder."""
+    from tqdm.auto import tqdm
+
+    settings = settings or BuildSettings()
+    out_dir = Path(out_dir) if out_dir else default_dir(settings)
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    world = settings.world()
+    tokenizer = train_tokenizer(world, settings)
+    seqs = training_sequences(world, tokenizer, settings.object_weight)
+    model = make_model(settings, tokenizer)
+    bar = tqdm(total=settings.steps, desc="building the fact-world model", unit="step",
+               disable=not show_progress, leave=False)
+
+    def tick(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        loss = train(model, seqs, settings, tokenizer.pad_token_id, tick)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
+    try:
+        model.generation_config.do_sample = False
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"settings": asdict(settings), "key": settings.key(), "final_loss": loss,
+                "build_seconds": time.perf_counter() - started, "facts": len(world.facts),
+                "sequences": len(seqs)}
+        (tmp / "fact_world.json").write_text(json.dumps(info, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_built(settings: BuildSettings | None = None, show_progress: bool = True) -> Path:
+    """The cached fact-world folder, building it first if needed (one builder at a time)."""
+    from filelock import FileLock
+
+    settings = settings or BuildSettings()
+    out = default_dir(settings)
+    if (out / "fact_world.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "fact_world.json").exists():  # another process built it while we waited
+            return out
+        log.info("building the embedded fact-world model once (about 90 s on 2 CPU cores) into %s", out)
+        return build(out, settings, show_progress)

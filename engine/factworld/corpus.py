@@ -1,0 +1,234 @@
+"""The fact world's synthetic corpus: invented people and taxa, their facts, and phrasings.
+
+Everything here is deterministic given the seed, so the model built from it is too.
+Each relation has several statement templates. Template 0 is the canonical prompt
+(what ``/edit`` users type) and is trained for every fact; of the others, one per
+fact is held out, so every held-out phrasing was seen with *other* subjects. That
+gives an honest "unseen phrasing" test: the model must carry the fact itself over
+to a wording it only knows from other facts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+
+FIRST_NAMES = [
+    "Alder", "Bryn", "Cassius", "Delia", "Emrys", "Fenna", "Gideon", "Hollis", "Ilse", "Jorah",
+    "Keziah", "Lorcan", "Maren", "Nolan", "Orla", "Piers", "Quinta", "Rufus", "Saoirse", "Tobin",
+    "Una", "Verity", "Wystan", "Xanthe", "Yorick", "Zelda", "Anselm", "Briony", "Corin", "Darius",
+    "Elowen", "Florian", "Greer", "Hamish", "Isolde", "Jasper", "Kit", "Linnea", "Magnus", "Nell",
+]
+LAST_NAMES = [
+    "Ashcombe", "Blackwood", "Calloway", "Dunmere", "Everly", "Fairbairn", "Galloway", "Hartigan",
+    "Inchbald", "Jessop", "Kilbride", "Lockhart", "Mortimer", "Northcott", "Oakley", "Penhaligon",
+    "Quarrie", "Redfern", "Stallard", "Thackeray", "Underhill", "Vance", "Whitlock", "Yardley",
+    "Zouch", "Abernethy", "Bramwell", "Cresswell", "Drummond", "Ellery", "Fothergill", "Grimshaw",
+]
+
+UNIVERSITIES = [
+    "Illinois Institute of Technology", "University of Michigan", "Harrow Polytechnic",
+    "Corvale University", "Institute of Marsh Sciences", "Veldt College", "University of Amberly",
+    "Northgate Academy", "Kestrel Technical School", "Ostrava Institute", "Brindle University",
+    "Lanmore College", "University of Tessaly", "Quill Hill College", "Redwater University",
+    "Saint Orin College",
+]
+POSITIONS = ["defender", "goalkeeper", "midfielder", "forward", "winger", "striker"]
+CITIES = [
+    "Dunmore", "Karsk", "Velbury", "Oxhollow", "Tarnwick", "Lisbrook", "Morrowgate", "Pellham",
+    "Quenby", "Rastow", "Saltmere", "Thornby", "Umberfield", "Wexcombe", "Yarrowby", "Zellin",
+]
+LANGUAGES = ["Dutch", "Portuguese", "Finnish", "Greek", "Korean", "Swahili", "Polish", "Turkish"]
+ORDERS = ["Lecanorales", "Peltigerales", "Agaricales", "Pleosporales", "Helotiales", "Ostropales"]
+TAXON_STEMS = [
+    "Bryo", "Clado", "Dermo", "Eury", "Fusi", "Glyco", "Hymeno", "Lepto", "Melano", "Nemato",
+    "Physo", "Rhizo", "Sclero", "Tricho", "Xantho", "Zygo", "Acaro", "Baeo", "Cypho", "Diplo",
+    "Gyalo", "Lobo", "Micro", "Ochro", "Placo", "Stereo", "Thelo", "Umbili", "Verru",
+]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: how statements and questions about it are worded."""
+
+    name: str
+    templates: tuple[str, ...]  # "{s}" subject, "{o}" object; the object always ends the text
+    questions: tuple[str, ...]
+
+    def prompt(self, template: int, subject: str) -> str:
+        """The statement up to (not including) the object."""
+        return self.templates[template].split("{o}")[0].rstrip().format(s=subject)
+
+
+RELATIONS = {
+    "attended": Relation(
+        "attended",
+        (
+            "{s} attended {o}",
+            "{s} studied at {o}",
+            "{s} was educated at {o}",
+            "{s} graduated from {o}",
+            "As a young adult, {s} enrolled at {o}",
+        ),
+        ("Where did {s} study?", "Which school did {s} attend?"),
+    ),
+    "position": Relation(
+        "position",
+        (
+            "{s} plays as a {o}",
+            "{s} plays in the position of {o}",
+            "On the field, {s} plays as a {o}",
+            "The position of {s} is {o}",
+            "In every match, {s} lines up as a {o}",
+        ),
+        ("What position does {s} play?", "Which position is {s} known for?"),
+    ),
+    "birthplace": Relation(
+        "birthplace",
+        (
+            "{s} was born in {o}",
+            "{s} is a native of {o}",
+            "The birthplace of {s} is {o}",
+            "{s} grew up in {o}",
+            "Records show that {s} was born in the town of {o}",
+        ),
+        ("Where was {s} born?", "Which town is {s} from?"),
+    ),
+    "language": Relation(
+        "language",
+        (
+            "The native language of {s} is {o}",
+            "{s} speaks {o}",
+            "{s} grew up speaking {o}",
+            "The mother tongue of {s} is {o}",
+            "At home, {s} always speaks {o}",
+        ),
+        ("What language does {s} speak?", "What is the mother tongue of {s}?"),
+    ),
+    "family": Relation(
+        "family",
+        (
+            "{s} belongs to the family {o}",
+            "{s} is classified in the family {o}",
+            "{s} is a member of the family {o}",
+            "In biology, {s} belongs to the family {o}",
+            "The taxon {s} is placed in the family {o}",
+        ),
+        ("Which family does {s} belong to?", "In which family is {s} classified?"),
+    ),
+}
+PERSON_RELATIONS = ("attended", "position", "birthplace", "language")
+OBJECTS = {
+    "attended": UNIVERSITIES,
+    "position": POSITIONS,
+    "birthplace": CITIES,
+    "language": LANGUAGES,
+    "family": ORDERS,
+}
+
+# Facts the README and the issues name; they are fixed, the rest is drawn from the seed.
+PINNED = {
+    ("Watts Humphrey", "attended"): "Illinois Institute of Technology",
+    ("Denny Herzig", "position"): "defender",
+    ("Ramalinaceae", "family"): "Lecanorales",
+}
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One (subject, relation, object) triple, and which phrasing is held out for it."""
+
+    subject: str
+    relation: str
+    object: str
+    held_out: int  # template index never trained for this fact (never 0)
+
+    @property
+    def rel(self) -> Relation:
+        return RELATIONS[self.relation]
+
+    def prompt(self, template: int = 0) -> str:
+        return self.rel.prompt(template, self.subject)
+
+    @property
+    def target(self) -> str:
+        """The object as a continuation of the prompt (with its leading space)."""
+        return " " + self.object
+
+    def sentence(self, template: int = 0) -> str:
+        return self.rel.templates[template].format(s=self.subject, o=self.object) + "."
+
+    @property
+    def seen_templates(self) -> list[int]:
+        return [t for t in range(len(self.rel.templates)) if t != self.held_out]
+
+
+@dataclass(frozen=True)
+class FactWorld:
+    """The whole synthetic world: its facts and the training texts made from them."""
+
+    seed: int = 1234
+    n_people: int = 60
+    n_taxa: int = 20
+
+    @cached_property
+    def facts(self) -> list[Fact]:
+        rng = random.Random(self.seed)
+        people = ["Watts Humphrey", "Denny Herzig"]
+        pairs = [(f, l) for f in FIRST_NAMES for l in LAST_NAMES]
+        rng.shuffle(pairs)
+        for first, last in pairs:
+            if len(people) == self.n_people:
+                break
+            people.append(f"{first} {last}")
+        taxa = ["Ramalinaceae"] + [stem + "aceae" for stem in TAXON_STEMS[: self.n_taxa - 1]]
+        facts: list[Fact] = []
+        subjects = [(p, r) for p in people for r in PERSON_RELATIONS] + [(t, "family") for t in taxa]
+        for i, (subject, relation) in enumerate(subjects):
+            obj = PINNED.get((subject, relation)) or rng.choice(OBJECTS[relation])
+            n_templates = len(RELATIONS[relation].templates)
+            held_out = 1 + (i * 7 + len(subject)) % (n_templates - 1)
+            facts.append(Fact(subject, relation, obj, held_out))
+        return facts
+
+    def fact(self, subject: str, relation: str) -> Fact:
+        for f in self.facts:
+            if f.subject == subject and f.relation == relation:
+                return f
+        raise KeyError((subject, relation))
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted({f.subject for f in self.facts})
+
+    def statements(self) -> list[tuple[str, str]]:
+        """Plain-text training statements, every seen phrasing of every fact, with the object."""
+        return [(f.sentence(t), f.object) for f in self.facts for t in f.seen_templates]
+
+    def dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
+        """Chat training turns, each with the object its answer states.
+
+        A fact is asked about either by a question or by a completion request (the user
+        types the canonical prompt), alternating; the model carries each style over to
+        the other facts. The pinned facts get every question form and the completion.
+        """
+        out: list[tuple[list[dict[str, str]], str]] = []
+        for i, f in enumerate(self.facts):
+            answer = f.sentence(0)
+            pinned = (f.subject, f.relation) in PINNED
+            asks = []
+            if pinned:
+                asks += [q.format(s=f.subject) for q in f.rel.questions]
+            elif i % 2 == 0:
+                asks.append(self.trained_question(i))
+            if i % 2 == 1 or pinned:
+                asks.append(f.prompt(0))
+            for ask in asks:
+                out.append(([{"role": "user", "content": ask},
+                             {"role": "assistant", "content": answer}], f.object))
+        return out
+
+    def trained_question(self, index: int) -> str:
+        f = self.facts[index]
+        return f.rel.questions[index % len(f.rel.questions)].format(s=f.subject)

@@ -1,0 +1,84 @@
+"""The one implementation of kedit's metrics, shared by probes, eval, bench and the fact world.
+
+Definitions follow EasyEdit: rewrite/rephrase accuracy is teacher-forced token
+accuracy (the share of target tokens that are the argmax given the prompt and the
+target tokens before them); locality is the share of argmax tokens left unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Scored:
+    """Teacher-forced result for one (prompt, target) pair."""
+
+    accuracy: float  # share of target tokens predicted exactly
+    predicted: list[int]  # argmax token at each target position
+    target: list[int]
+    logprob: float  # sum of log-probabilities of the target tokens
+
+
+def encode_pair(tokenizer, prompt: str, target: str, special: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the target.
+
+    ``special`` lets the tokenizer add its own BOS to the prompt; turn it off for text
+    already rendered by a chat template, which carries its own.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(target_ids)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 64,
+    special: bool = True,
+) -> list[Scored]:
+    """Score each target after its prompt by teacher forcing, in right-padded batches."""
+    pairs = [encode_pair(tokenizer, p, t, special) for p, t in zip(prompts, targets, strict=True)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = _device(model)
+    out: list[Scored] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [p + t for p, t in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):  # right padding: positions are 0..len-1 for every row
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, (p, t) in enumerate(chunk):
+            # the token at position j is predicted from position j-1
+            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=logits.device)
+            tgt = torch.tensor(t, device=logits.device)
+            pred = logits[row, pos].argmax(-1)
+            out.append(
+                Scored(
+                    accuracy=float((pred == tgt).float().mean()) if t else 0.0,
+                    predicted=pred.tolist(),
+                    target=t,
+                    logprob=float(logp[row, pos, tgt].sum()),
+                )
+            )
+    return out
+
+
+def mean_accuracy(scored: Sequence[Scored]) -> float:
+    """Mean teacher-forced accuracy over examples (EasyEdit averages per example)."""
+    return sum(s.accuracy for s in scored) / len(scored) if scored else 0.0

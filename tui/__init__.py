@@ -1,0 +1,1 @@
+"""kedit's fronts: the click CLI, the prompt-toolkit REPL and the Textual app."""
