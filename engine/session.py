@@ -93,13 +93,18 @@ class Session:
 
     def _prompt_ids(self, text: str) -> torch.Tensor:
         tok = self.tokenizer
-        if self.handle.is_chat:
-            rendered = tok.apply_chat_template([m.as_dict() for m in self.chat], tokenize=False,
-                                               add_generation_prompt=True)
+        if not self.handle.is_chat:
+            return tok(text, return_tensors="pt")["input_ids"].to(self.handle.model.device)
+        # Oldest turns fall out of the prompt (not out of .chat) when the context is full.
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        budget = limit - int(self.config.get("generation.max_new_tokens", 64))
+        messages = [m.as_dict() for m in self.chat]
+        while True:
+            rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tok(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        else:
-            ids = tok(text, return_tensors="pt")["input_ids"]
-        return ids.to(self.handle.model.device if hasattr(self.handle.model, "device") else "cpu")
+            if ids.shape[1] <= budget or len(messages) <= 1:
+                return ids.to(self.handle.model.device)
+            messages = messages[2:] if len(messages) > 2 else messages[-1:]
 
     def _generation_kwargs(self) -> dict[str, Any]:
         gen = self.config.table("generation")
@@ -158,7 +163,10 @@ class Session:
                 self.last_token_count = len(streamer.ids)
                 self._generating.clear()
                 if self.handle.is_chat:
-                    self.chat.append(Message("assistant", "".join(pieces).strip()))
+                    if failure:  # a failed turn leaves the conversation as it was
+                        self.chat.pop()
+                    else:
+                        self.chat.append(Message("assistant", "".join(pieces).strip()))
             if failure:
                 raise failure[0]
 
@@ -201,6 +209,10 @@ class Session:
         except torch.cuda.OutOfMemoryError:
             yield ev.Error("the GPU ran out of memory while generating; lower "
                            "generation.max_new_tokens, /reset the chat, or load with --quant 4bit")
+            return
+        except (RuntimeError, ValueError, IndexError) as exc:
+            yield ev.Error(f"generation failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+                           "The chat is as it was; /reset it or try a shorter message.")
             return
         reply = "".join(pieces)
         yield ev.Reply(reply, self.last_token_count, time.perf_counter() - started, stopped=self._user_stopped)

@@ -174,3 +174,31 @@ def test_ctrl_c_in_the_repl_stops_the_reply_not_the_program(tiny_session: Sessio
     t.start()
     t.join(60)
     assert isinstance(result[-1], ev.Reply) and result[-1].text == full.text
+
+
+def test_a_failed_generation_is_an_error_event_and_keeps_the_chat(session: Session,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _collect(session.run("Denny Herzig plays as a"))
+    before = [(m.role, m.content) for m in session.chat]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(session.model, "generate", broken)
+    out = _collect(session.run("Watts Humphrey attended"))
+    assert isinstance(out[-1], ev.Error) and "simulated kernel failure" in out[-1].message
+    assert [(m.role, m.content) for m in session.chat] == before
+    assert not session.generating
+
+
+def test_long_chats_keep_to_the_context_window(session: Session) -> None:
+    limit = session.model.config.max_position_embeddings
+    for _ in range(12):  # far more text than the window holds
+        _collect(session.run("Watts Humphrey attended " + "and so on " * 8))
+    reply = _collect(session.run("Watts Humphrey attended"))[-1]
+    assert isinstance(reply, ev.Reply) and reply.tokens > 0
+    budget = limit - session.config.get("generation.max_new_tokens")
+    assert session._prompt_ids("").shape[1] <= budget
+    full = session.tokenizer.apply_chat_template([m.as_dict() for m in session.chat], tokenize=False)
+    assert len(session.tokenizer(full, add_special_tokens=False)["input_ids"]) > limit  # it did trim
+    assert len(session.chat) == 26  # the conversation itself is kept whole
