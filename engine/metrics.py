@@ -21,6 +21,7 @@ class Scored:
     predicted: list[int]  # argmax token at each target position
     target: list[int]
     logprob: float  # sum of log-probabilities of the target tokens
+    next_logp: torch.Tensor | None = None  # log-probabilities of the token right after the prompt
 
 
 def encode_pair(tokenizer, prompt: str, target: str, special: bool = True) -> tuple[list[int], list[int]]:
@@ -46,6 +47,7 @@ def teacher_forced(
     targets: Sequence[str],
     batch_size: int = 64,
     special: bool = True,
+    keep_next: bool = False,
 ) -> list[Scored]:
     """Score each target after its prompt by teacher forcing, in right-padded batches."""
     pairs = [encode_pair(tokenizer, p, t, special) for p, t in zip(prompts, targets, strict=True)]
@@ -74,6 +76,7 @@ def teacher_forced(
                     predicted=pred.tolist(),
                     target=t,
                     logprob=float(logp[row, pos, tgt].sum()),
+                    next_logp=logp[row, len(p) - 1].cpu() if keep_next else None,
                 )
             )
     return out
@@ -82,3 +85,22 @@ def teacher_forced(
 def mean_accuracy(scored: Sequence[Scored]) -> float:
     """Mean teacher-forced accuracy over examples (EasyEdit averages per example)."""
     return sum(s.accuracy for s in scored) / len(scored) if scored else 0.0
+
+
+def unchanged_share(before: Sequence[Scored], after: Sequence[Scored]) -> float:
+    """EasyEdit's locality: the mean share of target positions whose argmax did not change."""
+    shares = [
+        sum(a == b for a, b in zip(x.predicted, y.predicted)) / len(x.predicted)
+        for x, y in zip(before, after, strict=True) if x.predicted
+    ]
+    return sum(shares) / len(shares) if shares else 1.0
+
+
+def kl_next(before: Sequence[Scored], after: Sequence[Scored]) -> float:
+    """Mean KL(before ‖ after) of the next-token distributions (nats)."""
+    values = [
+        float(torch.sum(x.next_logp.exp() * (x.next_logp - y.next_logp)))
+        for x, y in zip(before, after, strict=True)
+        if x.next_logp is not None and y.next_logp is not None
+    ]
+    return sum(values) / len(values) if values else 0.0

@@ -232,3 +232,18 @@ class FactWorld:
     def trained_question(self, index: int) -> str:
         f = self.facts[index]
         return f.rel.questions[index % len(f.rel.questions)].format(s=f.subject)
+
+    def find(self, subject: str, prompt: str) -> Fact | None:
+        """The fact a prompt asks about: same subject, and the prompt is one of its phrasings."""
+        for f in self.facts:
+            if f.subject == subject and prompt.strip() in {f.prompt(t) for t in range(len(f.rel.templates))}:
+                return f
+        return None
+
+    def paraphrases(self, subject: str, prompt: str) -> list[str]:
+        """For a known fact, its held-out phrasing: wording the model never saw for that fact."""
+        f = self.find(subject, prompt)
+        if f is None:
+            return []
+        held = f.prompt(f.held_out)
+        return [held] if held != prompt.strip() else [f.prompt(0)]

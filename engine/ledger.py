@@ -1,0 +1,78 @@
+"""The ledger: every edit in force, in order, each with the patch that takes it back out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kedit.engine.errors import KeditError
+from kedit.engine.patches import Patch
+from kedit.engine.probes import ProbeResult
+
+
+@dataclass
+class Edit:
+    """One applied edit: the request, how it was made, its patch and its probe."""
+
+    id: str
+    method: str
+    prompt: str
+    subject: str
+    target: str
+    patch: Patch
+    layer: int | None = None
+    subject_how: str = "given"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    probe: ProbeResult | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        """Everything but the tensors, as JSON-ready data."""
+        return {"id": self.id, "method": self.method, "prompt": self.prompt, "subject": self.subject,
+                "target": self.target, "layer": self.layer, "subject_how": self.subject_how,
+                "hparams": self.hparams, "info": self.info, "paraphrases": self.paraphrases,
+                "probe": self.probe.as_dict() if self.probe else None, "created": self.created,
+                "seconds": self.seconds}
+
+
+class Ledger:
+    """Edits in the order they were applied; ids are never reused within a session."""
+
+    def __init__(self) -> None:
+        self.edits: list[Edit] = []
+        self._counter = 0
+
+    def next_id(self) -> str:
+        self._counter += 1
+        return f"e{self._counter}"
+
+    def add(self, edit: Edit) -> None:
+        self.edits.append(edit)
+
+    def get(self, edit_id: str) -> Edit:
+        key = edit_id if edit_id.startswith("e") else f"e{edit_id}"
+        for e in self.edits:
+            if e.id == key:
+                return e
+        known = ", ".join(e.id for e in self.edits) or "none"
+        raise KeditError(f"no edit {edit_id!r} is in force (edits: {known}); /edits lists them")
+
+    def remove(self, edit_id: str) -> Edit:
+        """Revert one edit's patch and drop it from the ledger."""
+        edit = self.get(edit_id)
+        edit.patch.revert()
+        self.edits.remove(edit)
+        return edit
+
+    def bump(self, counter: int) -> None:
+        self._counter = max(self._counter, counter)
+
+    def __len__(self) -> int:
+        return len(self.edits)
+
+    def __iter__(self):
+        return iter(self.edits)

@@ -1,0 +1,51 @@
+"""ROME's hyperparameters, read from kedit.toml: [rome], then [rome.family.<model_type>], then
+[rome.model."<hub id>"], each overriding the one before."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from kedit.engine.config import Config
+from kedit.engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RomeParams:
+    layer: int | None = None  # None: pick by causal tracing (cached per model)
+    v_steps: int = 25  # Adam steps on δ
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3  # on ‖δ‖² / ‖v‖²
+    kl_factor: float = 0.0625  # weight of KL on "{subject} is a"
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v‖
+    nll_stop: float = 0.05  # stop early once the target's mean NLL is below this
+    n_contexts: int = 10  # context prefixes the model writes itself
+    context_tokens: int = 10  # length of each prefix
+    stats_samples: int = 1000  # texts for C
+    stats_tokens: int = 128  # tokens per text
+    ridge: float = 1e-4  # C + ridge·mean(diag C)·I, for a well-conditioned solve
+    identity_c: bool = False  # use C = I (no statistics), named as such
+
+    @classmethod
+    def from_config(cls, config: Config, model_type: str, model_id: str) -> RomeParams:
+        table: dict[str, Any] = {}
+        base = config.table("rome")
+        table.update({k: v for k, v in base.items() if not isinstance(v, dict) and k != "trace_cases"})
+        table.update(config.table("rome").get("family", {}).get(model_type, {}))
+        table.update(config.table("rome").get("model", {}).get(model_id, {}))
+        return cls.from_dict(table)
+
+    @classmethod
+    def from_dict(cls, table: dict[str, Any]) -> RomeParams:
+        names = {f.name for f in fields(cls)}
+        unknown = set(table) - names
+        if unknown:
+            raise ConfigError(f"unknown ROME setting(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(names))}")
+        return cls(**table)
+
+    def with_(self, **changes: Any) -> RomeParams:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,83 @@
+"""k*: the key of the subject, the input of the MLP output projection at the subject's last
+token, averaged over context prefixes the model wrote itself (ROME eq. 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from kedit.engine.subject import subject_last_token
+
+
+def context_prefixes(model, tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
+    """'{}' plus n templates '<generated text>. {}' sampled from the model (fixed seed)."""
+    if n <= 0:
+        return ["{}"]
+    starts = ["The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "This"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    rows = []
+    for i in range(n):
+        ids = tokenizer(starts[i % len(starts)], add_special_tokens=False)["input_ids"]
+        rows.append(([bos] if bos is not None else []) + ids)
+    out: list[str] = ["{}"]
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        for row in rows:  # one at a time: no padding to get wrong
+            ids = torch.tensor([row], device=device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                 max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+            text = tokenizer.decode(gen[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            out.append(text.strip().split("\n")[0] + ". {}")
+    return out
+
+
+@contextmanager
+def capture_io(module: torch.nn.Module):
+    """Record a module's input and output on every forward call."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(mod, args, output):
+        seen["input"] = args[0]
+        seen["output"] = output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded on the right, so every row's positions start at 0; and the mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize texts (with the tokenizer's BOS) and pad them on the right."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pad_right([tokenizer(t)["input_ids"] for t in texts], pad, device)
+
+
+@torch.no_grad()
+def compute_key(model, tokenizer, module, prompt: str, subject: str,
+                contexts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k*, v): the mean key at the subject's last token over contexts, and the mean output there."""
+    texts = [c.format(prompt) for c in contexts]
+    idx = [subject_last_token(tokenizer, t, subject) for t in texts]
+    ids, mask = right_padded(tokenizer, texts, next(model.parameters()).device)
+    with capture_io(module) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    rows = torch.arange(len(texts), device=ids.device)
+    pos = torch.tensor(idx, device=ids.device)
+    keys = seen["input"][rows, pos].float()
+    outs = seen["output"][rows, pos].float()
+    return keys.mean(0), outs.mean(0)

@@ -1,0 +1,28 @@
+"""The rank-one update (ROME eq. 2): Δ = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*), so that Δ k* = δ.
+
+Kept as factors u = δ / (k*ᵀC⁻¹k*) and v = C⁻¹k*, so the layer computes W x + u (vᵀ x).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def c_inverse_k(c: torch.Tensor | None, k_star: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C⁻¹k* by a linear solve (C + ridge·mean(diag C)·I keeps it well posed); C = I gives k*."""
+    if c is None:
+        return k_star.clone()
+    c = c.to(device=k_star.device, dtype=torch.float64)
+    c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return torch.linalg.solve(c, k_star.to(torch.float64)).float()
+
+
+def rank_one(k_star: torch.Tensor, delta: torch.Tensor, cinv_k: torch.Tensor,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (u: (out, 1), v: (in, 1)) of Δ, in the dtype the layer computes in."""
+    denom = torch.dot(k_star.float(), cinv_k.float())
+    if not torch.isfinite(denom) or denom.abs() < 1e-12:
+        raise FloatingPointError("k*ᵀ C⁻¹ k* is zero or not finite")
+    u = (delta.float() / denom)[:, None]
+    v = cinv_k.float()[:, None]
+    return u.to(dtype), v.to(dtype)

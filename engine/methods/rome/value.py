@@ -1,0 +1,134 @@
+"""δ: the change to the MLP output at the subject's last token that makes the model say the
+target (ROME eq. 4), found by gradient descent with the model frozen.
+
+loss = mean NLL of the target after every context prefix
+     + kl_factor · KL(P_before ‖ P_now) of the next token after "{subject} is a"
+     + v_weight_decay · ‖δ‖² / ‖v‖²
+and after each step ‖δ‖ is clamped to clamp_norm_factor · ‖v‖.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from kedit.engine.methods.rome.hparams import RomeParams
+from kedit.engine.methods.rome.key import pad_right
+from kedit.engine.subject import subject_last_token
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor  # δ, float32, on the model's device
+    nll_before: float
+    nll_after: float
+    steps: int
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """Parameters stop requiring grad for the duration; restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
+    """Add ``delta`` to the module's output at (row, position) pairs."""
+
+    def hook(mod, args, output):
+        out = output.clone()
+        out[rows, positions] = out[rows, positions] + delta.to(out.dtype)
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def compute_value(model, tokenizer, module, prompt: str, subject: str, target: str,
+                  contexts: Sequence[str], v_norm: float, hp: RomeParams,
+                  progress: Callable[[int, float], None] | None = None) -> ValueResult:
+    """Optimise δ (see module docstring); ``target`` is the continuation, leading space included."""
+    device = next(model.parameters()).device
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    rewrite = [c.format(prompt) for c in contexts]
+    kl_text = f"{subject} is a"
+    prompt_ids = [tokenizer(t)["input_ids"] for t in rewrite]
+    prompt_lens = [len(p) for p in prompt_ids]
+    # teacher forcing: each rewrite row is prompt + target[:-1]; the KL row comes last
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = pad_right([p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]],
+                          pad, device)
+    n = len(rewrite)
+    lookup = [subject_last_token(tokenizer, t, subject) for t in rewrite] + [
+        subject_last_token(tokenizer, kl_text, subject)]
+    rows = torch.arange(n + 1, device=device)
+    lookup_t = torch.tensor(lookup, device=device)
+    tgt = torch.tensor(target_ids, device=device)
+    tgt_pos = torch.stack([torch.arange(p - 1, p - 1 + len(target_ids)) for p in prompt_lens]).to(device)
+    kl_pos = int(mask[n].sum()) - 1
+
+    delta = torch.zeros(module_out_width(module, ids, mask, model), device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * v_norm
+    kl_before: torch.Tensor | None = None
+    nll_first = nll = float("nan")
+    steps = 0
+    with frozen(model):
+        for step in range(hp.v_steps + 1):
+            with add_at(module, rows, lookup_t, delta):
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            tok_logp = logp[rows[:n, None], tgt_pos, tgt[None, :]]  # (n, len(target))
+            nll_t = -tok_logp.mean(1).mean()
+            kl_now = logp[n, kl_pos]
+            if kl_before is None:
+                kl_before = kl_now.detach()
+            nll = float(nll_t.detach())
+            if step == 0:
+                nll_first = nll
+            if progress:
+                progress(step, nll)
+            if nll < hp.nll_stop or step == hp.v_steps:
+                break
+            kl = torch.sum(kl_before.exp() * (kl_before - kl_now))
+            decay = hp.v_weight_decay * delta.pow(2).sum() / (v_norm ** 2)
+            loss = nll_t + hp.kl_factor * kl + decay
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+            if not torch.isfinite(delta).all():
+                raise FloatingPointError("δ became NaN or infinite during optimisation")
+    return ValueResult(delta.detach(), nll_first, nll, steps)
+
+
+@torch.no_grad()
+def module_out_width(module, ids, mask, model) -> int:
+    """The width of the module's output (hidden size), read off its weight or a forward pass."""
+    out_features = getattr(module, "out_features", None) or getattr(module, "nf", None)
+    if out_features:
+        return int(out_features)
+    seen: dict[str, int] = {}
+    handle = module.register_forward_hook(lambda m, a, o: seen.setdefault("w", o.shape[-1]))
+    try:
+        model(input_ids=ids[:1, :2], attention_mask=mask[:1, :2])
+    finally:
+        handle.remove()
+    return seen["w"]

@@ -1,0 +1,114 @@
+"""Patches: every change kedit makes to a model, each with an exact ``revert()``.
+
+Weight edits never touch the layer's own weights. A ``LowRankSidecar`` sits beside one
+linear module as a forward hook and adds ``U_e (V_eᵀ x)`` for every active edit e, so
+it works the same on dense, 4-bit and 8-bit layers. Removing the last edit removes the
+hook, which leaves the module exactly as it was loaded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Patch(Protocol):
+    """A reversible change to a model."""
+
+    def apply(self) -> None: ...
+
+    def revert(self) -> None: ...
+
+
+class LowRankSidecar:
+    """Adds Σₑ Uₑ Vₑᵀ x to one module's output; one per edited module.
+
+    Factors are kept per edit, in order, and concatenated for the forward pass, so
+    taking out any edit leaves the others' factors untouched, and taking out the
+    latest one restores the previous concatenation exactly.
+    """
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+        self.factors: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._handle: Any = None
+        self._u: torch.Tensor | None = None  # (out, r): every edit's U side by side
+        self._v: torch.Tensor | None = None  # (in, r)
+
+    def add(self, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Add an edit's factors: u is (out, r), v is (in, r)."""
+        if key in self.factors:
+            raise ValueError(f"{key} is already applied to {self.name}")
+        self.factors[key] = (u.detach(), v.detach())
+        self._rebuild()
+
+    def remove(self, key: str) -> None:
+        del self.factors[key]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        if not self.factors:
+            self._u = self._v = None
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
+            return
+        self._u = torch.cat([u for u, _ in self.factors.values()], dim=1).contiguous()
+        self._v = torch.cat([v for _, v in self.factors.values()], dim=1).contiguous()
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        u, v = self._u, self._v
+        if u is None or v is None:
+            return output
+        delta = (x.to(v.dtype) @ v) @ u.T
+        return output + delta.to(output.dtype)
+
+    def dense_delta(self) -> torch.Tensor:
+        """Σ Uₑ Vₑᵀ as one (out, in) matrix, for export into dense weights."""
+        if self._u is None or self._v is None:
+            raise ValueError(f"no edits on {self.name}")
+        return self._u @ self._v.T
+
+    @property
+    def rank(self) -> int:
+        return 0 if self._u is None else self._u.shape[1]
+
+
+def sidecar(model: nn.Module, module: nn.Module, name: str) -> LowRankSidecar:
+    """The sidecar on ``module``, created on first use and kept on the model."""
+    table: dict[str, LowRankSidecar] = model.__dict__.setdefault("_kedit_sidecars", {})
+    if name not in table:
+        table[name] = LowRankSidecar(module, name)
+    return table[name]
+
+
+def sidecars(model: nn.Module) -> dict[str, LowRankSidecar]:
+    return model.__dict__.get("_kedit_sidecars", {})
+
+
+class LowRankPatch:
+    """One edit's factors on one sidecar."""
+
+    def __init__(self, side: LowRankSidecar, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        self.side, self.key, self.u, self.v = side, key, u, v
+        self.applied = False
+
+    def apply(self) -> None:
+        if not self.applied:
+            self.side.add(self.key, self.u, self.v)
+            self.applied = True
+
+    def revert(self) -> None:
+        if self.applied:
+            self.side.remove(self.key)
+            self.applied = False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"u": self.u, "v": self.v}
