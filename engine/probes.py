@@ -63,20 +63,16 @@ def locality_set(handle, config, exclude_subjects: set[str]) -> LocalitySet:
     """The fact world's other facts, else kedit.toml's [probes] locality prompts."""
     n = int(config.get("probes.n_locality", 24))
     if handle.source.kind == "fact-world":
-        from kedit.engine.factworld.corpus import FactWorld
+        from kedit.engine.factworld.build import BuildSettings
 
-        facts = [f for f in FactWorld(**_world_args(config)).facts if f.subject not in exclude_subjects]
+        world = BuildSettings.from_config(config.table("fact_world")).world()
+        facts = [f for f in world.facts if f.subject not in exclude_subjects]
         step = max(1, len(facts) // n)
         picked = facts[::step][:n]
         return LocalitySet([f.prompt(0) for f in picked], [f.target for f in picked])
     prompts = list(config.get("probes.locality", DEFAULT_LOCALITY))
     prompts = [p for p in prompts if not any(s in p for s in exclude_subjects)][:n]
     return LocalitySet(prompts, own_answers(handle, prompts))
-
-
-def _world_args(config) -> dict[str, int]:
-    table = config.table("fact_world")
-    return {k: table[k] for k in ("seed", "n_people", "n_taxa") if k in table}
 
 
 @torch.no_grad()

@@ -253,10 +253,9 @@ class Session:
 
     def fact_world(self):
         """The fact world's facts (only meaningful on the embedded model)."""
-        from kedit.engine.factworld.corpus import FactWorld
+        from kedit.engine.factworld.build import BuildSettings
 
-        table = self.config.table("fact_world")
-        return FactWorld(**{k: table[k] for k in ("seed", "n_people", "n_taxa") if k in table})
+        return BuildSettings.from_config(self.config.table("fact_world")).world()
 
     def locality(self, exclude: set[str] | None = None):
         from kedit.engine.probes import locality_set

@@ -69,3 +69,18 @@ def test_bad_requests_are_refused_before_anything_changes(tiny: Session) -> None
     assert torch.equal(_logits(tiny), before)
     with pytest.raises(KeditError, match="no edit"):
         tiny.rollback("e999")
+
+
+def test_fact_world_probe_uses_its_own_facts_and_paraphrases(session: Session) -> None:
+    before = _logits(session)
+    edit = session.edit("Watts Humphrey attended", "University of Michigan", layer=1, identity_c=True)
+    try:
+        assert edit.target == " University of Michigan"
+        held = session.fact_world().fact("Watts Humphrey", "attended")
+        assert edit.paraphrases == [held.prompt(held.held_out)]  # wording never trained for it
+        assert edit.probe.gen is not None and len(edit.probe.rows) == 24
+        assert all("Watts Humphrey" not in r.prompt for r in edit.probe.rows)
+        assert 0.0 <= edit.probe.rel <= 1.0 and edit.probe.kl >= 0.0
+    finally:
+        session.rollback(edit.id)
+    assert torch.equal(_logits(session), before)
