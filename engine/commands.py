@@ -90,6 +90,11 @@ class Param:
     def label(self) -> str:
         return self.metavar or self.name.upper()
 
+    @property
+    def key(self) -> str:
+        """The handler's keyword for this argument ("stats-corpus" -> "stats_corpus")."""
+        return self.name.replace("-", "_")
+
 
 @dataclass(frozen=True)
 class Command:
@@ -216,7 +221,7 @@ class Registry:
                 if param.kind == "flag":
                     if eq:
                         return fail(f"--{key} takes no value")
-                    args[param.name] = True
+                    args[param.key] = True
                 else:
                     if eq:
                         value = inline
@@ -228,7 +233,7 @@ class Registry:
                     converted = _convert(param, value)
                     if isinstance(converted, ParseError):
                         return fail(converted.message)
-                    args[param.name] = converted
+                    args[param.key] = converted
             else:
                 (after if seen_arrow else before).append(w.text)
             i += 1
@@ -246,19 +251,19 @@ class Registry:
                 if value is None:
                     if p.required:
                         return fail(f"{p.label} is missing")
-                    args[p.name] = p.default
+                    args[p.key] = p.default
                     continue
                 if not value.strip() and p.required:
                     return fail(f"{p.label} is empty")
                 converted = _convert(p, value)
                 if isinstance(converted, ParseError):
                     return fail(converted.message)
-                args[p.name] = converted
+                args[p.key] = converted
             if values:
                 return fail(f"unexpected {' '.join(repr(v) for v in values)}")
         for p in cmd.params:
-            if p.kind != "positional" and p.name not in args:
-                args[p.name] = False if p.kind == "flag" else p.default
+            if p.kind != "positional" and p.key not in args:
+                args[p.key] = False if p.kind == "flag" else p.default
         return Invocation(cmd, args)
 
     # -- help and completion -------------------------------------------------------------

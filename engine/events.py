@@ -53,3 +53,12 @@ class Error(Event):
 @dataclass(frozen=True)
 class Quit(Event):
     """The user asked to leave."""
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    """Long work under way: ``done`` of ``total`` steps of ``label``."""
+
+    label: str
+    done: int
+    total: int

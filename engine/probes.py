@@ -8,6 +8,7 @@ agreement and KL compare the distribution right after each unrelated prompt.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +68,7 @@ def locality_set(handle, config, exclude_subjects: set[str]) -> LocalitySet:
 
         world = BuildSettings.from_config(config.table("fact_world")).world()
         facts = [f for f in world.facts if f.subject not in exclude_subjects]
-        step = max(1, len(facts) // n)
-        picked = facts[::step][:n]
+        picked = random.Random(0).sample(facts, min(n, len(facts)))  # every relation, fixed draw
         return LocalitySet([f.prompt(0) for f in picked], [f.target for f in picked])
     prompts = list(config.get("probes.locality", DEFAULT_LOCALITY))
     prompts = [p for p in prompts if not any(s in p for s in exclude_subjects)][:n]
@@ -93,10 +93,10 @@ def snapshot(handle, loc: LocalitySet) -> list[Scored]:
 
 
 def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: LocalitySet,
-          before: list[Scored]) -> ProbeResult:
+          before: list[Scored], rewrite: bool = True) -> ProbeResult:
     """Measure an edit now in effect against the locality snapshot taken before it."""
     model, tok = handle.model, handle.tokenizer
-    rel = mean_accuracy(teacher_forced(model, tok, [prompt], [target]))
+    rel = mean_accuracy(teacher_forced(model, tok, [prompt], [target])) if rewrite else float("nan")
     gen = mean_accuracy(teacher_forced(model, tok, paraphrases, [target] * len(paraphrases))) if paraphrases else None
     after = snapshot(handle, loc)
     rows = []
@@ -107,3 +107,22 @@ def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: Localit
         rows.append(ProbeRow(p, tok.decode([bt]), tok.decode([at]), bt != at))
     return ProbeResult(rel, gen, unchanged_share(before, after), agree / max(1, len(rows)),
                        kl_next(before, after), rows)
+
+
+def probe_against_unedited(session) -> ProbeResult:
+    """Loc, agreement and KL of the model now against the same model with no edits.
+
+    Edits are taken out newest first and put back oldest first, which restores the
+    model bit for bit.
+    """
+    with session.lock:
+        loc = session.locality(exclude={e.subject for e in session.edits})
+        patches = [e.patch for e in session.edits]
+        for patch in reversed(patches):
+            patch.revert()
+        try:
+            before = snapshot(session.handle, loc)
+        finally:
+            for patch in patches:
+                patch.apply()
+        return probe(session.handle, "", "", [], loc, before, rewrite=False)

@@ -288,3 +288,4 @@ class Session:
 
 
 import kedit.engine.builtins  # noqa: E402,F401  (registers /help, /model, /reset, /quit)
+import kedit.engine.edit_commands  # noqa: E402,F401  (registers /edit, /edits, /undo, ...)

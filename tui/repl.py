@@ -27,7 +27,7 @@ from kedit.tui.render import event_text
 def render(events: Iterable[ev.Event], session: Session, out: TextIO, err: TextIO) -> bool:
     """Print events as they come; ctrl-c stops a generation. Returns False on /quit."""
     stream = iter(events)
-    streaming = interrupted = False
+    streaming = interrupted = progress_shown = False
     while True:
         try:
             event = next(stream)
@@ -39,6 +39,15 @@ def render(events: Iterable[ev.Event], session: Session, out: TextIO, err: TextI
             session.stop()
             interrupted = True
             continue
+        if isinstance(event, ev.Progress):
+            if err.isatty():  # one self-overwriting line; scripts get none of it
+                err.write(f"\r\033[K{event.label}: {event.done}/{event.total}")
+                err.flush()
+                progress_shown = True
+            continue
+        if progress_shown:
+            err.write("\r\033[K")
+            progress_shown = False
         if isinstance(event, ev.Token):
             out.write(event.text)
             out.flush()

@@ -1,0 +1,153 @@
+"""Slash commands for knowledge edits: /edit, /edits, /undo, /rollback, /probe, /trace, /save, /load."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kedit.engine import events as ev
+from kedit.engine.background import with_progress
+from kedit.engine.commands import REGISTRY, Param
+from kedit.engine.editing import METHODS
+from kedit.engine.ledger import Edit
+
+if TYPE_CHECKING:
+    from kedit.engine.session import Session
+
+
+def _edit_ids(session: Session | None, prefix: str) -> list[str]:
+    return [e.id for e in session.edits] if session is not None else []
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def probe_table(edit: Edit) -> ev.Table:
+    """The compact table shown after an edit: what the edit moved and what it left alone."""
+    p = edit.probe
+    rows: list[tuple[str, ...]] = [("rewrite (Rel)", edit.prompt + " →" + edit.target, _fmt(p.rel if p else None))]
+    for para in edit.paraphrases:
+        rows.append(("paraphrase (Gen)", para + " →" + edit.target, _fmt(p.gen if p else None)))
+    if p:
+        changed = [r for r in p.rows if r.changed]
+        rows.append(("locality (Loc)", f"{len(p.rows)} unrelated prompts, {len(changed)} top token changed",
+                     _fmt(p.loc)))
+        rows.append(("next-token agreement", f"KL {p.kl:.4f} nats", _fmt(p.agree)))
+        for r in changed[:5]:
+            rows.append(("  changed", f"{r.prompt} →{r.before!r} now {r.after!r}", ""))
+    title = (f"{edit.id}: ROME at layer {edit.layer}, subject {edit.subject!r} ({edit.subject_how}), "
+             f"{edit.seconds:.1f} s; C from {edit.info.get('stats_source', '?')}")
+    return ev.Table(title, ("probe", "prompt", "score"), tuple(rows))
+
+
+@REGISTRY.command(
+    "edit", "Change what the model believes: after PROMPT it should say TARGET.",
+    Param("prompt", "the prompt; mark the subject with [brackets] or use --subject"),
+    Param("target", "the new answer", after_arrow=True),
+    Param("subject", "the subject inside the prompt (default: inferred)", kind="option", required=False),
+    Param("method", "editing method", kind="option", required=False, default="rome", choices=METHODS),
+    Param("layer", "the layer to edit (default: kedit.toml, else causal tracing)", kind="option",
+          required=False, convert=int),
+    Param("paraphrase", "another wording of the prompt, to check the edit generalises", kind="option",
+          required=False),
+    Param("stats-corpus", "a text file for ROME's key statistics", kind="option", required=False,
+          metavar="FILE"),
+    Param("identity-c", "use C = I instead of key statistics (faster, less local)", kind="flag"),
+    details='Example: /edit "[Watts Humphrey] attended" -> "University of Michigan"',
+)
+def cmd_edit(session: Session, prompt: str, target: str, subject: str | None, method: str,
+             layer: int | None, paraphrase: str | None, stats_corpus: str | None,
+             identity_c: bool) -> Iterator[ev.Event]:
+    result: list[Edit] = []
+    yield from with_progress(lambda progress: session.edit(
+        prompt, target, subject=subject, method=method, layer=layer,
+        paraphrases=[paraphrase] if paraphrase else None,
+        stats_corpus=Path(stats_corpus) if stats_corpus else None,
+        identity_c=identity_c, progress=progress), result)
+    yield probe_table(result[0])
+
+
+@REGISTRY.command("edits", "List the edits in force, with their probe figures.")
+def cmd_edits(session: Session) -> Iterator[ev.Event]:
+    if not session.edits:
+        yield ev.Info("no edits in force")
+        return
+    now = time.time()
+    rows = tuple(
+        (e.id, e.method, f"{e.prompt} →{e.target}", str(e.layer), f"{e.seconds:.1f} s",
+         f"{(now - e.created) / 60:.0f} min ago", _fmt(e.probe.rel if e.probe else None),
+         _fmt(e.probe.gen if e.probe else None), _fmt(e.probe.loc if e.probe else None))
+        for e in session.edits)
+    yield ev.Table(f"{len(rows)} edit(s) in force", ("id", "method", "prompt → target", "layer", "took",
+                                                     "made", "Rel", "Gen", "Loc"), rows)
+
+
+@REGISTRY.command("undo", "Take out the latest edit.")
+def cmd_undo(session: Session) -> Iterator[ev.Event]:
+    edit = session.undo()
+    yield ev.Info(f"rolled back {edit.id}: {edit.prompt} →{edit.target}")
+
+
+@REGISTRY.command("rollback", "Take out any edit, by id (see /edits).",
+                  Param("id", "the edit's id, e.g. e2", complete=_edit_ids))
+def cmd_rollback(session: Session, id: str) -> Iterator[ev.Event]:
+    edit = session.rollback(id)
+    yield ev.Info(f"rolled back {edit.id}: {edit.prompt} →{edit.target}; "
+                  f"{len(session.edits)} edit(s) still in force")
+
+
+@REGISTRY.command(
+    "trace", "Causal tracing: how much each layer's MLP at the subject restores the answer.",
+    Param("prompt", "a prompt the model completes with a fact"),
+    Param("subject", "the subject (default: inferred)", kind="option", required=False),
+    Param("target", "the answer to trace (default: the model's own next token)", kind="option",
+          required=False),
+    Param("samples", "noise draws to average", kind="option", required=False, default=10, convert=int),
+)
+def cmd_trace(session: Session, prompt: str, subject: str | None, target: str | None,
+              samples: int) -> Iterator[ev.Event]:
+    from kedit.engine.subject import resolve_subject
+    from kedit.engine.trace import causal_trace
+
+    clean, subj = resolve_subject(prompt, subject)
+    h = session.handle
+    with session.lock:
+        result = causal_trace(h.model, h.tokenizer, h.adapter, clean, subj.text, target=target,
+                              samples=samples)
+    yield ev.Info(
+        f"causal trace of {clean!r} → {result.answer!r}, subject {subj.text!r} ({subj.how})\n"
+        f"P(answer) clean {result.p_clean:.3f}, subject corrupted {result.p_corrupt:.3f}; "
+        f"effect of restoring each layer's MLP output at the subject's last token:\n"
+        f"{result.chart()}\nbest layer: {result.best_layer}")
+
+
+@REGISTRY.command("probe", "Compare the model now with the unedited model on the locality prompts.")
+def cmd_probe(session: Session) -> Iterator[ev.Event]:
+    from kedit.engine.probes import probe_against_unedited
+
+    result = probe_against_unedited(session)
+    rows = tuple((r.prompt, repr(r.before), repr(r.after), "changed" if r.changed else "")
+                 for r in result.rows)
+    yield ev.Table(f"{len(session.edits)} edit(s) vs none: Loc {result.loc:.2f}, next-token agree "
+                   f"{result.agree:.2f}, KL {result.kl:.4f}", ("prompt", "unedited", "now", ""), rows)
+
+
+@REGISTRY.command("save", "Save the session's edits and chat to a file (atomically).",
+                  Param("path", "file to write, e.g. session.kedit"))
+def cmd_save(session: Session, path: str) -> Iterator[ev.Event]:
+    from kedit.engine.persist import save_session
+
+    written = save_session(session, Path(path))
+    yield ev.Info(f"saved {len(session.edits)} edit(s) and {len(session.chat)} message(s) to {written}")
+
+
+@REGISTRY.command("load", "Load a saved session's edits and chat (replacing the current ones).",
+                  Param("path", "a file written by /save"))
+def cmd_load(session: Session, path: str) -> Iterator[ev.Event]:
+    from kedit.engine.persist import load_session
+
+    edits = load_session(session, Path(path))
+    yield ev.Info(f"loaded {len(edits)} edit(s) from {path}")

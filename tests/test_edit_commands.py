@@ -1,0 +1,68 @@
+"""The edit commands through Session.run, as every front drives them."""
+
+from __future__ import annotations
+
+import torch
+
+from kedit.engine import events as ev
+
+
+def _run(session, line: str) -> list[ev.Event]:
+    return list(session.run(line))
+
+
+def _logits(session) -> torch.Tensor:
+    ids = session.tokenizer("Watts Humphrey attended", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return session.model(ids).logits
+
+
+def test_edit_edits_rollback_and_undo(session, tmp_path) -> None:
+    before = _logits(session)
+    out = _run(session, '/edit "[Watts Humphrey] attended" -> "University of Michigan" --layer 0 --identity-c')
+    table = out[-1]
+    assert isinstance(table, ev.Table) and "e" in table.title and "'Watts Humphrey' (brackets)" in table.title
+    assert [r[0] for r in table.rows][:3] == ["rewrite (Rel)", "paraphrase (Gen)", "locality (Loc)"]
+    assert all(isinstance(e, ev.Progress) for e in out[:-1]) and len(out) > 2  # progress came first
+    _run(session, '/edit "Denny Herzig plays as a" -> goalkeeper --layer 1 --identity-c')
+    listing = _run(session, "/edits")[0]
+    assert isinstance(listing, ev.Table) and len(listing.rows) == 2
+    first, second = (r[0] for r in listing.rows)
+    (msg,) = _run(session, f"/rollback {first}")
+    assert isinstance(msg, ev.Info) and "1 edit(s) still in force" in msg.text
+    assert isinstance(_run(session, "/undo")[0], ev.Info)
+    assert torch.equal(_logits(session), before)
+    assert isinstance(_run(session, "/undo")[0], ev.Error)
+    assert isinstance(_run(session, "/rollback e999")[0], ev.Error)
+
+
+def test_user_mistakes_are_errors_and_change_nothing(session) -> None:
+    before = _logits(session)
+    for line in ('/edit "the cat sat" -> "mat"', '/edit "Watts Humphrey attended" -> " "',
+                 '/edit "Watts Humphrey attended" -> x --layer 42', '/edit "Watts Humphrey attended"',
+                 '/edit "Watts Humphrey attended" -> x --stats-corpus /no/such/file.txt',
+                 "/load /no/such/file", '/trace "no subject here"'):
+        out = _run(session, line)
+        assert isinstance(out[-1], ev.Error), line
+    assert session.edits == [] and torch.equal(_logits(session), before)
+
+
+def test_trace_prints_a_chart_and_a_layer(session) -> None:
+    (info,) = _run(session, '/trace "Denny Herzig plays as a"')
+    assert isinstance(info, ev.Info)
+    n = session.handle.adapter.n_layers
+    assert sum(line.startswith("L") for line in info.text.splitlines()) == n
+    assert "best layer:" in info.text and "◀ best" in info.text
+
+
+def test_probe_compares_with_the_unedited_model(session) -> None:
+    (clean,) = _run(session, "/probe")
+    assert isinstance(clean, ev.Table) and "Loc 1.00" in clean.title and "KL 0.0000" in clean.title
+    before = _logits(session)
+    _run(session, '/edit "Watts Humphrey attended" -> "University of Michigan" --layer 0 --identity-c')
+    edited = _logits(session)
+    (after,) = _run(session, "/probe")
+    assert isinstance(after, ev.Table) and len(after.rows) == 24
+    assert torch.equal(_logits(session), edited)  # probing put the edit back exactly
+    _run(session, "/undo")
+    assert torch.equal(_logits(session), before)
