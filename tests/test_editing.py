@@ -84,3 +84,41 @@ def test_fact_world_probe_uses_its_own_facts_and_paraphrases(session: Session) -
     finally:
         session.rollback(edit.id)
     assert torch.equal(_logits(session), before)
+
+
+PROMPTS = ["Watts Humphrey attended", "Denny Herzig plays as a", "Alder Oakley was born in",
+           "Ramalinaceae belongs to the family"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Session:
+    folder = make_tiny_with_tokenizer("llama", tmp_path_factory.mktemp("prop") / "llama", seed=9)
+    cfg = Config.load(env={}).with_overrides({"rome.n_contexts": 2, "rome.context_tokens": 4,
+                                              "rome.v_steps": 3, "probes.n_locality": 2})
+    return Session.open(str(folder), config=cfg, show_progress=False)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PROMPTS), st.sampled_from(["Michigan", "Oslo", "fern"]),
+                          st.integers(0, 2)), min_size=1, max_size=4),
+       st.permutations(range(4)))
+def test_rollback_in_any_order_restores_the_model(llama: Session, edits, order) -> None:
+    original = [_logits(llama, p) for p in PROMPTS]
+    states = []
+    for prompt, target, layer in edits:
+        llama.edit(prompt, target, layer=layer, identity_c=True)
+        states.append([_logits(llama, p) for p in PROMPTS])
+    # undoing the latest edit restores the state before it exactly
+    last = llama.undo()
+    expected = states[-2] if len(states) > 1 else original
+    assert all(torch.equal(a, b) for a, b in zip([_logits(llama, p) for p in PROMPTS], expected))
+    ids = [e.id for e in llama.edits]
+    ids = [ids[i] for i in order if i < len(ids)]  # a random order of what is left
+    for edit_id in ids:
+        llama.rollback(edit_id)
+    assert llama.edits == [] and last.id not in ids
+    assert all(torch.equal(a, b) for a, b in zip([_logits(llama, p) for p in PROMPTS], original))
