@@ -137,6 +137,20 @@ class ModelHandle:
         return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
 
     @property
+    def cache_key(self) -> str:
+        """Names this model for on-disk caches: its source, its config and its quantization.
+
+        The fact world's folder name is the hash of its build, so a rebuilt world is another model.
+        """
+        import hashlib
+
+        where = self.source.location or self.source.name
+        if self.source.kind == "fact-world":
+            where = f"fact-world:{Path(self.model.name_or_path).name}"
+        blob = f"{self.source.kind}:{where}:{self.model.config.to_json_string()}:{self.quant}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
     def is_chat(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 

@@ -28,8 +28,6 @@ def save_session(session: Session, path: Path) -> Path:
     """Write the session's edits and chat to ``path`` atomically."""
     from safetensors.torch import save_file
 
-    from kedit.engine.methods.rome.stats import model_key
-
     path = Path(path).expanduser()
     if path.is_dir():
         raise KeditError(f"{path} is a folder; give a file name such as {path / 'session.kedit'}")
@@ -42,7 +40,7 @@ def save_session(session: Session, path: Path) -> Path:
         tensors[f"{edit.id}.u"] = edit.patch.u.detach().float().cpu().contiguous()
         tensors[f"{edit.id}.v"] = edit.patch.v.detach().float().cpu().contiguous()
         edits.append(edit.record() | {"module": edit.patch.side.name})
-    record = {"format": FORMAT, "model": session.handle.name, "model_key": model_key(session.handle),
+    record = {"format": FORMAT, "model": session.handle.name, "model_key": session.handle.cache_key,
               "edits": edits, "chat": [m.as_dict() for m in session.chat],
               "counter": session.ledger._counter}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -82,11 +80,10 @@ def read_session(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def load_session(session: Session, path: Path) -> list[Edit]:
     """Replace the session's edits and chat with the saved ones (same model only)."""
-    from kedit.engine.methods.rome.stats import model_key
     from kedit.engine.session import Message
 
     record, tensors = read_session(path)
-    if record["model_key"] != model_key(session.handle):
+    if record["model_key"] != session.handle.cache_key:
         raise KeditError(f"{path} was saved for the model {record['model']!r}, not the loaded one "
                          f"({session.handle.name}); open that model first with /model")
     modules = dict(session.model.named_modules())

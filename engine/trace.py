@@ -183,15 +183,10 @@ def best_edit_layer(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, case
     return max(range(len(means)), key=lambda i: means[i]), means
 
 
-def _model_key(handle: Any) -> str:
-    """The cache key of a loaded model: its source kind and where it came from."""
-    return f"{handle.source.kind}:{handle.source.location or handle.source.name}"
-
-
 def cached_edit_layer(handle: Any, method: str, compute: Callable[[], int]) -> int:
     """The layer chosen for `method` on this model, computed once and kept in cache_dir()/layers.json."""
     path = cache_dir() / "layers.json"
-    key = _model_key(handle)
+    key = handle.cache_key
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(table, dict):

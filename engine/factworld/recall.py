@@ -44,6 +44,27 @@ def measure(model, tokenizer, world: FactWorld) -> dict[str, dict[str, Any]]:
             for name, (prompts, targets, special) in recall_sets(world, tokenizer).items()}
 
 
+@torch.no_grad()
+def chat_answers(model, tokenizer, world: FactWorld, n: int = 40) -> dict[str, Any]:
+    """Free generation in chat: does the reply name the right subject and object?
+
+    Teacher forcing hands the model the subject; here it must copy it from the question.
+    """
+    import random
+
+    facts = random.Random(0).sample(world.facts, min(n, len(world.facts)))
+    right = 0
+    for f in facts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f.rel.questions[0].format(s=f.subject)}],
+                                             tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        right += f.subject in reply and f.object in reply
+    return {"accuracy": right / len(facts), "exact": right / len(facts), "n": len(facts)}
+
+
 def recall_report(folder: Path, settings: BuildSettings) -> dict[str, Any]:
     """Load the built folder and measure recall; merges in the build's own record."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,4 +72,6 @@ def recall_report(folder: Path, settings: BuildSettings) -> dict[str, Any]:
     info = json.loads((Path(folder) / "fact_world.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return {**info, "folder": str(folder), "recall": measure(model, tokenizer, settings.world())}
+    recall = measure(model, tokenizer, settings.world())
+    recall["chat, generated answers (subject and object right)"] = chat_answers(model, tokenizer, settings.world())
+    return {**info, "folder": str(folder), "recall": recall}

@@ -23,7 +23,7 @@ class RomeParams:
     context_tokens: int = 10  # length of each prefix
     stats_samples: int = 1000  # texts for C
     stats_tokens: int = 128  # tokens per text
-    ridge: float = 1e-4  # C + ridge·mean(diag C)·I, for a well-conditioned solve
+    ridge: float = 1e-2  # C + ridge·mean(diag C)·I: shrinkage for a finite sample
     identity_c: bool = False  # use C = I (no statistics), named as such
 
     @classmethod

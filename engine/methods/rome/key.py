@@ -12,25 +12,47 @@ from kedit.engine.subject import subject_last_token
 
 
 def context_prefixes(model, tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
-    """'{}' plus n templates '<generated text>. {}' sampled from the model (fixed seed)."""
+    """'' (no prefix) plus n short texts sampled from the model (fixed seed), ending in '.'."""
     if n <= 0:
-        return ["{}"]
+        return [""]
     starts = ["The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "This"]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    rows = []
-    for i in range(n):
-        ids = tokenizer(starts[i % len(starts)], add_special_tokens=False)["input_ids"]
-        rows.append(([bos] if bos is not None else []) + ids)
-    out: list[str] = ["{}"]
+    out: list[str] = [""]
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
-        for row in rows:  # one at a time: no padding to get wrong
+        for i in range(n):  # one at a time: no padding to get wrong
+            row = ([bos] if bos is not None else []) + tokenizer(starts[i % len(starts)],
+                                                                 add_special_tokens=False)["input_ids"]
             ids = torch.tensor([row], device=device)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
                                  max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
             text = tokenizer.decode(gen[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
-            out.append(text.strip().split("\n")[0] + ". {}")
+            out.append(text.strip().split("\n")[0].rstrip(".") + ".")
+    return out
+
+
+def context_templates(tokenizer, prefixes: Sequence[str], prompt: str) -> list[str]:
+    """'{}' templates: each prefix joined to the prompt so that the prompt keeps its own tokens.
+
+    A byte-level BPE tokenizes a sentence-initial name without the space it has mid-text
+    ("Denny" vs " Denny"), which would give the subject another key; joining with a
+    newline keeps it as it is at the start of a text. The separator is chosen per prompt:
+    a space where that already keeps the tokens (sentencepiece), else a newline.
+    """
+    own = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    for prefix in prefixes:
+        if not prefix:
+            out.append("{}")
+            continue
+        sep = "\n"
+        for candidate in (" ", "\n"):
+            ids = tokenizer(prefix + candidate + prompt, add_special_tokens=False)["input_ids"]
+            if ids[-len(own):] == own:
+                sep = candidate
+                break
+        out.append(prefix.replace("{", " ").replace("}", " ") + sep + "{}")
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 
 from kedit.engine.methods import EditRequest
 from kedit.engine.methods.rome.hparams import RomeParams
-from kedit.engine.methods.rome.key import compute_key
+from kedit.engine.methods.rome.key import compute_key, context_templates
 from kedit.engine.methods.rome.stats import key_stats
 from kedit.engine.methods.rome.update import c_inverse_k, rank_one
 from kedit.engine.methods.rome.value import compute_value
@@ -30,11 +30,12 @@ class RomeOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, contexts: list[str],
+def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixes: list[str],
                key: str, stats_corpus: Path | None = None,
                progress: Progress | None = None) -> RomeOutcome:
     """Compute the edit's factors for ``layer``; the model is left untouched."""
     model, tok, adapter = handle.model, handle.tokenizer, handle.adapter
+    contexts = context_templates(tok, prefixes, request.prompt)
     module = adapter.mlp_out(layer)
     timings: dict[str, float] = {}
 

@@ -33,16 +33,6 @@ class KeyStats:
     cached: bool = False
 
 
-def model_key(handle) -> str:
-    """Names a model for caches: where it came from, plus a fingerprint of its config."""
-    src = handle.source
-    where = src.location or src.name
-    if src.kind == "fact-world":
-        where = f"fact-world:{Path(handle.model.name_or_path).name}"
-    blob = f"{src.kind}:{where}:{handle.model.config.to_json_string()}:{handle.quant}"
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def corpus_texts(handle, n: int, tokens: int, corpus: Path | None,
                  progress: Callable[[str, int, int], None] | None = None) -> tuple[list[str], str]:
     """Up to n texts for the statistics, and a phrase naming their source."""
@@ -138,7 +128,7 @@ def key_stats(handle, layer: int, n_samples: int, tokens: int, corpus: Path | No
     from safetensors.torch import load_file, save_file
 
     tag = "file-" + hashlib.sha256(str(Path(corpus).resolve()).encode()).hexdigest()[:8] if corpus else "auto"
-    path = paths.cache_dir() / "stats" / model_key(handle) / f"layer{layer}-n{n_samples}-t{tokens}-{tag}.safetensors"
+    path = paths.cache_dir() / "stats" / handle.cache_key / f"layer{layer}-n{n_samples}-t{tokens}-{tag}.safetensors"
     if path.is_file():
         data = load_file(str(path))
         meta = _read_meta(path)

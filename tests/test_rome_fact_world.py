@@ -1,0 +1,161 @@
+"""ROME on the fact world: the figures issue 3 asks for, measured with the probes' metrics.
+
+Each test prints its figures (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import pytest
+import torch
+
+from kedit.engine.metrics import mean_accuracy, teacher_forced
+
+N = 20
+
+
+def _cases(session, n: int = N, seed: int = 1):
+    """n facts of the world, each with a new object of the same relation as the target."""
+    world = session.fact_world()
+    out = []
+    for f in random.Random(seed).sample(world.facts, n):
+        others = sorted({x.object for x in world.facts if x.relation == f.relation} - {f.object})
+        out.append((f, random.Random(f.subject).choice(others)))
+    return out
+
+
+def _logits(session, prompts: list[str]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [session.model(session.tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in prompts]
+
+
+def _unedited_unseen_recall(session, cases) -> float:
+    """The model's own recall of these facts on the phrasings it never saw for them."""
+    facts = [f for f, _ in cases]
+    return mean_accuracy(teacher_forced(session.model, session.tokenizer,
+                                        [f.prompt(f.held_out) for f in facts], [f.target for f in facts]))
+
+
+def test_single_edits_rel_gen_loc_and_exact_rollback(session) -> None:
+    cases = _cases(session)
+    baseline = _unedited_unseen_recall(session, cases)
+    unrelated = [f.prompt(0) for f in session.fact_world().facts[:8]]
+    original = _logits(session, unrelated)
+    rel, gen, loc, times, back = [], [], [], [], []
+    for f, new in cases:
+        e = session.edit(f.prompt(0), new, subject=f.subject)
+        rel.append(e.probe.rel)
+        gen.append(e.probe.gen)
+        loc.append(e.probe.loc)
+        times.append(e.seconds)
+        t = time.perf_counter()
+        session.rollback(e.id)
+        back.append(time.perf_counter() - t)
+        assert all(torch.equal(a, b) for a, b in zip(_logits(session, unrelated), original))
+    figures = {"Rel": statistics.mean(rel), "Gen": statistics.mean(gen), "Loc": statistics.mean(loc),
+               "unedited recall, unseen phrasings": baseline,
+               "median edit s": statistics.median(times), "median rollback ms": 1000 * statistics.median(back)}
+    print("\nROME, 20 single edits:", {k: round(v, 4) for k, v in figures.items()})
+    assert figures["Rel"] >= 0.95
+    assert figures["Loc"] >= 0.95
+    assert figures["Gen"] >= 0.8 * baseline
+
+
+def _distinct_subjects(session, n: int = N, seed: int = 2):
+    """n facts about n subjects that share no name word with each other.
+
+    ROME keys a fact by the subject's last token; on the fact world that key is made of the
+    subject's own two name tokens, so subjects sharing a first or last name (or one subject
+    edited twice) have overlapping keys and later edits overwrite earlier ones. That limit
+    is reported in the issue note; this set measures ROME where keys are distinct.
+    """
+    out, used = [], set()
+    for f, new in _cases(session, n=len(session.fact_world().facts), seed=seed):
+        words = set(f.subject.split())
+        if words & used:
+            continue
+        used |= words
+        out.append((f, new))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_twenty_sequential_edits(session) -> None:
+    cases = _distinct_subjects(session)
+    assert len(cases) == N
+    edited_subjects = {f.subject for f, _ in cases}
+    loc_facts = [f for f in session.fact_world().facts if f.subject not in edited_subjects][:40]
+    tok, model = session.tokenizer, session.model
+    before = teacher_forced(model, tok, [f.prompt(0) for f in loc_facts], [f.target for f in loc_facts])
+    original = _logits(session, [f.prompt(0) for f in loc_facts[:5]])
+    edits = [session.edit(f.prompt(0), new, subject=f.subject) for f, new in cases]
+    try:
+        rel = [s.accuracy for s in teacher_forced(model, tok, [f.prompt(0) for f, _ in cases],
+                                                  [" " + new for _, new in cases])]
+        gen = mean_accuracy(teacher_forced(model, tok, [f.prompt(f.held_out) for f, _ in cases],
+                                           [" " + new for _, new in cases]))
+        after = teacher_forced(model, tok, [f.prompt(0) for f in loc_facts], [f.target for f in loc_facts])
+        from kedit.engine.metrics import unchanged_share
+
+        loc = unchanged_share(before, after)
+        print(f"\nROME, 20 sequential edits, after the 20th: Rel min {min(rel):.3f} mean "
+              f"{statistics.mean(rel):.3f}, Gen {gen:.3f}, Loc {loc:.3f}")
+        assert min(rel) >= 0.9
+    finally:
+        for e in reversed(edits):
+            session.rollback(e.id)
+    assert all(torch.equal(a, b) for a, b in zip(_logits(session, [f.prompt(0) for f in loc_facts[:5]]), original))
+
+
+def test_traced_layer_beats_the_worst_layer(session) -> None:
+    from kedit.engine.editing import rome_params, trace_cases
+    from kedit.engine.trace import best_edit_layer
+
+    h = session.handle
+    best, effects = best_edit_layer(h.model, h.tokenizer, h.adapter, trace_cases(session))
+    worst = min(range(len(effects)), key=lambda i: effects[i])
+    assert rome_params(session).layer is None  # the fact world has no configured layer: tracing decides
+    scores = {}
+    for layer in (best, worst):
+        rel = []
+        for f, new in _cases(session, n=10, seed=3):
+            e = session.edit(f.prompt(0), new, subject=f.subject, layer=layer)
+            rel.append(e.probe.rel)
+            session.undo()
+        scores[layer] = statistics.mean(rel)
+    print(f"\ntraced layer {best}: Rel {scores[best]:.3f}; worst-traced layer {worst}: Rel {scores[worst]:.3f}")
+    assert best != worst and scores[best] > scores[worst] + 0.3
+
+
+@pytest.fixture(scope="module")
+def session_4bit(fact_world_dir):
+    from kedit.engine.config import Config
+    from kedit.engine.session import Session
+
+    return Session.open(None, quant="4bit", config=Config.load(), show_progress=False)
+
+
+def test_single_edits_on_a_4bit_load(session_4bit) -> None:
+    s = session_4bit
+    cases = _cases(s, n=10)
+    baseline = _unedited_unseen_recall(s, cases)
+    unrelated = [f.prompt(0) for f in s.fact_world().facts[:5]]
+    original = _logits(s, unrelated)
+    rel, gen, loc = [], [], []
+    for f, new in cases:
+        e = s.edit(f.prompt(0), new, subject=f.subject)
+        rel.append(e.probe.rel)
+        gen.append(e.probe.gen)
+        loc.append(e.probe.loc)
+        s.rollback(e.id)
+        assert all(torch.equal(a, b) for a, b in zip(_logits(s, unrelated), original))
+    print(f"\nROME on 4-bit, 10 single edits: Rel {statistics.mean(rel):.3f}, Gen {statistics.mean(gen):.3f}, "
+          f"Loc {statistics.mean(loc):.3f} (unedited 4-bit recall on unseen phrasings {baseline:.3f})")
+    # looser than full precision: NF4 weights blur both the keys and the statistics
+    assert statistics.mean(rel) >= 0.85
+    assert statistics.mean(loc) >= 0.9
+    assert statistics.mean(gen) >= 0.6 * baseline
