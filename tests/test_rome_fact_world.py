@@ -39,10 +39,8 @@ def _unedited_unseen_recall(session, cases) -> float:
                                         [f.prompt(f.held_out) for f in facts], [f.target for f in facts]))
 
 
-def test_single_edits_rel_gen_loc_and_exact_rollback(session) -> None:
-    cases = _cases(session)
-    baseline = _unedited_unseen_recall(session, cases)
-    unrelated = [f.prompt(0) for f in session.fact_world().facts[:8]]
+def _edit_and_roll_back_each(session, cases, unrelated: list[str]):
+    """Apply each edit alone and roll it back; the unrelated prompts' logits must return exactly."""
     original = _logits(session, unrelated)
     rel, gen, loc, times, back = [], [], [], [], []
     for f, new in cases:
@@ -55,6 +53,14 @@ def test_single_edits_rel_gen_loc_and_exact_rollback(session) -> None:
         session.rollback(e.id)
         back.append(time.perf_counter() - t)
         assert all(torch.equal(a, b) for a, b in zip(_logits(session, unrelated), original))
+    return rel, gen, loc, times, back
+
+
+def test_single_edits_rel_gen_loc_and_exact_rollback(session) -> None:
+    cases = _cases(session)
+    baseline = _unedited_unseen_recall(session, cases)
+    unrelated = [f.prompt(0) for f in session.fact_world().facts[:8]]
+    rel, gen, loc, times, back = _edit_and_roll_back_each(session, cases, unrelated)
     figures = {"Rel": statistics.mean(rel), "Gen": statistics.mean(gen), "Loc": statistics.mean(loc),
                "unedited recall, unseen phrasings": baseline,
                "median edit s": statistics.median(times), "median rollback ms": 1000 * statistics.median(back)}
@@ -144,15 +150,7 @@ def test_single_edits_on_a_4bit_load(session_4bit) -> None:
     cases = _cases(s, n=10)
     baseline = _unedited_unseen_recall(s, cases)
     unrelated = [f.prompt(0) for f in s.fact_world().facts[:5]]
-    original = _logits(s, unrelated)
-    rel, gen, loc = [], [], []
-    for f, new in cases:
-        e = s.edit(f.prompt(0), new, subject=f.subject)
-        rel.append(e.probe.rel)
-        gen.append(e.probe.gen)
-        loc.append(e.probe.loc)
-        s.rollback(e.id)
-        assert all(torch.equal(a, b) for a, b in zip(_logits(s, unrelated), original))
+    rel, gen, loc, _, _ = _edit_and_roll_back_each(s, cases, unrelated)
     print(f"\nROME on 4-bit, 10 single edits: Rel {statistics.mean(rel):.3f}, Gen {statistics.mean(gen):.3f}, "
           f"Loc {statistics.mean(loc):.3f} (unedited 4-bit recall on unseen phrasings {baseline:.3f})")
     # looser than full precision: NF4 weights blur both the keys and the statistics
