@@ -70,12 +70,6 @@ class LowRankSidecar:
         delta = (x.to(v.dtype) @ v) @ u.T
         return output + delta.to(output.dtype)
 
-    def dense_delta(self) -> torch.Tensor:
-        """Σ Uₑ Vₑᵀ as one (out, in) matrix, for export into dense weights."""
-        if self._u is None or self._v is None:
-            raise ValueError(f"no edits on {self.name}")
-        return self._u @ self._v.T
-
     @property
     def rank(self) -> int:
         return 0 if self._u is None else self._u.shape[1]
@@ -109,6 +103,3 @@ class LowRankPatch:
         if self.applied:
             self.side.remove(self.key)
             self.applied = False
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"u": self.u, "v": self.v}

@@ -42,6 +42,16 @@ class ProbeRow:
 
 
 @dataclass
+class LocalityResult:
+    """How the locality prompts moved between two states of the model."""
+
+    loc: float  # share of unchanged argmax tokens on their answers
+    agree: float  # share of unchanged top next tokens
+    kl: float  # mean KL(before ‖ after) of the next token
+    rows: list[ProbeRow] = field(default_factory=list)
+
+
+@dataclass
 class ProbeResult:
     rel: float
     gen: float | None
@@ -92,12 +102,9 @@ def snapshot(handle, loc: LocalitySet) -> list[Scored]:
     return teacher_forced(handle.model, handle.tokenizer, loc.prompts, loc.answers, keep_next=True)
 
 
-def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: LocalitySet,
-          before: list[Scored], rewrite: bool = True) -> ProbeResult:
-    """Measure an edit now in effect against the locality snapshot taken before it."""
-    model, tok = handle.model, handle.tokenizer
-    rel = mean_accuracy(teacher_forced(model, tok, [prompt], [target])) if rewrite else float("nan")
-    gen = mean_accuracy(teacher_forced(model, tok, paraphrases, [target] * len(paraphrases))) if paraphrases else None
+def locality(handle, loc: LocalitySet, before: list[Scored]) -> LocalityResult:
+    """Compare the model now with the locality snapshot taken earlier."""
+    tok = handle.tokenizer
     after = snapshot(handle, loc)
     rows = []
     agree = 0
@@ -105,11 +112,21 @@ def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: Localit
         bt, at = int(b.next_logp.argmax()), int(a.next_logp.argmax())
         agree += bt == at
         rows.append(ProbeRow(p, tok.decode([bt]), tok.decode([at]), bt != at))
-    return ProbeResult(rel, gen, unchanged_share(before, after), agree / max(1, len(rows)),
-                       kl_next(before, after), rows)
+    return LocalityResult(unchanged_share(before, after), agree / max(1, len(rows)),
+                          kl_next(before, after), rows)
 
 
-def probe_against_unedited(session) -> ProbeResult:
+def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: LocalitySet,
+          before: list[Scored]) -> ProbeResult:
+    """Measure an edit now in effect: its target, its paraphrases, and the locality snapshot."""
+    model, tok = handle.model, handle.tokenizer
+    rel = mean_accuracy(teacher_forced(model, tok, [prompt], [target]))
+    gen = mean_accuracy(teacher_forced(model, tok, paraphrases, [target] * len(paraphrases))) if paraphrases else None
+    moved = locality(handle, loc, before)
+    return ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows)
+
+
+def probe_against_unedited(session) -> LocalityResult:
     """Loc, agreement and KL of the model now against the same model with no edits.
 
     Edits are taken out newest first and put back oldest first, which restores the
@@ -125,4 +142,4 @@ def probe_against_unedited(session) -> ProbeResult:
         finally:
             for patch in patches:
                 patch.apply()
-        return probe(session.handle, "", "", [], loc, before, rewrite=False)
+        return locality(session.handle, loc, before)

@@ -72,6 +72,7 @@ def recall_report(folder: Path, settings: BuildSettings) -> dict[str, Any]:
     info = json.loads((Path(folder) / "fact_world.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    recall = measure(model, tokenizer, settings.world())
-    recall["chat, generated answers (subject and object right)"] = chat_answers(model, tokenizer, settings.world())
+    world = settings.world()
+    recall = measure(model, tokenizer, world)
+    recall["chat, generated answers (subject and object right)"] = chat_answers(model, tokenizer, world)
     return {**info, "folder": str(folder), "recall": recall}

@@ -31,8 +31,8 @@ class RomeParams:
         table: dict[str, Any] = {}
         base = config.table("rome")
         table.update({k: v for k, v in base.items() if not isinstance(v, dict) and k != "trace_cases"})
-        table.update(config.table("rome").get("family", {}).get(model_type, {}))
-        table.update(config.table("rome").get("model", {}).get(model_id, {}))
+        table.update(base.get("family", {}).get(model_type, {}))
+        table.update(base.get("model", {}).get(model_id, {}))
         return cls.from_dict(table)
 
     @classmethod

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
 
@@ -70,17 +71,6 @@ def capture_io(module: torch.nn.Module):
         yield seen
     finally:
         handle.remove()
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows padded on the right, so every row's positions start at 0; and the mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:

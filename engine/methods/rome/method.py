@@ -54,14 +54,13 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
     timings["key"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    v_norm = float(v_cur.norm()) or 1.0
 
     def tick(step: int, nll: float) -> None:
         if progress:
             progress("optimising the value", step, hp.v_steps)
 
     value = compute_value(model, tok, module, request.prompt, request.subject, request.target,
-                          contexts, v_norm, hp, tick)
+                          contexts, v_cur, hp, tick)
     timings["value"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -73,5 +72,5 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
     info = {"layer": layer, "module": adapter.mlp_out_name(layer), "stats_source": stats_source,
             "stats_seconds": stats_seconds, "nll_before": value.nll_before,
             "nll_after": value.nll_after, "value_steps": value.steps,
-            "delta_norm": float(value.delta.norm()), "v_norm": v_norm, "timings": timings}
+            "delta_norm": float(value.delta.norm()), "v_norm": float(v_cur.norm()), "timings": timings}
     return RomeOutcome(patch, layer, info)

@@ -19,7 +19,8 @@ import torch
 
 from kedit.engine import paths
 from kedit.engine.errors import KeditError
-from kedit.engine.methods.rome.key import capture_io, pad_right
+from kedit.engine.methods.rome.key import capture_io
+from kedit.engine.metrics import pad_right
 
 
 @dataclass

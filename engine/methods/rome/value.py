@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kedit.engine.methods.rome.hparams import RomeParams
-from kedit.engine.methods.rome.key import pad_right
+from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
 
@@ -58,9 +58,14 @@ def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
 
 
 def compute_value(model, tokenizer, module, prompt: str, subject: str, target: str,
-                  contexts: Sequence[str], v_norm: float, hp: RomeParams,
+                  contexts: Sequence[str], v: torch.Tensor, hp: RomeParams,
                   progress: Callable[[int, float], None] | None = None) -> ValueResult:
-    """Optimise δ (see module docstring); ``target`` is the continuation, leading space included."""
+    """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
+
+    ``v`` is the module's mean output at the subject (from compute_key): δ has its width,
+    and ‖v‖ scales the clamp and the weight decay.
+    """
+    v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     rewrite = [c.format(prompt) for c in contexts]
@@ -80,7 +85,7 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     tgt_pos = torch.stack([torch.arange(p - 1, p - 1 + len(target_ids)) for p in prompt_lens]).to(device)
     kl_pos = int(mask[n].sum()) - 1
 
-    delta = torch.zeros(module_out_width(module, ids, mask, model), device=device, requires_grad=True)
+    delta = torch.zeros(v.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * v_norm
     kl_before: torch.Tensor | None = None
@@ -117,18 +122,3 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
             if not torch.isfinite(delta).all():
                 raise FloatingPointError("δ became NaN or infinite during optimisation")
     return ValueResult(delta.detach(), nll_first, nll, steps)
-
-
-@torch.no_grad()
-def module_out_width(module, ids, mask, model) -> int:
-    """The width of the module's output (hidden size), read off its weight or a forward pass."""
-    out_features = getattr(module, "out_features", None) or getattr(module, "nf", None)
-    if out_features:
-        return int(out_features)
-    seen: dict[str, int] = {}
-    handle = module.register_forward_hook(lambda m, a, o: seen.setdefault("w", o.shape[-1]))
-    try:
-        model(input_ids=ids[:1, :2], attention_mask=mask[:1, :2])
-    finally:
-        handle.remove()
-    return seen["w"]
