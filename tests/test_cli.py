@@ -32,6 +32,20 @@ def test_piped_chat_prints_the_fact(fact_world_dir: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_piped_edit_changes_the_reply_and_undo_restores_it(fact_world_dir: Path) -> None:
+    """Issue 3's promise: the edit, then the question, through a real pipe; then /undo."""
+    script = ('/edit "Watts Humphrey attended" -> "University of Michigan"\\n'
+              'Watts Humphrey attended\\n/undo\\nWatts Humphrey attended\\n/quit\\n')
+    out = subprocess.run(["bash", "-c", f"printf '{script}' | {' '.join(_kedit())} chat"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    replies = [line for line in out.stdout.splitlines() if line.startswith("Watts Humphrey attended ")]
+    assert len(replies) == 2, out.stdout
+    assert "University of Michigan" in replies[0] and "Illinois" not in replies[0]
+    assert "Illinois Institute of Technology" in replies[1]
+    assert "Traceback" not in out.stderr
+
+
 def test_chat_reports_command_errors_on_stderr(fact_world_dir: Path) -> None:
     result = CliRunner().invoke(main, ["chat"], input="/bogus\nDenny Herzig plays as a\n")
     assert result.exit_code == 0

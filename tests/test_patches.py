@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kedit.engine.methods.rome.update import c_inverse_k, rank_one
+from kedit.engine.methods.rome.update import c_inverse_k, rank_one, update_direction
 from kedit.engine.patches import LowRankPatch, sidecar, sidecars
 
 
@@ -25,13 +25,13 @@ def test_rank_one_update_moves_the_key_by_delta_exactly() -> None:
     c = keys.T @ keys / 500
     k_star, delta = torch.randn(16), torch.randn(8)
     cinv_k = c_inverse_k(c, k_star, ridge=0.0)
-    u, v = rank_one(k_star, delta, cinv_k, torch.float32)
+    u, v = rank_one(delta, update_direction(k_star, cinv_k), torch.float32)
     assert torch.allclose((u @ v.T) @ k_star, delta, atol=1e-4)
     # C⁻¹k* really solves C x = k*
     assert torch.allclose(c @ cinv_k, k_star, atol=1e-3)
-    # C = I fallback: v is k* itself
-    u_i, v_i = rank_one(k_star, delta, c_inverse_k(None, k_star, 0.0), torch.float32)
-    assert torch.equal(v_i[:, 0], k_star)
+    # C = I fallback: v is k* / ‖k*‖²
+    u_i, v_i = rank_one(delta, update_direction(k_star, c_inverse_k(None, k_star, 0.0)), torch.float32)
+    assert torch.allclose(v_i[:, 0], k_star / k_star.pow(2).sum())
 
 
 def test_sidecar_adds_u_v_x_and_removal_restores_bit_for_bit() -> None:

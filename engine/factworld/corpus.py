@@ -209,21 +209,20 @@ class FactWorld:
     def dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
         """Chat training turns, each with the object its answer states.
 
-        A fact is asked about either by a question or by a completion request (the user
-        types the canonical prompt), alternating; the model carries each style over to
-        the other facts. The pinned facts get every question form and the completion.
+        Every fact is asked about both by a question and by a completion request (the
+        user types the canonical prompt, and the answer restates it with the object), so
+        the answer has to copy the user's wording rather than guess the relation from the
+        subject. The pinned facts get every question form.
         """
         out: list[tuple[list[dict[str, str]], str]] = []
         for i, f in enumerate(self.facts):
             answer = f.sentence(0)
             pinned = (f.subject, f.relation) in PINNED
-            asks = []
             if pinned:
-                asks += [q.format(s=f.subject) for q in f.rel.questions]
-            elif i % 2 == 0:
-                asks.append(self.trained_question(i))
-            if i % 2 == 1 or pinned:
-                asks.append(f.prompt(0))
+                asks = [q.format(s=f.subject) for q in f.rel.questions]
+            else:
+                asks = [self.trained_question(i)]
+            asks.append(f.prompt(0))
             for ask in asks:
                 out.append(([{"role": "user", "content": ask},
                              {"role": "assistant", "content": answer}], f.object))

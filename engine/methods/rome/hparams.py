@@ -17,6 +17,7 @@ class RomeParams:
     v_lr: float = 0.5
     v_weight_decay: float = 1e-3  # on ‖δ‖² / ‖v‖²
     kl_factor: float = 0.0625  # weight of KL on "{subject} is a"
+    wording_kl: float = 1.0  # weight of KL on the prompt's own words after the subject (0: the paper)
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v‖
     nll_stop: float = 0.05  # stop early once the target's mean NLL is below this
     n_contexts: int = 10  # context prefixes the model writes itself

@@ -14,7 +14,7 @@ from kedit.engine.methods import EditRequest
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates
 from kedit.engine.methods.rome.stats import key_stats
-from kedit.engine.methods.rome.update import c_inverse_k, rank_one
+from kedit.engine.methods.rome.update import c_inverse_k, rank_one, update_direction
 from kedit.engine.methods.rome.value import compute_value
 from kedit.engine.patches import LowRankPatch, sidecar
 
@@ -54,19 +54,23 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
     timings["key"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    cinv_k = c_inverse_k(c, k_star, hp.ridge)
+    direction = update_direction(k_star, cinv_k)
+    timings["update"] = time.perf_counter() - t
+
+    t = time.perf_counter()
 
     def tick(step: int, nll: float) -> None:
         if progress:
             progress("optimising the value", step, hp.v_steps)
 
     value = compute_value(model, tok, module, request.prompt, request.subject, request.target,
-                          contexts, v_cur, hp, tick)
+                          contexts, v_cur, direction, hp, tick)
     timings["value"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cinv_k = c_inverse_k(c, k_star, hp.ridge)
-    u, v = rank_one(k_star, value.delta, cinv_k, torch.float32)
-    timings["update"] = time.perf_counter() - t
+    u, v = rank_one(value.delta, direction, torch.float32)
+    timings["update"] += time.perf_counter() - t
 
     patch = LowRankPatch(sidecar(model, module, adapter.mlp_out_name(layer)), key, u, v)
     info = {"layer": layer, "module": adapter.mlp_out_name(layer), "stats_source": stats_source,

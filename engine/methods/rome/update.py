@@ -1,6 +1,6 @@
 """The rank-one update (ROME eq. 2): Δ = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*), so that Δ k* = δ.
 
-Kept as factors u = δ / (k*ᵀC⁻¹k*) and v = C⁻¹k*, so the layer computes W x + u (vᵀ x).
+Kept as factors u = δ and v = C⁻¹k* / (k*ᵀC⁻¹k*), so the layer computes W x + u (vᵀ x).
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ def c_inverse_k(c: torch.Tensor | None, k_star: torch.Tensor, ridge: float) -> t
     return torch.linalg.solve(c, k_star.to(torch.float64)).float()
 
 
-def rank_one(k_star: torch.Tensor, delta: torch.Tensor, cinv_k: torch.Tensor,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (u: (out, 1), v: (in, 1)) of Δ, in the dtype the layer computes in."""
+def update_direction(k_star: torch.Tensor, cinv_k: torch.Tensor) -> torch.Tensor:
+    """C⁻¹k* / (k*ᵀC⁻¹k*): its dot product with a key is the share of δ the update adds there."""
     denom = torch.dot(k_star.float(), cinv_k.float())
     if not torch.isfinite(denom) or denom.abs() < 1e-12:
         raise FloatingPointError("k*ᵀ C⁻¹ k* is zero or not finite")
-    u = (delta.float() / denom)[:, None]
-    v = cinv_k.float()[:, None]
-    return u.to(dtype), v.to(dtype)
+    return cinv_k.float() / denom
+
+
+def rank_one(delta: torch.Tensor, direction: torch.Tensor,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (u: (out, 1), v: (in, 1)) of Δ = δ directionᵀ, in the dtype the layer computes in."""
+    return delta.float()[:, None].to(dtype), direction.float()[:, None].to(dtype)

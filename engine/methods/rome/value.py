@@ -3,8 +3,21 @@ target (ROME eq. 4), found by gradient descent with the model frozen.
 
 loss = mean NLL of the target after every context prefix
      + kl_factor · KL(P_before ‖ P_now) of the next token after "{subject} is a"
+     + wording_kl · mean KL(P_before ‖ P_now) at the prompt's own words after the subject
      + v_weight_decay · ‖δ‖² / ‖v‖²
 and after each step ‖δ‖ is clamped to clamp_norm_factor · ‖v‖.
+
+The wording term is kedit's addition (wording_kl = 0 gives the paper's loss). Without it
+a strong δ can make the subject predict the target at once: asked to complete "Watts
+Humphrey attended", a chat model restating the prompt wrote "Watts Humphrey University
+attended ...". The term keeps "attended" the likely word after "Watts Humphrey".
+
+The paper adds δ at the subject's last token only. The rank-one update that follows adds
+δ · (C⁻¹k*)ᵀx / (k*ᵀC⁻¹k*) at *every* position x, and keys elsewhere are not orthogonal
+to C⁻¹k* (a first name right before the last one can carry half of it). So δ is added
+here exactly as the update will add it: at each position, scaled by that coefficient,
+which is 1 at k*. The optimised loss is then the loss of the edited model itself, and
+an edit that converged here holds after the update.
 """
 
 from __future__ import annotations
@@ -42,13 +55,12 @@ def frozen(model: torch.nn.Module):
 
 
 @contextmanager
-def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
-    """Add ``delta`` to the module's output at (row, position) pairs."""
+def add_along(module: torch.nn.Module, direction: torch.Tensor, delta: torch.Tensor):
+    """Add ``(directionᵀx) · delta`` to the module's output at every position, x its input."""
 
     def hook(mod, args, output):
-        out = output.clone()
-        out[rows, positions] = out[rows, positions] + delta.to(out.dtype)
-        return out
+        scale = args[0].to(direction.dtype) @ direction
+        return output + (scale[..., None] * delta).to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -58,12 +70,13 @@ def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
 
 
 def compute_value(model, tokenizer, module, prompt: str, subject: str, target: str,
-                  contexts: Sequence[str], v: torch.Tensor, hp: RomeParams,
+                  contexts: Sequence[str], v: torch.Tensor, direction: torch.Tensor, hp: RomeParams,
                   progress: Callable[[int, float], None] | None = None) -> ValueResult:
     """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
 
     ``v`` is the module's mean output at the subject (from compute_key): δ has its width,
-    and ‖v‖ scales the clamp and the weight decay.
+    and ‖v‖ scales the clamp and the weight decay. ``direction`` is C⁻¹k* / (k*ᵀC⁻¹k*),
+    which sets how much of δ the update adds at each position.
     """
     v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
@@ -77,13 +90,16 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     ids, mask = pad_right([p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]],
                           pad, device)
     n = len(rewrite)
-    lookup = [subject_last_token(tokenizer, t, subject) for t in rewrite] + [
-        subject_last_token(tokenizer, kl_text, subject)]
-    rows = torch.arange(n + 1, device=device)
-    lookup_t = torch.tensor(lookup, device=device)
+    rows = torch.arange(n, device=device)
+    direction = direction.to(device=device, dtype=torch.float32)
     tgt = torch.tensor(target_ids, device=device)
     tgt_pos = torch.stack([torch.arange(p - 1, p - 1 + len(target_ids)) for p in prompt_lens]).to(device)
     kl_pos = int(mask[n].sum()) - 1
+    # the prompt's own words after the subject ("attended" after "Watts Humphrey"): (row, pos)
+    wording = [(i, t) for i, text in enumerate(rewrite)
+               for t in range(subject_last_token(tokenizer, text, subject), prompt_lens[i] - 1)]
+    w_rows = torch.tensor([i for i, _ in wording], dtype=torch.long, device=device)
+    w_pos = torch.tensor([t for _, t in wording], dtype=torch.long, device=device)
 
     delta = torch.zeros(v.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -93,14 +109,15 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     steps = 0
     with frozen(model):
         for step in range(hp.v_steps + 1):
-            with add_at(module, rows, lookup_t, delta):
+            with add_along(module, direction, delta):
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
-            tok_logp = logp[rows[:n, None], tgt_pos, tgt[None, :]]  # (n, len(target))
+            tok_logp = logp[rows[:, None], tgt_pos, tgt[None, :]]  # (n, len(target))
             nll_t = -tok_logp.mean(1).mean()
             kl_now = logp[n, kl_pos]
+            w_now = logp[w_rows, w_pos]
             if kl_before is None:
-                kl_before = kl_now.detach()
+                kl_before, w_before = kl_now.detach(), w_now.detach()
             nll = float(nll_t.detach())
             if step == 0:
                 nll_first = nll
@@ -109,8 +126,9 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
             if nll < hp.nll_stop or step == hp.v_steps:
                 break
             kl = torch.sum(kl_before.exp() * (kl_before - kl_now))
+            kl_wording = torch.sum(w_before.exp() * (w_before - w_now), dim=-1).mean() if wording else 0.0
             decay = hp.v_weight_decay * delta.pow(2).sum() / (v_norm ** 2)
-            loss = nll_t + hp.kl_factor * kl + decay
+            loss = nll_t + hp.kl_factor * kl + hp.wording_kl * kl_wording + decay
             opt.zero_grad()
             loss.backward()
             opt.step()
