@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from kedit.engine import events as ev
 from kedit.engine.background import with_progress
 from kedit.engine.commands import REGISTRY, Param
-from kedit.engine.editing import METHODS
+from kedit.engine.editing import METHODS, method_state
 from kedit.engine.ledger import Edit
 
 if TYPE_CHECKING:
@@ -38,8 +38,14 @@ def probe_table(edit: Edit) -> ev.Table:
         rows.append(("next-token agreement", f"KL {p.kl:.4f} nats", _fmt(p.agree)))
         for r in changed[:5]:
             rows.append(("  changed", f"{r.prompt} →{r.before!r} now {r.after!r}", ""))
-    title = (f"{edit.id}: ROME at layer {edit.layer}, subject {edit.subject!r} ({edit.subject_how}), "
-             f"{edit.seconds:.1f} s; C from {edit.info.get('stats_source', '?')}")
+    title = (f"{edit.id}: {edit.method.upper()} at layer {edit.layer}, subject {edit.subject!r} "
+             f"({edit.subject_how}), {edit.seconds:.1f} s")
+    if edit.method == "rome":
+        title += f"; C from {edit.info.get('stats_source', '?')}"
+    elif edit.method == "grace":
+        title += f"; codebook entry {edit.info.get('action', '?')}, radius {edit.info.get('radius', 0):.3g}"
+    else:
+        title += f"; side memory shard {edit.info.get('shard', '?')}"
     return ev.Table(title, ("probe", "prompt", "score"), tuple(rows))
 
 
@@ -48,7 +54,8 @@ def probe_table(edit: Edit) -> ev.Table:
     Param("prompt", "the prompt; mark the subject with [brackets] or use --subject"),
     Param("target", "the new answer", after_arrow=True),
     Param("subject", "the subject inside the prompt (default: inferred)", kind="option", required=False),
-    Param("method", "editing method", kind="option", required=False, default="rome", choices=METHODS),
+    Param("method", "editing method (default: [edit] method in kedit.toml)", kind="option", required=False,
+          choices=METHODS),
     Param("layer", "the layer to edit (default: kedit.toml, else causal tracing)", kind="option",
           required=False, convert=int),
     Param("paraphrase", "another wording of the prompt, to check the edit generalises", kind="option",
@@ -83,6 +90,8 @@ def cmd_edits(session: Session) -> Iterator[ev.Event]:
         for e in session.edits)
     yield ev.Table(f"{len(rows)} edit(s) in force", ("id", "method", "prompt → target", "layer", "took",
                                                      "made", "Rel", "Gen", "Loc"), rows)
+    for line in method_state(session.model):
+        yield ev.Info(line)
 
 
 @REGISTRY.command("undo", "Take out the latest edit.")

@@ -18,7 +18,7 @@ from kedit.engine.subject import resolve_subject
 if TYPE_CHECKING:
     from kedit.engine.session import Session
 
-METHODS = ("rome",)
+METHODS = ("rome", "grace", "wise")
 Progress = Callable[[str, int, int], None]
 
 # Well-known facts for choosing a real model's edit layer by causal tracing.
@@ -61,11 +61,63 @@ def edit_layer(session: Session, hp: RomeParams) -> int:
     return cached_edit_layer(h, "rome", trace)
 
 
+def default_method(session: Session) -> str:
+    method = str(session.config.get("edit.method", "rome"))
+    if method not in METHODS:
+        raise KeditError(f"kedit.toml sets [edit] method = {method!r}; available: {', '.join(METHODS)}")
+    return method
+
+
+def method_params(session: Session, method: str, **overrides: Any) -> Any:
+    """The method's hyperparameters for the loaded model (kedit.toml), with overrides."""
+    if method == "rome":
+        return rome_params(session, **overrides)
+    from kedit.engine.methods.grace import GraceParams
+    from kedit.engine.methods.wise import WiseParams
+
+    cls = {"grace": GraceParams, "wise": WiseParams}[method]
+    h = session.handle
+    return cls.from_config(session.config, h.adapter.model_type, h.source.location or h.source.name).with_(**overrides)
+
+
+def share_layer(session: Session, hp: Any) -> int:
+    """GRACE's and WISE's layer: the configured one, else layer_share of the way up."""
+    n = session.handle.adapter.n_layers
+    layer = hp.layer if hp.layer is not None else round(hp.layer_share * (n - 1))
+    if not 0 <= layer < n:
+        raise KeditError(f"layer {layer} is out of range: the model has {n} layers (0-{n - 1})")
+    return layer
+
+
+def _compute(session: Session, method: str, request: EditRequest, hp: Any, layer: int | None,
+             edit_id: str, stats_corpus: Path | None, progress: Progress | None) -> tuple[Any, int, dict]:
+    """(patch, layer, info) of one edit, computed with the model left as it is."""
+    if method == "rome":
+        from kedit.engine.methods.rome.method import apply_rome
+
+        chosen = edit_layer(session, hp)
+        outcome = apply_rome(session.handle, request, hp, chosen,
+                             session.contexts(hp.n_contexts, hp.context_tokens), edit_id, stats_corpus, progress)
+        return outcome.patch, chosen, outcome.info
+    chosen = share_layer(session, hp)
+    if method == "grace":
+        from kedit.engine.methods.grace import apply_grace
+
+        patch, info = apply_grace(session.handle, request, hp, chosen, edit_id, progress)
+    else:
+        from kedit.engine.methods.wise import apply_wise
+
+        irrelevant = [t for t in session.contexts(hp.n_irrelevant, hp.irrelevant_tokens) if t]
+        patch, info = apply_wise(session.handle, request, hp, chosen, edit_id, irrelevant, progress)
+    return patch, chosen, info
+
+
 def make_edit(session: Session, prompt: str, target: str, *, subject: str | None = None,
-              method: str = "rome", layer: int | None = None, paraphrases: list[str] | None = None,
+              method: str | None = None, layer: int | None = None, paraphrases: list[str] | None = None,
               stats_corpus: Path | None = None, identity_c: bool = False,
               progress: Progress | None = None) -> Edit:
     """Apply one edit; the model is bit-identical to before if anything fails."""
+    method = method or default_method(session)
     if method not in METHODS:
         raise KeditError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     clean, subj = resolve_subject(prompt.strip(), subject)
@@ -75,28 +127,23 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
     if paraphrases is None and session.handle.source.kind == "fact-world":
         paraphrases = session.fact_world().paraphrases(subj.text, clean)
     request = EditRequest(clean, subj.text, target_text, tuple(paraphrases or ()))
-    hp = rome_params(session, layer=layer, identity_c=identity_c or None)
+    extra = {"identity_c": identity_c or None} if method == "rome" else {}
+    hp = method_params(session, method, layer=layer, **extra)
     started = time.perf_counter()
     with session.lock:
-        chosen = edit_layer(session, hp)
         loc = session.locality(exclude={subj.text})
         from kedit.engine.probes import probe, snapshot
 
         before = snapshot(session.handle, loc)
         edit_id = session.ledger.next_id()
         try:
-            from kedit.engine.methods.rome.method import apply_rome
-
-            outcome = apply_rome(session.handle, request, hp, chosen,
-                                 session.contexts(hp.n_contexts, hp.context_tokens), edit_id,
-                                 stats_corpus, progress)
+            patch, chosen, info = _compute(session, method, request, hp, layer, edit_id, stats_corpus, progress)
         except torch.cuda.OutOfMemoryError:
             raise KeditError("the GPU ran out of memory computing the edit; the model is unchanged. "
                              "Try --quant 4bit or fewer ROME contexts (rome.n_contexts)") from None
         except FloatingPointError as exc:
             raise KeditError(f"the edit diverged ({exc}); the model is unchanged. "
-                             "Try a lower rome.v_lr or another layer") from None
-        patch = outcome.patch
+                             f"Try a lower {method}.{'v_lr' if method == 'rome' else 'lr'} or another layer") from None
         patch.apply()
         try:
             _check_finite(session, clean)
@@ -105,10 +152,36 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
             patch.revert()
             raise
         edit = Edit(edit_id, method, clean, subj.text, target_text, patch, chosen, subj.how,
-                    hp.as_dict() | {"layer": chosen}, outcome.info, result, list(request.paraphrases),
+                    hp.as_dict() | {"layer": chosen}, info, result, list(request.paraphrases),
                     seconds=time.perf_counter() - started)
         session.ledger.add(edit)
         return edit
+
+
+def method_state(model: torch.nn.Module) -> list[str]:
+    """One line per GRACE codebook and WISE side memory on the model."""
+    from kedit.engine.methods.grace import codebooks
+    from kedit.engine.methods.wise import memories
+
+    def fmt(v: Any) -> str:
+        return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = []
+    for book in codebooks(model).values():
+        if book.entries:
+            st = book.state()
+            lines.append(f"GRACE on {st['module']}: {st['entries']} codebook entries, radius min "
+                         f"{fmt(st['radius min'])} / median {fmt(st['radius median'])} / max "
+                         f"{fmt(st['radius max'])}; {st['positions replaced']} positions answered from it")
+    for mem in memories(model).values():
+        if mem.scores:
+            st = mem.state()
+            thresholds = ", ".join(fmt(t) for t in st["thresholds"])
+            lines.append(f"WISE on {st['module']}: {st['side memories']} side memor"
+                         f"{'y' if st['side memories'] == 1 else 'ies'}, edits per shard {st['edits per shard']}, "
+                         f"routing thresholds {thresholds}; share of positions routed to a side memory "
+                         f"{fmt(st['routed share'])}")
+    return lines
 
 
 @torch.no_grad()

@@ -228,11 +228,14 @@ class Session:
         """The edits in force, oldest first."""
         return list(self.ledger)
 
-    def edit(self, prompt: str, target: str, *, subject: str | None = None, method: str = "rome",
+    def edit(self, prompt: str, target: str, *, subject: str | None = None, method: str | None = None,
              layer: int | None = None, paraphrases: list[str] | None = None,
              stats_corpus: Path | None = None, identity_c: bool = False,
              progress: Callable[[str, int, int], None] | None = None) -> Edit:
-        """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing)."""
+        """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing).
+
+        ``method`` is "rome", "grace" or "wise"; None takes [edit] method from kedit.toml.
+        """
         from kedit.engine.editing import make_edit
 
         return make_edit(self, prompt, target, subject=subject, method=method, layer=layer,

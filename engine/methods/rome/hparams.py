@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kedit.engine.config import Config
-from kedit.engine.errors import ConfigError
+from kedit.engine.methods import read_params
 
 
 @dataclass(frozen=True)
@@ -29,21 +29,7 @@ class RomeParams:
 
     @classmethod
     def from_config(cls, config: Config, model_type: str, model_id: str) -> RomeParams:
-        table: dict[str, Any] = {}
-        base = config.table("rome")
-        table.update({k: v for k, v in base.items() if not isinstance(v, dict) and k != "trace_cases"})
-        table.update(base.get("family", {}).get(model_type, {}))
-        table.update(base.get("model", {}).get(model_id, {}))
-        return cls.from_dict(table)
-
-    @classmethod
-    def from_dict(cls, table: dict[str, Any]) -> RomeParams:
-        names = {f.name for f in fields(cls)}
-        unknown = set(table) - names
-        if unknown:
-            raise ConfigError(f"unknown ROME setting(s) {', '.join(sorted(unknown))}; "
-                              f"known: {', '.join(sorted(names))}")
-        return cls(**table)
+        return read_params(cls, config, "rome", model_type, model_id, skip=("trace_cases",))
 
     def with_(self, **changes: Any) -> RomeParams:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
