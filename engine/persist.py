@@ -13,8 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kedit.engine.errors import KeditError
 from kedit.engine.ledger import Edit
+from kedit.engine.methods.grace import Entry, GracePatch, Layer, codebook
+from kedit.engine.methods.wise import WisePatch, WiseParams, memory
 from kedit.engine.patches import LowRankPatch, sidecar
 from kedit.engine.probes import ProbeResult, ProbeRow
 
@@ -33,13 +37,7 @@ def save_session(session: Session, path: Path) -> Path:
         raise KeditError(f"{path} is a folder; give a file name such as {path / 'session.kedit'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Any] = {}
-    edits = []
-    for edit in session.edits:
-        if not isinstance(edit.patch, LowRankPatch):
-            raise KeditError(f"edit {edit.id} ({edit.method}) cannot be saved yet")
-        tensors[f"{edit.id}.u"] = edit.patch.u.detach().float().cpu().contiguous()
-        tensors[f"{edit.id}.v"] = edit.patch.v.detach().float().cpu().contiguous()
-        edits.append(edit.record() | {"module": edit.patch.side.name})
+    edits = [_save_edit(edit, tensors) for edit in session.edits]
     record = {"format": FORMAT, "model": session.handle.name, "model_key": session.handle.cache_key,
               "edits": edits, "chat": [m.as_dict() for m in session.chat],
               "counter": session.ledger._counter}
@@ -88,26 +86,83 @@ def load_session(session: Session, path: Path) -> list[Edit]:
                          f"({session.handle.name}); open that model first with /model")
     modules = dict(session.model.named_modules())
     for e in record["edits"]:
-        if e["module"] not in modules or f"{e['id']}.u" not in tensors:
+        if e.get("module") not in modules or not any(k.startswith(f"{e['id']}.") for k in tensors):
             raise KeditError(f"{path} is damaged: edit {e['id']} has no module or tensors")
     with session.lock:
         while session.ledger.edits:
             session.ledger.remove(session.ledger.edits[-1].id)
-        loaded = []
         device = next(session.model.parameters()).device
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        grace_entries: dict[str, list[Any]] = {}
+        loaded = []
         for e in record["edits"]:
-            side = sidecar(session.model, modules[e["module"]], e["module"])
-            patch = LowRankPatch(side, e["id"], tensors[f"{e['id']}.u"].to(device),
-                                 tensors[f"{e['id']}.v"].to(device))
-            patch.apply()
+            patch = _load_patch(session, e, modules[e["module"]], tensors, grace_entries)
             edit = Edit(e["id"], e["method"], e["prompt"], e["subject"], e["target"], patch, e["layer"],
                         e["subject_how"], e["hparams"], e["info"], _probe(e.get("probe")),
                         e.get("paraphrases", []), e["created"], e["seconds"])
             session.ledger.add(edit)
             loaded.append(edit)
+        for name, entries in grace_entries.items():
+            codebook(session.model, modules[name], name).restore(entries)
         session.ledger.bump(int(record.get("counter", 0)))
         session.chat[:] = [Message(m["role"], m["content"]) for m in record.get("chat", [])]
     return loaded
+
+
+def _save_edit(edit: Edit, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The edit's JSON record; its tensors go into ``tensors``."""
+
+    def put(key: str, t: torch.Tensor) -> None:
+        tensors[key] = t.detach().float().cpu().contiguous()
+
+    p = edit.patch
+    rec = edit.record()
+    if isinstance(p, LowRankPatch):
+        put(f"{edit.id}.u", p.u)
+        put(f"{edit.id}.v", p.v)
+        return rec | {"module": p.side.name}
+    if isinstance(p, GracePatch):
+        order = {id(entry): i for i, entry in enumerate(p.book.entries)}
+        put(f"grace:{p.book.name}.keys", torch.stack([entry.key for entry in p.book.entries]))
+        layers = []
+        for j, (entry, layer) in enumerate(p.layers):
+            put(f"{edit.id}.value{j}", layer.value)
+            layers.append({"entry": order[id(entry)], "radius": layer.radius, "label": list(layer.label)})
+        return rec | {"module": p.book.name, "grace": layers, "entries": len(p.book.entries)}
+    if isinstance(p, WisePatch):
+        put(f"{edit.id}.values", p.values)
+        put(f"{edit.id}.inputs", p.edit_inputs)
+        return rec | {"module": p.mem.name, "wise": {"bank": p.bank, "shard": p.shard, "score": p.score,
+                                                      "shape": list(p.mem.shape), "dtype": str(p.mem.dtype)}}
+    raise KeditError(f"edit {edit.id} ({edit.method}) cannot be saved")
+
+
+def _load_patch(session: Session, e: dict[str, Any], module: Any, tensors: dict[str, Any],
+                grace_entries: dict[str, list[Any]]) -> Any:
+    """The saved edit's patch, in force (GRACE entries are handed to their codebook at the end)."""
+    name = e["module"]
+    if "grace" in e:
+        entries = grace_entries.setdefault(
+            name, [Entry(k) for k in tensors[f"grace:{name}.keys"]])
+        book = codebook(session.model, module, name)
+        layers = [(entries[g["entry"]], Layer(e["id"], g["radius"], tensors[f"{e['id']}.value{j}"], tuple(g["label"])))
+                  for j, g in enumerate(e["grace"])]
+        for entry, layer in layers:
+            entry.history.append(layer)
+        patch = GracePatch(book, e["id"], layers)
+        patch.applied = True
+        return patch
+    if "wise" in e:
+        w = e["wise"]
+        hp = WiseParams(**{k: v for k, v in e["hparams"].items() if k in WiseParams.__dataclass_fields__})
+        mem = memory(session.model, module, name, tuple(w["shape"]), getattr(torch, w["dtype"].split(".")[-1]), hp)
+        patch = WisePatch(mem, e["id"], w["bank"], w["shard"], tensors[f"{e['id']}.values"],
+                          tensors[f"{e['id']}.inputs"], w["score"])
+    else:
+        patch = LowRankPatch(sidecar(session.model, module, name), e["id"], tensors[f"{e['id']}.u"],
+                             tensors[f"{e['id']}.v"])
+    patch.apply()
+    return patch
 
 
 def _probe(data: dict[str, Any] | None) -> ProbeResult | None:

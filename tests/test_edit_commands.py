@@ -66,3 +66,35 @@ def test_probe_compares_with_the_unedited_model(session) -> None:
     assert torch.equal(_logits(session), edited)  # probing put the edit back exactly
     _run(session, "/undo")
     assert torch.equal(_logits(session), before)
+
+
+def test_edit_with_grace_and_wise_shows_their_state_in_edits(session) -> None:
+    before = _logits(session)
+    grace = _run(session, '/edit "Watts Humphrey attended" -> "University of Michigan" --method grace')[-1]
+    assert isinstance(grace, ev.Table) and grace.title.startswith("e") and "GRACE" in grace.title
+    assert grace.rows[0][2] == "1.00"  # Rel
+    wise = _run(session, '/edit "Denny Herzig plays as a" -> goalkeeper --method wise')[-1]
+    assert isinstance(wise, ev.Table) and "WISE" in wise.title and wise.rows[0][2] == "1.00"
+    listing = _run(session, "/edits")
+    assert [r[1] for r in listing[0].rows] == ["grace", "wise"]
+    states = [e.text for e in listing[1:]]
+    assert any(s.startswith("GRACE on model.layers.3.mlp.down_proj: 1 codebook entries") for s in states)
+    assert any(s.startswith("WISE on model.layers.3.mlp.down_proj: 1 side memory") for s in states)
+    _run(session, "/undo")
+    _run(session, "/undo")
+    assert torch.equal(_logits(session), before)
+
+
+def test_the_default_method_comes_from_kedit_toml(session) -> None:
+    config = session.config
+    session.config = config.with_overrides({"edit.method": "grace"})
+    try:
+        edit = session.edit("Watts Humphrey attended", "University of Michigan")
+        assert edit.method == "grace"
+        session.undo()
+        session.config = config.with_overrides({"edit.method": "memit"})
+        out = _run(session, '/edit "Watts Humphrey attended" -> "University of Michigan"')
+        assert isinstance(out[-1], ev.Error) and "[edit] method" in out[-1].message
+    finally:
+        session.config = config
+    assert session.edits == []

@@ -80,3 +80,26 @@ def test_bad_files_are_refused(session, tmp_path: Path) -> None:
             load_session(session, path)
     with pytest.raises(KeditError, match="is a folder"):
         save_session(session, tmp_path)
+
+
+def test_grace_wise_and_rome_edits_save_and_reload_exactly(session, tmp_path: Path) -> None:
+    prompts = ["Watts Humphrey attended", "Denny Herzig plays as a", "Ramalinaceae belongs to the family"]
+    original = [_logits(session, p) for p in prompts]
+    made = [session.edit(prompts[0], "University of Michigan", method="grace"),
+            session.edit(prompts[1], "goalkeeper", method="wise"),
+            session.edit(prompts[2], "Agaricales", layer=0, identity_c=True),
+            session.edit("Watts Humphrey studied at", "University of Michigan", method="grace")]
+    edited = [_logits(session, p) for p in prompts]
+    path = save_session(session, tmp_path / "mixed.kedit")
+    for e in reversed(made):
+        session.rollback(e.id)
+    assert all(torch.equal(_logits(session, p), o) for p, o in zip(prompts, original))
+    loaded = load_session(session, path)
+    try:
+        assert [e.method for e in loaded] == ["grace", "wise", "rome", "grace"]
+        assert all(torch.equal(_logits(session, p), x) for p, x in zip(prompts, edited))
+        session.rollback(loaded[0].id)  # loaded edits roll back like any other
+    finally:
+        for e in list(session.edits):
+            session.rollback(e.id)
+    assert all(torch.equal(_logits(session, p), o) for p, o in zip(prompts, original))

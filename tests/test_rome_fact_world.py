@@ -157,3 +157,20 @@ def test_single_edits_on_a_4bit_load(session_4bit) -> None:
     assert statistics.mean(rel) >= 0.85
     assert statistics.mean(loc) >= 0.9
     assert statistics.mean(gen) >= 0.6 * baseline
+
+
+def test_grace_and_wise_on_a_4bit_load_leave_the_quantized_weights_alone(session_4bit) -> None:
+    s = session_4bit
+    module = s.handle.adapter.mlp_out(3)
+    packed = module.weight.data.clone()
+    ids = s.tokenizer("Denny Herzig plays as a", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = s.model(ids).logits
+    for method in ("grace", "wise"):
+        e = s.edit("Watts Humphrey attended", "University of Michigan", method=method)
+        assert e.probe.rel == 1.0 and e.probe.loc >= 0.95, (method, e.probe.summary())
+    assert torch.equal(module.weight.data, packed)  # the NF4 bytes never change
+    s.undo()
+    s.undo()
+    with torch.no_grad():
+        assert torch.equal(s.model(ids).logits, before)

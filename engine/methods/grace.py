@@ -143,6 +143,11 @@ class GraceCodebook:
             entry.history = [layer for layer in entry.history if layer.edit_id != edit_id]
         self._rebuild()
 
+    def restore(self, entries: list[Entry]) -> None:
+        """Take over entries whose histories are already filled in (a loaded session)."""
+        self.entries = list(entries)
+        self._rebuild()
+
     def state(self) -> dict[str, Any]:
         radii = [e.top.radius for e in self.entries]
         return {"module": self.name, "entries": len(self.entries),

@@ -162,12 +162,14 @@ class Bank:
         self.d = ties_merge([s.tau for s in self.shards], self.hp.ties_density)
         self.d_compute = self.d.to(self.dtype)
 
-    def add(self, edit_id: str, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor) -> None:
+    def add(self, edit_id: str, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor,
+            score: float | None = None) -> None:
+        """Add an edit; its score is measured now unless given (a loaded session's record)."""
         self.shards[shard].changes[edit_id] = values
         self.scores[edit_id] = float("inf")
         self.inputs[edit_id] = edit_inputs
         self.rebuild()
-        self.scores[edit_id] = float(self.score(edit_inputs).min())
+        self.scores[edit_id] = float(self.score(edit_inputs).min()) if score is None else score
         self.threshold = self.hp.act_ratio * min(self.scores.values())
 
     def remove(self, edit_id: str) -> bool:
@@ -215,8 +217,8 @@ class WiseMemory:
         return len(self.banks)
 
     def bank(self, i: int) -> Bank:
-        """Side memory i, opened empty if it is the next one (an empty one changes nothing)."""
-        if i == len(self.banks):
+        """Side memory i, opened empty if need be (an empty one changes nothing)."""
+        while len(self.banks) <= i:
             self.banks.append(Bank(self.shape, self.device, self.dtype, self.hp))
         return self.banks[i]
 
@@ -259,8 +261,9 @@ class WiseMemory:
             self._handle.remove()
             self._handle = None
 
-    def add(self, edit_id: str, bank: int, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor) -> None:
-        self.bank(bank).add(edit_id, shard, values, edit_inputs)
+    def add(self, edit_id: str, bank: int, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor,
+            score: float | None = None) -> None:
+        self.bank(bank).add(edit_id, shard, values, edit_inputs, score)
         self._sync_hook()
 
     def remove(self, edit_id: str) -> None:
@@ -299,14 +302,16 @@ class WisePatch:
     """One edit's change on one shard of one side memory."""
 
     def __init__(self, mem: WiseMemory, edit_id: str, bank: int, shard: int, values: torch.Tensor,
-                 edit_inputs: torch.Tensor) -> None:
+                 edit_inputs: torch.Tensor, score: float | None = None) -> None:
         self.mem, self.key, self.bank, self.shard = mem, edit_id, bank, shard
         self.values, self.edit_inputs = values, edit_inputs
+        self.score = score  # recorded when first applied, so a reload routes exactly as before
         self.applied = False
 
     def apply(self) -> None:
         if not self.applied:
-            self.mem.add(self.key, self.bank, self.shard, self.values, self.edit_inputs)
+            self.mem.add(self.key, self.bank, self.shard, self.values, self.edit_inputs, self.score)
+            self.score = self.mem.banks[self.bank].scores[self.key]
             self.applied = True
 
     def revert(self) -> None:
