@@ -11,11 +11,15 @@ made. Routing is decided per position from the call's own input, so cached decod
 needs no state carried between calls.
 
 Training one edit, with the model frozen, optimises a change Δ of the side memory:
-  NLL of the target, with the side memory in force
-  + ReLU(‖D x_i‖ − α)         on irrelevant text (it must stay in the main memory)
+  NLL of the target, with the side memory in force at the edit's positions
+  + ReLU(‖D x_i‖ − α)         on irrelevant text (it must stay in the main memory),
+                              averaged over the positions that break the margin
   + ReLU(β − ‖D x_e‖)         on the edit's positions (they must reach the side memory)
   + ReLU(γ − (mean ‖D x_e‖ − mean ‖D x_i‖))   (the two must stay apart)
-(the paper's margin losses, α < β), with D ± Δ clamped to ±norm_constraint.
+  + ReLU(‖D x_o‖ − old_share · min ‖D x_e‖)    on the inputs of edits other side memories
+                              hold (see WiseMemory), so this one does not claim them
+(the first three are the paper's margin losses, α < β), with every entry of D kept within
+±norm_constraint.
 
 Knowledge sharding. The side memory has n_shards shards; shard i owns a fixed random
 mask M_i covering mask_ratio of D's entries, and edits take turns on the shards. An edit
