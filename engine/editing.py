@@ -39,9 +39,7 @@ def trace_cases(session: Session) -> list[tuple[str, str]]:
 
 
 def rome_params(session: Session, **overrides: Any) -> RomeParams:
-    h = session.handle
-    return RomeParams.from_config(session.config, h.adapter.model_type,
-                                  h.source.location or h.source.name).with_(**overrides)
+    return method_params(session, "rome", **overrides)
 
 
 def edit_layer(session: Session, hp: RomeParams) -> int:
@@ -70,12 +68,10 @@ def default_method(session: Session) -> str:
 
 def method_params(session: Session, method: str, **overrides: Any) -> Any:
     """The method's hyperparameters for the loaded model (kedit.toml), with overrides."""
-    if method == "rome":
-        return rome_params(session, **overrides)
     from kedit.engine.methods.grace import GraceParams
     from kedit.engine.methods.wise import WiseParams
 
-    cls = {"grace": GraceParams, "wise": WiseParams}[method]
+    cls = {"rome": RomeParams, "grace": GraceParams, "wise": WiseParams}[method]
     h = session.handle
     return cls.from_config(session.config, h.adapter.model_type, h.source.location or h.source.name).with_(**overrides)
 
@@ -89,8 +85,8 @@ def share_layer(session: Session, hp: Any) -> int:
     return layer
 
 
-def _compute(session: Session, method: str, request: EditRequest, hp: Any, layer: int | None,
-             edit_id: str, stats_corpus: Path | None, progress: Progress | None) -> tuple[Any, int, dict]:
+def _compute(session: Session, method: str, request: EditRequest, hp: Any, edit_id: str,
+             stats_corpus: Path | None, progress: Progress | None) -> tuple[Any, int, dict]:
     """(patch, layer, info) of one edit, computed with the model left as it is."""
     if method == "rome":
         from kedit.engine.methods.rome.method import apply_rome
@@ -137,7 +133,7 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
         before = snapshot(session.handle, loc)
         edit_id = session.ledger.next_id()
         try:
-            patch, chosen, info = _compute(session, method, request, hp, layer, edit_id, stats_corpus, progress)
+            patch, chosen, info = _compute(session, method, request, hp, edit_id, stats_corpus, progress)
         except torch.cuda.OutOfMemoryError:
             raise KeditError("the GPU ran out of memory computing the edit; the model is unchanged. "
                              "Try --quant 4bit or fewer ROME contexts (rome.n_contexts)") from None

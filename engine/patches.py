@@ -9,10 +9,13 @@ hook, which leaves the module exactly as it was loaded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 class Patch(Protocol):
@@ -75,31 +78,59 @@ class LowRankSidecar:
         return 0 if self._u is None else self._u.shape[1]
 
 
-def sidecar(model: nn.Module, module: nn.Module, name: str) -> LowRankSidecar:
-    """The sidecar on ``module``, created on first use and kept on the model."""
-    table: dict[str, LowRankSidecar] = model.__dict__.setdefault("_kedit_sidecars", {})
+def attached(model: nn.Module, kind: str, name: str, make: Callable[[], T]) -> T:
+    """The ``kind`` of object kedit keeps beside module ``name`` (a sidecar, a GRACE codebook,
+    a WISE memory), kept on the model and made by ``make()`` on first use."""
+    table: dict[str, Any] = model.__dict__.setdefault(f"_kedit_{kind}", {})
     if name not in table:
-        table[name] = LowRankSidecar(module, name)
+        table[name] = make()
     return table[name]
 
 
+def all_attached(model: nn.Module, kind: str) -> dict[str, Any]:
+    return model.__dict__.get(f"_kedit_{kind}", {})
+
+
+def sidecar(model: nn.Module, module: nn.Module, name: str) -> LowRankSidecar:
+    """The sidecar on ``module``, created on first use and kept on the model."""
+    return attached(model, "sidecars", name, lambda: LowRankSidecar(module, name))
+
+
 def sidecars(model: nn.Module) -> dict[str, LowRankSidecar]:
-    return model.__dict__.get("_kedit_sidecars", {})
+    return all_attached(model, "sidecars")
 
 
-class LowRankPatch:
-    """One edit's factors on one sidecar."""
+class TogglePatch:
+    """A patch that knows whether it is in force: ``apply`` and ``revert`` do their work once.
+    Subclasses implement ``_apply`` and ``_revert``."""
 
-    def __init__(self, side: LowRankSidecar, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
-        self.side, self.key, self.u, self.v = side, key, u, v
-        self.applied = False
+    applied = False
 
     def apply(self) -> None:
         if not self.applied:
-            self.side.add(self.key, self.u, self.v)
+            self._apply()
             self.applied = True
 
     def revert(self) -> None:
         if self.applied:
-            self.side.remove(self.key)
+            self._revert()
             self.applied = False
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def _revert(self) -> None:
+        raise NotImplementedError
+
+
+class LowRankPatch(TogglePatch):
+    """One edit's factors on one sidecar."""
+
+    def __init__(self, side: LowRankSidecar, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        self.side, self.key, self.u, self.v = side, key, u, v
+
+    def _apply(self) -> None:
+        self.side.add(self.key, self.u, self.v)
+
+    def _revert(self) -> None:
+        self.side.remove(self.key)

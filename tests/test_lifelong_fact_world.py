@@ -11,31 +11,17 @@ import random
 import statistics
 
 import torch
+from fact_cases import edit_cases, prompt_logits
 
 from kedit.engine.metrics import mean_accuracy, teacher_forced, unchanged_share
 
 N = 100
 
 
-def _cases(session, n: int = N, seed: int = 7):
-    """n facts, each with a new object of the same relation as the target."""
-    world = session.fact_world()
-    out = []
-    for f in random.Random(seed).sample(world.facts, n):
-        others = sorted({x.object for x in world.facts if x.relation == f.relation} - {f.object})
-        out.append((f, random.Random(f.subject).choice(others)))
-    return out
-
-
-def _logits(session, prompts: list[str]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [session.model(session.tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in prompts]
-
-
 def _run(session, method: str, n: int = N) -> dict[str, float]:
     tok, model = session.tokenizer, session.model
     world = session.fact_world()
-    cases = _cases(session, n)
+    cases = edit_cases(session, n, 7)
     edited = {f.subject for f, _ in cases}
     loc_facts = [f for f in world.facts if f.subject not in edited]
     loc_prompts, loc_targets = [f.prompt(0) for f in loc_facts], [f.target for f in loc_facts]
@@ -43,7 +29,7 @@ def _run(session, method: str, n: int = N) -> dict[str, float]:
     before = teacher_forced(model, tok, loc_prompts, loc_targets)
     recall = mean_accuracy(teacher_forced(model, tok, held, [f.target for f, _ in cases]))
     probe_prompts = [f.prompt(0) for f, _ in cases[:10]] + loc_prompts[:10]
-    original = _logits(session, probe_prompts)
+    original = prompt_logits(session, probe_prompts)
     edits = [session.edit(f.prompt(0), new, subject=f.subject, method=method) for f, new in cases]
     news = [" " + new for _, new in cases]
     figures = {
@@ -60,7 +46,7 @@ def _run(session, method: str, n: int = N) -> dict[str, float]:
     for e in order:
         session.rollback(e.id)
     assert not session.edits
-    assert all(torch.equal(a, b) for a, b in zip(_logits(session, probe_prompts), original))
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe_prompts), original))
     return figures
 
 

@@ -5,31 +5,16 @@ Each test prints its figures (pytest -s shows them).
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 
 import pytest
 import torch
+from fact_cases import edit_cases, prompt_logits
 
 from kedit.engine.metrics import mean_accuracy, teacher_forced
 
 N = 20
-
-
-def _cases(session, n: int = N, seed: int = 1):
-    """n facts of the world, each with a new object of the same relation as the target."""
-    world = session.fact_world()
-    out = []
-    for f in random.Random(seed).sample(world.facts, n):
-        others = sorted({x.object for x in world.facts if x.relation == f.relation} - {f.object})
-        out.append((f, random.Random(f.subject).choice(others)))
-    return out
-
-
-def _logits(session, prompts: list[str]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [session.model(session.tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in prompts]
 
 
 def _unedited_unseen_recall(session, cases) -> float:
@@ -41,7 +26,7 @@ def _unedited_unseen_recall(session, cases) -> float:
 
 def _edit_and_roll_back_each(session, cases, unrelated: list[str]):
     """Apply each edit alone and roll it back; the unrelated prompts' logits must return exactly."""
-    original = _logits(session, unrelated)
+    original = prompt_logits(session, unrelated)
     rel, gen, loc, times, back = [], [], [], [], []
     for f, new in cases:
         e = session.edit(f.prompt(0), new, subject=f.subject)
@@ -52,12 +37,12 @@ def _edit_and_roll_back_each(session, cases, unrelated: list[str]):
         t = time.perf_counter()
         session.rollback(e.id)
         back.append(time.perf_counter() - t)
-        assert all(torch.equal(a, b) for a, b in zip(_logits(session, unrelated), original))
+        assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, unrelated), original))
     return rel, gen, loc, times, back
 
 
 def test_single_edits_rel_gen_loc_and_exact_rollback(session) -> None:
-    cases = _cases(session)
+    cases = edit_cases(session, N, 1)
     baseline = _unedited_unseen_recall(session, cases)
     unrelated = [f.prompt(0) for f in session.fact_world().facts[:8]]
     rel, gen, loc, times, back = _edit_and_roll_back_each(session, cases, unrelated)
@@ -79,7 +64,7 @@ def _distinct_subjects(session, n: int = N, seed: int = 2):
     is reported in the issue note; this set measures ROME where keys are distinct.
     """
     out, used = [], set()
-    for f, new in _cases(session, n=len(session.fact_world().facts), seed=seed):
+    for f, new in edit_cases(session, len(session.fact_world().facts), seed):
         words = set(f.subject.split())
         if words & used:
             continue
@@ -97,7 +82,7 @@ def test_twenty_sequential_edits(session) -> None:
     loc_facts = [f for f in session.fact_world().facts if f.subject not in edited_subjects][:40]
     tok, model = session.tokenizer, session.model
     before = teacher_forced(model, tok, [f.prompt(0) for f in loc_facts], [f.target for f in loc_facts])
-    original = _logits(session, [f.prompt(0) for f in loc_facts[:5]])
+    original = prompt_logits(session, [f.prompt(0) for f in loc_facts[:5]])
     edits = [session.edit(f.prompt(0), new, subject=f.subject) for f, new in cases]
     try:
         rel = [s.accuracy for s in teacher_forced(model, tok, [f.prompt(0) for f, _ in cases],
@@ -114,7 +99,7 @@ def test_twenty_sequential_edits(session) -> None:
     finally:
         for e in reversed(edits):
             session.rollback(e.id)
-    assert all(torch.equal(a, b) for a, b in zip(_logits(session, [f.prompt(0) for f in loc_facts[:5]]), original))
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, [f.prompt(0) for f in loc_facts[:5]]), original))
 
 
 def test_traced_layer_beats_the_worst_layer(session) -> None:
@@ -128,7 +113,7 @@ def test_traced_layer_beats_the_worst_layer(session) -> None:
     scores = {}
     for layer in (best, worst):
         rel = []
-        for f, new in _cases(session, n=10, seed=3):
+        for f, new in edit_cases(session, 10, 3):
             e = session.edit(f.prompt(0), new, subject=f.subject, layer=layer)
             rel.append(e.probe.rel)
             session.undo()
@@ -147,7 +132,7 @@ def session_4bit(fact_world_dir):
 
 def test_single_edits_on_a_4bit_load(session_4bit) -> None:
     s = session_4bit
-    cases = _cases(s, n=10)
+    cases = edit_cases(s, 10, 1)
     baseline = _unedited_unseen_recall(s, cases)
     unrelated = [f.prompt(0) for f in s.fact_world().facts[:5]]
     rel, gen, loc, _, _ = _edit_and_roll_back_each(s, cases, unrelated)

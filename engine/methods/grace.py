@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from kedit.engine.methods import EditRequest, read_params
+from kedit.engine.methods import EditRequest, MethodParams
 from kedit.engine.metrics import encode_pair
 from kedit.engine.methods.rome.value import frozen
+from kedit.engine.patches import TogglePatch, all_attached, attached
 
 
 @dataclass(frozen=True)
-class GraceParams:
+class GraceParams(MethodParams):
+    section = "grace"
     layer: int | None = None  # None: layer_share of the way up the stack
     layer_share: float = 0.85  # Llama-2-7B's published GRACE layer is 27 of 32
     eps_init: float = 1.0  # initial deferral radius, in the key's own units (Euclidean)
@@ -44,16 +46,6 @@ class GraceParams:
     lr: float = 1.0
     nll_stop: float = 0.01  # stop training the value once the target's NLL is below this
     same_key: float = 1e-6  # keys closer than this are the same key
-
-    @classmethod
-    def from_config(cls, config: Any, model_type: str, model_id: str) -> GraceParams:
-        return read_params(cls, config, "grace", model_type, model_id)
-
-    def with_(self, **changes: Any) -> GraceParams:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(eq=False)
@@ -158,32 +150,24 @@ class GraceCodebook:
 
 
 def codebook(model: nn.Module, module: nn.Module, name: str) -> GraceCodebook:
-    table: dict[str, GraceCodebook] = model.__dict__.setdefault("_kedit_grace", {})
-    if name not in table:
-        table[name] = GraceCodebook(module, name)
-    return table[name]
+    return attached(model, "grace", name, lambda: GraceCodebook(module, name))
 
 
 def codebooks(model: nn.Module) -> dict[str, GraceCodebook]:
-    return model.__dict__.get("_kedit_grace", {})
+    return all_attached(model, "grace")
 
 
-class GracePatch:
+class GracePatch(TogglePatch):
     """One edit's layers on one codebook."""
 
     def __init__(self, book: GraceCodebook, edit_id: str, layers: list[tuple[Entry, Layer]]) -> None:
         self.book, self.key, self.layers = book, edit_id, layers
-        self.applied = False
 
-    def apply(self) -> None:
-        if not self.applied:
-            self.book.push(self.layers)
-            self.applied = True
+    def _apply(self) -> None:
+        self.book.push(self.layers)
 
-    def revert(self) -> None:
-        if self.applied:
-            self.book.drop(self.key)
-            self.applied = False
+    def _revert(self) -> None:
+        self.book.drop(self.key)
 
 
 # -- computing an edit -----------------------------------------------------------------

@@ -42,19 +42,21 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from kedit.engine.methods import EditRequest, read_params
+from kedit.engine.methods import EditRequest, MethodParams
 from kedit.engine.metrics import encode_pair, pad_right
 from kedit.engine.methods.rome.value import frozen
+from kedit.engine.patches import TogglePatch, all_attached, attached
 
 
 @dataclass(frozen=True)
-class WiseParams:
+class WiseParams(MethodParams):
+    section = "wise"
     layer: int | None = None  # None: layer_share of the way up the stack
     layer_share: float = 0.85  # the paper edits a mid-to-late layer (Llama-2-7B: 27 of 32)
     n_iter: int = 70
@@ -76,16 +78,6 @@ class WiseParams:
     seed: int = 0  # for the shard masks
     edits_per_memory: int = 1000  # then a new side memory opens (WISE-Retrieve)
     old_share: float = 0.5  # a new side memory scores older edits' inputs below this share of its own
-
-    @classmethod
-    def from_config(cls, config: Any, model_type: str, model_id: str) -> WiseParams:
-        return read_params(cls, config, "wise", model_type, model_id)
-
-    def with_(self, **changes: Any) -> WiseParams:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def ties_merge(taus: Sequence[torch.Tensor], density: float,
@@ -291,18 +283,15 @@ class WiseMemory:
 
 def memory(model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int],
            dtype: torch.dtype, hp: WiseParams) -> WiseMemory:
-    table: dict[str, WiseMemory] = model.__dict__.setdefault("_kedit_wise", {})
-    if name not in table:
-        device = next(model.parameters()).device
-        table[name] = WiseMemory(module, name, shape, device, dtype, hp)
-    return table[name]
+    device = next(model.parameters()).device
+    return attached(model, "wise", name, lambda: WiseMemory(module, name, shape, device, dtype, hp))
 
 
 def memories(model: nn.Module) -> dict[str, WiseMemory]:
-    return model.__dict__.get("_kedit_wise", {})
+    return all_attached(model, "wise")
 
 
-class WisePatch:
+class WisePatch(TogglePatch):
     """One edit's change on one shard of one side memory."""
 
     def __init__(self, mem: WiseMemory, edit_id: str, bank: int, shard: int, values: torch.Tensor,
@@ -310,18 +299,13 @@ class WisePatch:
         self.mem, self.key, self.bank, self.shard = mem, edit_id, bank, shard
         self.values, self.edit_inputs = values, edit_inputs
         self.score = score  # recorded when first applied, so a reload routes exactly as before
-        self.applied = False
 
-    def apply(self) -> None:
-        if not self.applied:
-            self.mem.add(self.key, self.bank, self.shard, self.values, self.edit_inputs, self.score)
-            self.score = self.mem.banks[self.bank].scores[self.key]
-            self.applied = True
+    def _apply(self) -> None:
+        self.mem.add(self.key, self.bank, self.shard, self.values, self.edit_inputs, self.score)
+        self.score = self.mem.banks[self.bank].scores[self.key]
 
-    def revert(self) -> None:
-        if self.applied:
-            self.mem.remove(self.key)
-            self.applied = False
+    def _revert(self) -> None:
+        self.mem.remove(self.key)
 
 
 # -- computing an edit -----------------------------------------------------------------

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
-from kedit.engine.config import Config
-from kedit.engine.methods import read_params
+from kedit.engine.methods import MethodParams
 
 
 @dataclass(frozen=True)
-class RomeParams:
+class RomeParams(MethodParams):
+    section = "rome"
+    skip = ("trace_cases",)
     layer: int | None = None  # None: pick by causal tracing (cached per model)
     v_steps: int = 25  # Adam steps on δ
     v_lr: float = 0.5
@@ -26,13 +26,3 @@ class RomeParams:
     stats_tokens: int = 128  # tokens per text
     ridge: float = 1e-2  # C + ridge·mean(diag C)·I: shrinkage for a finite sample
     identity_c: bool = False  # use C = I (no statistics), named as such
-
-    @classmethod
-    def from_config(cls, config: Config, model_type: str, model_id: str) -> RomeParams:
-        return read_params(cls, config, "rome", model_type, model_id, skip=("trace_cases",))
-
-    def with_(self, **changes: Any) -> RomeParams:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
