@@ -8,8 +8,6 @@ Loading never unpickles anything.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +15,7 @@ import torch
 
 from kedit.engine.errors import KeditError
 from kedit.engine.ledger import Edit
+from kedit.engine.paths import atomic_path
 from kedit.engine.methods.grace import Entry, GracePatch, Layer, codebook
 from kedit.engine.methods.wise import WisePatch, WiseParams, memory
 from kedit.engine.patches import LowRankPatch, sidecar
@@ -41,16 +40,8 @@ def save_session(session: Session, path: Path) -> Path:
     record = {"format": FORMAT, "model": session.handle.name, "model_key": session.handle.cache_key,
               "edits": edits, "chat": [m.as_dict() for m in session.chat],
               "counter": session.ledger._counter}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"kedit": json.dumps(record)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

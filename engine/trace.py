@@ -9,8 +9,6 @@ the layer with the largest one is where ROME-style methods edit.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from kedit.engine.arch import ArchAdapter
-from kedit.engine.paths import cache_dir
+from kedit.engine.paths import atomic_path, cache_dir
 from kedit.engine.subject import subject_token_span
 
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -200,14 +198,6 @@ def cached_edit_layer(handle: Any, method: str, compute: Callable[[], int]) -> i
     if not isinstance(entry, dict):
         entry = table[key] = {}
     entry[method] = layer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".layers-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(table, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=2, sort_keys=True)
     return layer

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from kedit.engine.methods.grace import GraceCodebook, GracePatch, GraceParams, place
-from kedit.engine.methods.wise import Bank, WiseMemory, WiseParams, WisePatch, ties_merge
+from kedit.engine.merging import ties_merge
+from kedit.engine.methods.wise import Bank, WiseMemory, WiseParams, WisePatch
 
 HP = GraceParams(eps_init=1.0)
 

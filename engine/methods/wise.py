@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from kedit.engine.methods import EditRequest, MethodParams
+from kedit.engine.merging import ties_merge
 from kedit.engine.metrics import encode_pair, pad_right
 from kedit.engine.methods.rome.value import frozen
 from kedit.engine.patches import TogglePatch, all_attached, attached
@@ -78,33 +79,6 @@ class WiseParams(MethodParams):
     seed: int = 0  # for the shard masks
     edits_per_memory: int = 1000  # then a new side memory opens (WISE-Retrieve)
     old_share: float = 0.5  # a new side memory scores older edits' inputs below this share of its own
-
-
-def ties_merge(taus: Sequence[torch.Tensor], density: float,
-               live: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023) of task vectors: trim, elect sign, disjoint mean.
-
-    The choices (which entries survive the trim, the elected sign, who agrees with it)
-    are made without gradient; the mean itself is differentiable in the task vectors, so
-    an edit can be trained through the merge it will be part of. ``live[j]`` marks entries
-    where task vector j takes part even while zero (the entries an edit is training),
-    instead of only its nonzero ones.
-    """
-    live = list(live) if live is not None else [None] * len(taus)
-    with torch.no_grad():
-        present = []
-        for tau, lv in zip(taus, live):
-            p = (tau != 0) if lv is None else (lv | (tau != 0))
-            if density < 1.0 and bool((tau != 0).any()):
-                nz = tau[tau != 0].abs()
-                k = max(1, int(round((1 - density) * nz.numel())))
-                cut = nz.kthvalue(k).values if k < nz.numel() else nz.max()
-                p = p & ((tau.abs() >= cut) | (tau == 0))
-            present.append(p)
-        sign = torch.sign(sum(t * p for t, p in zip(taus, present)))
-        agree = [p & ((torch.sign(t) == sign) | (t == 0)) for t, p in zip(taus, present)]
-        count = torch.stack(agree).sum(0).clamp(min=1)
-    return sum(t * a for t, a in zip(taus, agree)) / count
 
 
 class Shard:

@@ -9,8 +9,6 @@ itself. The result says which one was used.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +136,8 @@ def key_stats(handle, layer: int, n_samples: int, tokens: int, corpus: Path | No
     started = time.perf_counter()
     texts, source = corpus_texts(handle, n_samples, tokens, corpus, progress)
     c, count = second_moment(handle, layer, texts, tokens, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({"c": c.contiguous()}, tmp, metadata={"tokens": str(count), "source": source})
-    os.replace(tmp, path)
+    with paths.atomic_path(path) as tmp:
+        save_file({"c": c.contiguous()}, tmp, metadata={"tokens": str(count), "source": source})
     return KeyStats(c, count, source, time.perf_counter() - started)
 
 
