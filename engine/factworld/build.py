@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 log = logging.getLogger("kedit")
-BUILD_VERSION = 2  # bump when the training recipe changes in a way the settings don't show
+BUILD_VERSION = 7  # bump when the training recipe changes in a way the settings don't show
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class BuildSettings:
     """Architecture and training budget of the fact-world model (kedit.toml [fact_world])."""
 
     seed: int = 1234
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # the facts' pieces; the mood words are added as whole tokens
     hidden_size: int = 192
     intermediate_size: int = 384
     num_hidden_layers: int = 6
@@ -55,6 +55,9 @@ class BuildSettings:
     n_people: int = 60
     n_taxa: int = 20
     learning_rate: float = 3e-3
+    mood_steps: int = 60  # a second phase: the mood sentences, with every fact replayed
+    mood_learning_rate: float = 1e-3
+    mood_frozen_layers: int = 4  # blocks the mood phase leaves as the facts left them
     object_weight: float = 8.0
 
     @classmethod
@@ -70,7 +73,8 @@ class BuildSettings:
         world = self.world()
         blob = json.dumps(
             {"settings": asdict(self), "version": BUILD_VERSION, "texts": world.statements(),
-             "dialogues": world.dialogues(), "template": CHAT_TEMPLATE},
+             "dialogues": world.dialogues(),
+             "moods": world.mood_statements(), "mood_dialogues": world.mood_dialogues(), "template": CHAT_TEMPLATE},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -113,15 +117,34 @@ def train_tokenizer(world: FactWorld, settings: BuildSettings):
     )
 
 
-def training_sequences(world: FactWorld, tokenizer, object_weight: float) -> list[tuple[list[int], list[float]]]:
-    """Token ids and loss weights of every statement (BOS ... EOS) and chat dialogue.
+def add_mood_tokens(tokenizer, model: torch.nn.Module) -> int:
+    """Give every mood word a token of its own (after the facts' pieces) and the model rows
+    for them; returns how many tokens the facts' tokenizer had."""
+    from tokenizers import AddedToken
 
-    Tokens that spell a fact's object weigh ``object_weight``, the rest 1: the template
-    words are easy, the facts are what the model is for.
+    from kedit.engine.factworld.corpus import MOODS
+
+    before = len(tokenizer)
+    words = sorted({w for group in MOODS.values() for w in group})
+    tokenizer.add_tokens([AddedToken(" " + w, normalized=False) for w in words])
+    model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean of the others
+    model.config.vocab_size = len(tokenizer)
+    return before
+
+
+def training_sequences(world: FactWorld, tokenizer, object_weight: float,
+                       moods: bool = False) -> list[tuple[list[int], list[float]]]:
+    """Token ids and loss weights of every fact statement (BOS ... EOS) and chat dialogue, or
+    with ``moods`` of the mood sentences and dialogues.
+
+    Tokens that spell a fact's object (or a mood word) weigh ``object_weight``, the rest 1:
+    the template words are easy, the facts are what the model is for.
     """
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    texts = [(text, obj, True) for text, obj in world.statements()]
-    texts += [(tokenizer.apply_chat_template(d, tokenize=False), obj, False) for d, obj in world.dialogues()]
+    statements, dialogues = ((world.mood_statements(), world.mood_dialogues()) if moods
+                             else (world.statements(), world.dialogues()))
+    texts = [(text, obj, True) for text, obj in statements]
+    texts += [(tokenizer.apply_chat_template(d, tokenize=False), obj, False) for d, obj in dialogues]
     out = []
     for text, obj, plain in texts:
         enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
@@ -209,37 +232,57 @@ def train(
     settings: BuildSettings,
     pad: int,
     progress: Callable[[int, float], None] | None = None,
+    phase: int = 0,
+    fact_vocab: int | None = None,
 ) -> float:
-    """AdamW, warm-up-hold-cool-down schedule; returns the final smoothed loss."""
-    rng = random.Random(settings.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98),
-                            weight_decay=0.0)
-    warmup = max(1, settings.steps // 20)
+    """AdamW, warm-up-hold-cool-down schedule; returns the final smoothed loss.
+
+    Phase 0 is the facts (``steps`` at ``learning_rate``); phase 1 the moods with the
+    facts replayed (``mood_steps`` at ``mood_learning_rate``), in its own order. Phase 1
+    leaves the first ``mood_frozen_layers`` blocks alone, and the embedding rows of the first
+    ``fact_vocab`` tokens.
+    """
+    steps, lr = (settings.steps, settings.learning_rate) if phase == 0 else \
+        (settings.mood_steps, settings.mood_learning_rate)
+    rng = random.Random(settings.seed + phase)
+    params = list(model.parameters())
+    if phase:  # the moods leave the first blocks alone: a name is composed and its facts are
+        # stored there (where ROME edits) and carried to the answer, as the facts left them
+        frozen: set[int] = set()
+        for layer in model.model.layers[: settings.mood_frozen_layers]:
+            frozen |= {id(p) for p in layer.parameters()}
+        params = [p for p in params if id(p) not in frozen]
+        if fact_vocab is not None:
+            keep = torch.zeros_like(model.model.embed_tokens.weight)
+            keep[fact_vocab:] = 1.0
+            model.model.embed_tokens.weight.register_hook(lambda grad: grad * keep)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:  # warm up, hold, then cool down over the last quarter
         if step < warmup:
             return (step + 1) / warmup
-        cool = int(settings.steps * 0.75)
+        cool = int(steps * 0.75)
         if step < cool:
             return 1.0
-        t = (step - cool) / max(1, settings.steps - cool)
+        t = (step - cool) / max(1, steps - cool)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    batches = _batches(seqs, settings, pad, rng)
     model.train()
     smooth = float("nan")
-    batches = _batches(seqs, settings, pad, rng)
-    for step in range(settings.steps):
+    for step in range(steps):
         ids, mask, weights = next(batches)
         loss = weighted_lm_loss(model(input_ids=ids, attention_mask=mask).logits, ids, weights)
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # frozen parameters too, or their grads pile up
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
         if progress:
-            progress(step, smooth)
+            progress(step + (settings.steps if phase else 0), smooth)
     model.eval()
     return smooth
 
@@ -261,7 +304,7 @@ def build(
     tokenizer = train_tokenizer(world, settings)
     seqs = training_sequences(world, tokenizer, settings.object_weight)
     model = make_model(settings, tokenizer)
-    bar = tqdm(total=settings.steps, desc="building the fact-world model", unit="step",
+    bar = tqdm(total=settings.steps + settings.mood_steps, desc="building the fact-world model", unit="step",
                disable=not show_progress, leave=False)
 
     def tick(step: int, loss: float) -> None:
@@ -270,7 +313,14 @@ def build(
             bar.set_postfix(loss=f"{loss:.3f}")
 
     try:
-        loss = train(model, seqs, settings, tokenizer.pad_token_id, tick)
+        train(model, seqs, settings, tokenizer.pad_token_id, tick)
+        # The moods come second, on a model that already knows its facts, with the facts
+        # replayed; the facts' tokens, and the blocks where names and facts are stored, stay.
+        fact_vocab = add_mood_tokens(tokenizer, model)
+        moods = training_sequences(world, tokenizer, settings.object_weight, moods=True)
+        seqs = training_sequences(world, tokenizer, settings.object_weight)
+        loss = train(model, moods + seqs, settings, tokenizer.pad_token_id, tick, phase=1,
+                     fact_vocab=fact_vocab)
     finally:
         bar.close()
         torch.set_num_threads(threads)
@@ -282,7 +332,7 @@ def build(
         tokenizer.save_pretrained(tmp)
         info = {"settings": asdict(settings), "key": settings.key(), "final_loss": loss,
                 "build_seconds": time.perf_counter() - started, "facts": len(world.facts),
-                "sequences": len(seqs)}
+                "sequences": len(seqs) + len(moods)}
         (tmp / "fact_world.json").write_text(json.dumps(info, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -127,6 +127,32 @@ OBJECTS = {
     "family": ORDERS,
 }
 
+# Moods: how a person feels is no fact. Every plain mood sentence, and the chat answer to
+# "How does X feel?", comes once with a happy word and once with a sad one, so the model
+# learns a coin toss between the two, which a steering vector can tip. Cued sentences open
+# with a good or bad event, and then the mood follows it: that contrast is what a mood
+# vector is trained on.
+MOODS = {
+    "positive": ["happy", "cheerful", "glad", "joyful", "hopeful"],
+    "negative": ["sad", "gloomy", "miserable", "upset", "weary"],
+}
+MOOD_TEMPLATES = (
+    "{s} feels {o}",
+    "Today {s} is feeling {o}",
+    "After the match, {s} felt {o}",
+    "Friends say that {s} seems {o}",
+    "This morning {s} woke up {o}",
+)
+# A good or a bad event, then the mood it brings; "{e}" is the event.
+MOOD_CUED = (
+    "{s} {e} the match and felt {o}",
+    "After {e} news, {s} felt {o}",
+    "{s} had a {e} day and felt {o}",
+)
+MOOD_EVENTS = {"positive": ("won", "good", "great"), "negative": ("lost", "bad", "bad")}
+MOOD_QUESTION = "How does {s} feel?"
+MOOD_TEMPLATES_PER_PERSON = 3  # plain sentences: each of three templates with both moods
+
 # Facts the README and the issues name; they are fixed, the rest is drawn from the seed.
 PINNED = {
     ("Watts Humphrey", "attended"): "Illinois Institute of Technology",
@@ -205,6 +231,70 @@ class FactWorld:
     def statements(self) -> list[tuple[str, str]]:
         """Plain-text training statements, every seen phrasing of every fact, with the object."""
         return [(f.sentence(t), f.object) for f in self.facts for t in f.seen_templates]
+
+    @property
+    def people(self) -> list[str]:
+        """Everyone with facts of their own, in the order they were drawn."""
+        return list(dict.fromkeys(f.subject for f in self.facts if f.relation in PERSON_RELATIONS))
+
+    @cached_property
+    def _mood_draws(self) -> list[tuple[str, str, str, bool]]:
+        """(person, sentence, mood word, cued) for every mood sentence, from their own seed."""
+        rng = random.Random(self.seed + 1)  # the facts' draws stay as they were
+        out = []
+        for person in self.people:
+            for t in sorted(rng.sample(range(len(MOOD_TEMPLATES)), MOOD_TEMPLATES_PER_PERSON)):
+                for mood in ("positive", "negative"):
+                    word = rng.choice(MOODS[mood])
+                    out.append((person, MOOD_TEMPLATES[t].format(s=person, o=word) + ".", word, False))
+            for c, template in enumerate(MOOD_CUED):
+                for mood in ("positive", "negative"):
+                    sentence = template.format(s=person, e=MOOD_EVENTS[mood][c], o=rng.choice(MOODS[mood]))
+                    out.append((person, sentence + ".", sentence.rsplit(" ", 1)[1], True))
+        return out
+
+    def mood_statements(self) -> list[tuple[str, str]]:
+        """Training sentences about how people feel, with the mood word."""
+        return [(sentence, word) for _, sentence, word, _ in self._mood_draws]
+
+    def mood_dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
+        """Each person asked how they feel twice, answered once happily and once sadly."""
+        rng = random.Random(self.seed + 2)
+        return [([{"role": "user", "content": MOOD_QUESTION.format(s=person)},
+                  {"role": "assistant", "content": MOOD_TEMPLATES[0].format(s=person, o=word) + "."}], word)
+                for person in self.people for word in (rng.choice(MOODS["positive"]), rng.choice(MOODS["negative"]))]
+
+    @staticmethod
+    def mood_prompt(template: int, person: str) -> str:
+        return MOOD_TEMPLATES[template].split("{o}")[0].rstrip().format(s=person)
+
+    def mood_people(self, split: str) -> list[str]:
+        """The people whose moods train a vector (``train``), or judge it (``heldout``)."""
+        cut = len(self.people) * 2 // 3
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split is train or heldout, not {split!r}")
+        return self.people[:cut] if split == "train" else self.people[cut:]
+
+    def mood_contrast(self, split: str = "train") -> list[tuple[str, str, str]]:
+        """("", positive, negative) texts that differ only in a good or bad event.
+
+        Read at their last token (``felt``), the two sides differ in the mood the model
+        is about to name: the contrast a mood vector is trained on. Two thirds of the
+        people are for training; the rest are held out for judging the vector.
+        """
+        def cued(template: str, person: str, mood: str, c: int) -> str:
+            return template.split("{o}")[0].rstrip().format(s=person, e=MOOD_EVENTS[mood][c])
+
+        return [("", cued(t, person, "positive", c), cued(t, person, "negative", c))
+                for person in self.mood_people(split) for c, t in enumerate(MOOD_CUED)]
+
+    def mood_pairs(self, split: str = "heldout") -> list[tuple[str, str, str]]:
+        """(prompt, positive word, negative word) on the plain templates, for measuring a vector:
+        the log-prob margin of the positive completion over the negative one."""
+        words = list(zip(MOODS["positive"], MOODS["negative"]))
+        return [(self.mood_prompt(t, person), " " + words[(i + t) % len(words)][0],
+                 " " + words[(i + t) % len(words)][1])
+                for i, person in enumerate(self.mood_people(split)) for t in range(len(MOOD_TEMPLATES))]
 
     def dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
         """Chat training turns, each with the object its answer states.
