@@ -67,6 +67,11 @@ def lex(line: str) -> list[Lexeme] | ParseError:
     return out
 
 
+def quote(text: str) -> str:
+    """``text`` as one double-quoted word that ``lex`` reads back unchanged."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 Completer = Callable[[Any, str], Iterable[str]]
 
 

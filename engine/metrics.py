@@ -109,3 +109,31 @@ def kl_next(before: Sequence[Scored], after: Sequence[Scored]) -> float:
         if x.next_logp is not None and y.next_logp is not None
     ]
     return sum(values) / len(values) if values else 0.0
+
+
+def logprob_margin(model: torch.nn.Module, tokenizer, triples: Sequence[tuple[str, str, str]],
+                   special: bool = True) -> float:
+    """Mean log P(positive | prompt) − log P(negative | prompt) over (prompt, positive, negative)."""
+    prompts = [p for p, _, _ in triples]
+    pos = teacher_forced(model, tokenizer, prompts, [q for _, q, _ in triples], special=special)
+    neg = teacher_forced(model, tokenizer, prompts, [n for _, _, n in triples], special=special)
+    return sum(a.logprob - b.logprob for a, b in zip(pos, neg)) / len(triples) if triples else 0.0
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32) -> float:
+    """exp of the mean next-token NLL over every token of ``texts`` after its first."""
+    rows = [list(tokenizer(t)["input_ids"]) for t in texts]
+    rows = [r for r in rows if len(r) > 1]
+    if not rows:
+        raise ValueError("perplexity needs texts of at least two tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids, mask = pad_right(rows[start:start + batch_size], pad, _device(model))
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+        keep = mask[:, 1:].bool()
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return float(torch.exp(torch.tensor(total / count)))

@@ -144,7 +144,7 @@ class Session:
 
             def work() -> None:
                 try:
-                    with torch.no_grad(), warnings.catch_warnings():
+                    with torch.no_grad(), warnings.catch_warnings(), self.steering.generating(ids.shape[1]):
                         warnings.simplefilter("ignore")
                         self.model.generate(
                             input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,

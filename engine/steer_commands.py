@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kedit.engine import events as ev
+from kedit.engine.background import with_progress
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.errors import KeditError
-from kedit.engine.steering import METHODS, SteeringVector, parse_layers, read_pairs, train_vector
+from kedit.engine.steering import (MERGE_MODES, METHODS, WHERE, Pair, merge_vectors, parse_floats, parse_layers,
+                                   parse_read, read_pairs, read_texts, sweep, train_vector)
+from kedit.engine.vector_io import export_gguf, load_vector, vector_name
 
 if TYPE_CHECKING:
     from kedit.engine.session import Session
 
-ACTIONS = ("train", "add", "set", "on", "off", "remove", "list", "save")
+ACTIONS = ("train", "add", "set", "on", "off", "remove", "list", "save", "merge", "sweep")
+DEFAULT_STRENGTHS = "0,1,2,3,4"
 
 
 def _names(session: Session | None, prefix: str) -> list[str]:
     return list(session.steering.slots) if session is not None else []
-
-
-def _strength(text: str | None, default: float) -> float:
-    if text is None:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        raise KeditError(f"a strength is a number, not {text!r}") from None
 
 
 def _need(value: str | None, what: str, usage: str) -> str:
@@ -36,60 +32,156 @@ def _need(value: str | None, what: str, usage: str) -> str:
     return value
 
 
+def neutral_texts(session: Session, path: str | None) -> list[str]:
+    """Text to measure perplexity on: a file's lines, else the model's own unsteered writing."""
+    if path:
+        return read_texts(Path(path))
+    with session.steering.bypassed():
+        return session.contexts(16, 24)
+
+
 @REGISTRY.command(
-    "steer", "Train steering vectors and stack them with their own strengths.",
+    "steer", "Train steering vectors, stack and merge them with their own strengths, measure them.",
     Param("action", "what to do", choices=ACTIONS),
     Param("a", "a file, or a vector's name", required=False, metavar="FILE|NAME", complete=_names),
-    Param("b", "a strength, a name or a path", required=False, metavar="ARG"),
+    Param("b", "a strength, a name or a path", required=False, metavar="ARG", complete=_names),
+    Param("more", "more vectors to merge", required=False, rest=True, metavar="NAME..."),
+    Param("into", "the merged vector's name", required=False, after_arrow=True, metavar="NAME"),
     Param("layers", "only these layers, e.g. 8-14 or 3,5", kind="option", required=False),
     Param("relative", "the strength is a multiple of the layer's mean hidden-state norm", kind="flag"),
+    Param("where", "steer every position, or only generated tokens", kind="option", required=False,
+          choices=WHERE, default="all"),
     Param("method", "training method", kind="option", required=False, choices=METHODS, default="mean_diff"),
-    details=("/steer train PAIRS.jsonl NAME [--method mean_diff|pca] [--layers 2-4]: train from JSONL "
-             "lines {prompt, positive, negative} and rack it at strength 1\n"
-             "/steer add FILE [STRENGTH] [--layers ..] [--relative]; /steer set NAME STRENGTH; "
-             "/steer on|off|remove NAME; /steer list; /steer save NAME PATH"),
+    Param("read", "where training reads the states: answer (mean over the completion) or a token index",
+          kind="option", required=False, default="answer"),
+    Param("mode", "merge mode", kind="option", required=False, choices=MERGE_MODES, default="linear"),
+    Param("weights", "merge weights, e.g. 1,0.5", kind="option", required=False),
+    Param("density", "share of entries TIES keeps", kind="option", required=False, convert=float, default=1.0),
+    Param("positive", "train from one pair: the positive completion (FILE is then the prompt)", kind="option",
+          required=False),
+    Param("negative", "train from one pair: the negative completion", kind="option", required=False),
+    Param("pairs", "held-out pairs (JSONL) for /steer sweep", kind="option", required=False),
+    Param("neutral", "neutral text, one per line, for /steer sweep's perplexity", kind="option", required=False),
+    Param("strengths", "strengths /steer sweep tries", kind="option", required=False, default=DEFAULT_STRENGTHS),
+    details=(
+        "/steer train PAIRS.jsonl NAME [--method mean_diff|pca] [--layers 2-4] [--read answer|-1]: "
+        "train from JSONL lines {prompt, positive, negative} and rack it at strength 1\n"
+        "/steer train \"PROMPT\" NAME --positive \" happy\" --negative \" sad\": a quick one-pair vector\n"
+        "/steer add FILE [STRENGTH] [--layers ..] [--relative] [--where all|generated]: "
+        "kedit .safetensors, llama.cpp/repeng .gguf, or an EasyEdit2 layer_L.pt folder\n"
+        "/steer set NAME STRENGTH; /steer on|off|remove NAME; /steer list\n"
+        "/steer save NAME PATH: .gguf writes a llama.cpp control vector, anything else safetensors\n"
+        "/steer merge A B [C ...] [--weights 1,0.5] [--mode linear|ties|orthogonal] -> NAME: "
+        "racks the merge and turns A, B ... off\n"
+        "/steer sweep NAME --pairs HELDOUT.jsonl [--neutral TEXT.txt] [--strengths 0,1,2,3,4]: "
+        "log-prob margin and perplexity at each strength"
+    ),
 )
-def cmd_steer(session: Session, action: str, a: str | None, b: str | None, layers: str | None,
-              relative: bool, method: str) -> Iterator[ev.Event]:
+def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more: str | None, into: str | None,
+              layers: str | None, relative: bool, where: str, method: str, read: str, mode: str,
+              weights: str | None, density: float, positive: str | None, negative: str | None,
+              pairs: str | None, neutral: str | None, strengths: str) -> Iterator[ev.Event]:
     rack = session.steering
+    if more and action != "merge":
+        raise KeditError(f"unexpected {more!r}; only /steer merge takes more than two names")
     if action == "list":
         if not rack.slots:
             yield ev.Info("no steering vectors loaded; /steer add FILE or /steer train PAIRS NAME")
             return
-        yield ev.Table(f"{len(rack.slots)} steering vector(s)", ("name", "state", "strength", "layers", "method"),
-                       tuple(rack.rows()))
+        yield ev.Table(f"{len(rack.slots)} steering vector(s)",
+                       ("name", "state", "strength", "layers", "positions", "method"), tuple(rack.rows()))
         return
     if action == "train":
-        pairs = read_pairs(Path(_need(a, "the pairs file", "/steer train PAIRS.jsonl NAME")))
-        name = _need(b, "a name for the vector", "/steer train PAIRS.jsonl NAME")
+        usage = "/steer train PAIRS.jsonl NAME, or /steer train \"PROMPT\" NAME --positive P --negative N"
+        if (positive is None) != (negative is None):
+            raise KeditError("a one-pair vector needs both --positive and --negative")
+        if positive is not None:
+            train_pairs = [Pair(a or "", positive, negative)]
+        else:
+            train_pairs = read_pairs(Path(_need(a, "the pairs file", usage)))
+        name = _need(b, "a name for the vector", usage)
+        if name in rack.slots:
+            raise KeditError(f"a vector named {name!r} is already in the rack; pick another name")
+        chosen, how = parse_layers(layers), parse_read(read)
+        result: list = []
+
+        def work(progress):
+            with session.lock, rack.bypassed():  # trained on the model as it is, unsteered
+                return train_vector(session.handle, train_pairs, method, chosen, how, progress=progress)
+
+        yield from with_progress(work, result)
+        vector = result[0]
         with session.lock:
-            vector = train_vector(session.handle, pairs, method, parse_layers(layers))
-            rack.add(name, vector, vector.strength, relative=relative)
-        yield ev.Info(f"trained {name!r} ({method}, {len(pairs)} pairs, layers "
+            rack.add(name, vector, vector.strength, relative=relative, where=where)
+        n = len(train_pairs)
+        yield ev.Info(f"trained {name!r} ({method}, {n} pair{'s' if n != 1 else ''}, layers "
                       f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {vector.strength:g}; "
                       f"/steer save {name} PATH keeps it")
         return
     if action == "add":
         path = Path(_need(a, "the vector file", "/steer add FILE [STRENGTH]"))
-        vector = SteeringVector.load(path)
+        vector = load_vector(path)
         vector.check_fits(session.handle)
-        strength = _strength(b, vector.strength)
+        strength = vector.strength if b is None else parse_floats(b, "a strength")[0]
+        name = vector_name(path)
         with session.lock:
-            rack.add(path.stem, vector, strength, relative=relative, layers=parse_layers(layers))
-        yield ev.Info(f"added {path.stem!r} at strength {strength:g}")
+            rack.add(name, vector, strength, relative=relative, layers=parse_layers(layers), where=where)
+        yield ev.Info(f"added {name!r} at strength {strength:g}{' × norm' if relative else ''}"
+                      f"{', generated tokens only' if where == 'generated' else ''}")
+        return
+    if action == "merge":
+        usage = "/steer merge A B [C ...] -> NAME"
+        names = [_need(a, "the vectors to merge", usage), _need(b, "a second vector", usage)] + (more or "").split()
+        target = _need(into, "the merged vector's name after ->", usage)
+        if target in rack.slots:
+            raise KeditError(f"a vector named {target!r} is already in the rack; pick another name")
+        w = parse_floats(weights, "merge weights") if weights else None
+        with session.lock:
+            merged = merge_vectors([rack.vector(n) for n in names], w, mode, density)
+            rack.add(target, merged, 1.0)
+            for n in names:
+                rack.switch(n, False)
+        yield ev.Info(f"merged {', '.join(names)} ({mode}) into {target!r} at strength 1; "
+                      f"{', '.join(names)} are now off so nothing counts twice")
         return
     name = _need(a, "the vector's name", f"/steer {action} NAME")
+    if action == "sweep":
+        held = read_pairs(Path(_need(pairs, "held-out pairs with --pairs FILE", "/steer sweep NAME --pairs FILE")))
+        rack.vector(name)
+        levels = parse_floats(strengths, "strengths")
+        texts = neutral_texts(session, neutral)
+        result = []
+
+        def work(progress):
+            with session.lock:
+                return sweep(session.handle, rack, name, levels, held, texts, progress)
+
+        yield from with_progress(work, result)
+        rows = result[0]
+        yield ev.Table(f"{name}: margin of positive over negative on {len(held)} pairs; perplexity on "
+                       f"{len(texts)} neutral texts", ("strength", "margin", "perplexity"),
+                       tuple((f"{r.strength:g}", f"{r.margin:+.3f}", f"{r.perplexity:.3f}") for r in rows))
+        return
     with session.lock:
         if action == "remove":
             rack.remove(name)
             yield ev.Info(f"removed {name!r}")
             return
         if action == "save":
-            path = rack.vector(name).save(Path(_need(b, "where to save it", "/steer save NAME PATH")))
-            yield ev.Info(f"saved {name!r} to {path}")
+            path = Path(_need(b, "where to save it", "/steer save NAME PATH"))
+            vector = rack.vector(name)
+            slot = rack.slots[name]
+            if not slot.relative:  # the strength in use is the one the file recommends
+                vector = dataclasses.replace(vector, strength=slot.strength)
+            if path.suffix == ".gguf":
+                path, dropped = export_gguf(vector, path)
+                note = " (layer 0 left out: llama.cpp cannot steer it)" if dropped else ""
+                yield ev.Info(f"saved {name!r} as a llama.cpp control vector to {path}{note}")
+            else:
+                yield ev.Info(f"saved {name!r} to {vector.save(path)} (recommended strength {vector.strength:g})")
             return
         if action == "set":
-            rack.set(name, _strength(_need(b, "the strength", "/steer set NAME STRENGTH"), 0.0))
+            rack.set(name, parse_floats(_need(b, "the strength", "/steer set NAME STRENGTH"), "a strength")[0])
         else:
             rack.switch(name, action == "on")
     slot = rack.slots[name]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,10 @@ class Pair:
 @dataclass
 class SteeringVector:
     directions: dict[int, torch.Tensor]  # decoder block (0-based) -> (hidden,) float32
-    model_type: str
+    model_type: str  # "" when the file did not say (EasyEdit2); then only the hidden size is checked
     hidden_size: int
     method: str
-    norms: dict[int, float]  # mean norm of the block's output at the read positions
+    norms: dict[int, float]  # mean norm of the block's output at the read positions; {} if unknown
     strength: float = 1.0  # recommended
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -57,25 +58,17 @@ class SteeringVector:
 
     def save(self, path: Path) -> Path:
         """One tensor per layer (``layer.L``) and JSON metadata, written atomically."""
-        import os
-        import tempfile
-
         from safetensors.torch import save_file
 
+        from kedit.engine.paths import atomic_path
+
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "model_type": self.model_type, "hidden_size": self.hidden_size,
                 "method": self.method, "layers": self.layers, "norms": {str(k): v for k, v in self.norms.items()},
                 "strength": self.strength, "meta": self.meta}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({f"layer.{layer}": d.detach().float().cpu().contiguous() for layer, d in self.directions.items()},
                       tmp, metadata={"kedit": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod
@@ -104,7 +97,7 @@ class SteeringVector:
         if self.hidden_size != hidden:
             raise KeditError(f"this vector is for hidden size {self.hidden_size} ({self.model_type}); "
                              f"the loaded model has {hidden}")
-        if self.model_type != handle.adapter.model_type:
+        if self.model_type and self.model_type != handle.adapter.model_type:
             raise KeditError(f"this vector was trained on a {self.model_type} model; the loaded one is "
                              f"{handle.adapter.model_type}")
         n = handle.adapter.n_layers
@@ -118,11 +111,13 @@ class SteeringVector:
 
 @torch.no_grad()
 def read_states(handle, texts: Sequence[tuple[str, str]], layers: Sequence[int],
-                read: str | int = "answer") -> torch.Tensor:
+                read: str | int = "answer", progress: Any = None) -> torch.Tensor:
     """Block outputs at the read positions: (n texts, len(layers), hidden), float32.
 
     Each text is (prompt, completion); ``read="answer"`` averages the completion's tokens,
-    an int picks one token of prompt + completion (negative counts from its end).
+    an int picks one token of prompt + completion (negative counts from its end). The
+    states are taken by hooks on the blocks themselves, the very tensors a steering hook
+    adds to (``output_hidden_states`` gives the last block's output after the final norm).
     """
     tok, model = handle.tokenizer, handle.model
     device = next(model.parameters()).device
@@ -142,17 +137,28 @@ def read_states(handle, texts: Sequence[tuple[str, str]], layers: Sequence[int],
             spans.append((i, i + 1))
         rows.append(ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    adapter = handle.adapter
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [adapter.layer(layer).register_forward_hook(
+        lambda module, args, output, layer=layer: seen.__setitem__(layer, adapter.residual(output)))
+        for layer in layers]
     out = []
-    for start in range(0, len(rows), 32):
-        ids, mask = pad_right(rows[start:start + 32], pad, device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        for j, (a, b) in enumerate(spans[start:start + 32]):
-            out.append(torch.stack([hidden[layer + 1][j, a:b].float().mean(0) for layer in layers]))
+    try:
+        for start in range(0, len(rows), 32):
+            ids, mask = pad_right(rows[start:start + 32], pad, device)
+            model(input_ids=ids, attention_mask=mask)
+            for j, (a, b) in enumerate(spans[start:start + 32]):
+                out.append(torch.stack([seen[layer][j, a:b].float().mean(0) for layer in layers]))
+            if progress is not None:
+                progress("reading hidden states", len(out), len(rows))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return torch.stack(out)
 
 
 def train_vector(handle, pairs: Sequence[Pair], method: str = "mean_diff", layers: Sequence[int] | None = None,
-                 read: str | int = "answer") -> SteeringVector:
+                 read: str | int = "answer", progress: Any = None) -> SteeringVector:
     """A steering vector from contrastive pairs (see the module docstring)."""
     if method not in METHODS:
         raise KeditError(f"unknown steering method {method!r}; available: {', '.join(METHODS)}")
@@ -164,8 +170,9 @@ def train_vector(handle, pairs: Sequence[Pair], method: str = "mean_diff", layer
     layers = list(range(n_layers)) if layers is None else sorted(set(layers))
     if any(not 0 <= layer < n_layers for layer in layers):
         raise KeditError(f"layers must be within 0-{n_layers - 1}")
-    pos = read_states(handle, [(p.prompt, p.positive) for p in pairs], layers, read)
-    neg = read_states(handle, [(p.prompt, p.negative) for p in pairs], layers, read)
+    texts = [(p.prompt, p.positive) for p in pairs] + [(p.prompt, p.negative) for p in pairs]
+    states = read_states(handle, texts, layers, read, progress)
+    pos, neg = states[: len(pairs)], states[len(pairs):]
     diffs = pos - neg  # (n, L, hidden)
     directions = {}
     for i, layer in enumerate(layers):
@@ -186,6 +193,8 @@ def train_vector(handle, pairs: Sequence[Pair], method: str = "mean_diff", layer
 
 # -- application --------------------------------------------------------------------------
 
+WHERE = ("all", "generated")
+
 
 @dataclass
 class Slot:
@@ -194,31 +203,48 @@ class Slot:
     on: bool = True
     relative: bool = False  # strength × the layer's mean norm × the unit direction
     layers: list[int] | None = None  # a subset of the vector's layers; None for all
+    where: str = "all"  # every position, or only the tokens being generated
 
 
 class SteeringRack:
     """Named vectors with strengths; one forward hook per steered block adds Σ strengthᵢ·vᵢ.
 
     Every change rebuilds the per-layer sums, and hooks exist only on blocks that get a
-    nonzero sum, so an empty or all-off rack leaves the model exactly as loaded. Kedit
-    re-encodes the whole prompt for every reply, so a change applies to the next one
-    with no stale cache.
+    nonzero sum, so an empty or all-off rack leaves the model exactly as loaded.
+
+    Vectors racked for ``generated`` positions add only at absolute positions from the
+    prompt's length on. A pre-hook on the model reads how many positions the KV cache
+    already holds, so a cached decoding step (one new token at position past) and an
+    uncached re-run of the whole sequence mask the same positions. Outside
+    ``generating()`` no position is a generated one.
+
+    The session re-encodes the whole conversation for every reply and holds its lock
+    for a whole reply, and rack changes take the same lock, so no reply mixes strengths
+    and no KV cache outlives the rack state it was computed under.
     """
 
     def __init__(self, model: torch.nn.Module, adapter: Any) -> None:
         self.model, self.adapter = model, adapter
         self.slots: OrderedDict[str, Slot] = OrderedDict()
-        self._sums: dict[int, torch.Tensor] = {}
+        self._sums: dict[str, dict[int, torch.Tensor]] = {w: {} for w in WHERE}
         self._handles: dict[int, Any] = {}
+        self._position_hook: Any = None
+        self._past = 0  # positions already in the KV cache at the current forward call
+        self._prompt_length: int | None = None
 
     def add(self, name: str, vector: SteeringVector, strength: float, *, relative: bool = False,
-            layers: Sequence[int] | None = None) -> None:
+            layers: Sequence[int] | None = None, where: str = "all") -> None:
         if name in self.slots:
             raise KeditError(f"a vector named {name!r} is already in the rack; /steer list shows them")
+        if where not in WHERE:
+            raise KeditError(f"positions are one of {', '.join(WHERE)}, not {where!r}")
         chosen = None if layers is None else sorted(set(layers))
         if chosen is not None and not set(chosen) <= set(vector.layers):
             raise KeditError(f"the vector has layers {vector.layers}; {chosen} asks for others")
-        self.slots[name] = Slot(vector, float(strength), True, relative, chosen)
+        if relative and not set(chosen or vector.layers) <= set(vector.norms):
+            raise KeditError("this vector stores no hidden-state norms for its layers, so a relative "
+                             "strength has nothing to scale; give an absolute strength")
+        self.slots[name] = Slot(vector, float(strength), True, relative, chosen, where)
         self._rebuild()
 
     def remove(self, name: str) -> None:
@@ -243,47 +269,199 @@ class SteeringRack:
             raise KeditError(f"no vector named {name!r} in the rack (loaded: {known})")
         return self.slots[name]
 
-    def added(self, layer: int) -> torch.Tensor | None:
-        """What the rack adds to block ``layer``'s output, or None."""
-        return self._sums.get(layer)
+    def added(self, layer: int, where: str = "all") -> torch.Tensor | None:
+        """What the rack adds to block ``layer``'s output at ``where`` positions, or None."""
+        return self._sums[where].get(layer)
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """The model unsteered while this is open (the rack keeps its slots)."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        saved, self._sums = self._sums, {w: {} for w in WHERE}
+        try:
+            yield
+        finally:
+            self._sums = saved
+            self._rebuild()
+
+    @contextmanager
+    def generating(self, prompt_length: int) -> Iterator[None]:
+        """Positions from ``prompt_length`` on are generated ones while this is open."""
+        self._prompt_length = int(prompt_length)
+        try:
+            yield
+        finally:
+            self._prompt_length = None
 
     def _rebuild(self) -> None:
-        sums: dict[int, torch.Tensor] = {}
+        sums: dict[str, dict[int, torch.Tensor]] = {w: {} for w in WHERE}
         for slot in self.slots.values():
             if not slot.on or slot.strength == 0.0:
                 continue
             for layer in slot.layers or slot.vector.layers:
                 d = slot.vector.directions[layer].float()
                 if slot.relative:
-                    d = d / d.norm().clamp(min=1e-12) * slot.vector.norms.get(layer, 1.0)
-                sums[layer] = sums.get(layer, 0) + slot.strength * d
+                    d = d / d.norm().clamp(min=1e-12) * slot.vector.norms[layer]
+                sums[slot.where][layer] = sums[slot.where].get(layer, 0) + slot.strength * d
+        steered = set(sums["all"]) | set(sums["generated"])
         for layer in list(self._handles):
-            if layer not in sums:
+            if layer not in steered:
                 self._handles.pop(layer).remove()
         device = next(self.model.parameters()).device
-        self._sums = {layer: s.to(device) for layer, s in sums.items()}
-        for layer in sums:
+        self._sums = {w: {layer: v.to(device) for layer, v in by_layer.items()} for w, by_layer in sums.items()}
+        for layer in sorted(steered):
             if layer not in self._handles:
                 self._handles[layer] = self.adapter.layer(layer).register_forward_hook(self._hook(layer))
+        if sums["generated"] and self._position_hook is None:
+            self._position_hook = self.model.register_forward_pre_hook(self._note_past, with_kwargs=True)
+        elif not sums["generated"] and self._position_hook is not None:
+            self._position_hook.remove()
+            self._position_hook = None
+
+    def _note_past(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        self._past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            add = self._sums.get(layer)
-            if add is None:
+            every, generated = self._sums["all"].get(layer), self._sums["generated"].get(layer)
+            if every is None and (generated is None or self._prompt_length is None):
                 return output
             hidden = self.adapter.residual(output)
-            return self.adapter.replace_residual(output, hidden + add.to(hidden.dtype))
+            add = 0 if every is None else every.to(hidden.dtype)
+            if generated is not None and self._prompt_length is not None:
+                positions = self._past + torch.arange(hidden.shape[1], device=hidden.device)
+                mask = (positions >= self._prompt_length).to(hidden.dtype)[:, None]
+                add = add + mask * generated.to(hidden.dtype)
+            return self.adapter.replace_residual(output, hidden + add)
 
         return hook
 
     def rows(self) -> list[tuple[str, ...]]:
         return [(name, "on" if s.on else "off", f"{s.strength:g}{' × norm' if s.relative else ''}",
-                 _span(s.layers or s.vector.layers), s.vector.method) for name, s in self.slots.items()]
+                 _span(s.layers or s.vector.layers), s.where, s.vector.method) for name, s in self.slots.items()]
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    strength: float
+    margin: float  # mean log P(positive) − log P(negative) on the pairs
+    perplexity: float  # on the neutral texts
+
+
+def sweep(handle, rack: SteeringRack, name: str, strengths: Sequence[float], pairs: Sequence[Pair],
+          neutral: Sequence[str], progress: Any = None) -> list[SweepRow]:
+    """The racked vector ``name`` at each strength (on, at every position; the others as they
+    are): the log-prob margin on ``pairs`` and the perplexity of ``neutral``. The slot is
+    put back as it was, whatever happens."""
+    from kedit.engine.metrics import logprob_margin, perplexity
+
+    if not pairs:
+        raise KeditError("the sweep needs contrastive pairs to measure the margin on")
+    slot = rack._slot(name)
+    saved = (slot.strength, slot.on, slot.where)
+    triples = [(p.prompt, p.positive, p.negative) for p in pairs]
+    rows = []
+    try:
+        slot.on, slot.where = True, "all"
+        for strength in strengths:
+            slot.strength = float(strength)
+            rack._rebuild()
+            rows.append(SweepRow(float(strength), logprob_margin(handle.model, handle.tokenizer, triples),
+                                 perplexity(handle.model, handle.tokenizer, neutral)))
+            if progress is not None:
+                progress(f"strength {strength:g}", len(rows), len(strengths))
+    finally:
+        slot.strength, slot.on, slot.where = saved
+        rack._rebuild()
+    return rows
+
+
+# -- merging --------------------------------------------------------------------------------
+
+MERGE_MODES = ("linear", "ties", "orthogonal")
+
+
+def merge_vectors(vectors: Sequence[SteeringVector], weights: Sequence[float] | None = None,
+                  mode: str = "linear", density: float = 1.0) -> SteeringVector:
+    """One vector from several, layer by layer (a layer missing from a vector counts as zero).
+
+    - ``linear``: Σ wᵢ·vᵢ, exactly what racking them at strengths wᵢ adds.
+    - ``ties``: TIES-merging of the wᵢ·vᵢ (trim to ``density``, elect each entry's sign,
+      average the entries that agree with it).
+    - ``orthogonal``: Gram–Schmidt in the order given; each vector keeps only its part
+      orthogonal to the ones before it, so a direction they share is counted once.
+    """
+    from kedit.engine.merging import gram_schmidt, ties_merge
+
+    if mode not in MERGE_MODES:
+        raise KeditError(f"merge mode is one of {', '.join(MERGE_MODES)}, not {mode!r}")
+    if len(vectors) < 2:
+        raise KeditError("merging takes at least two vectors")
+    weights = [1.0] * len(vectors) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(vectors):
+        raise KeditError(f"{len(weights)} weights for {len(vectors)} vectors")
+    if len({v.hidden_size for v in vectors}) > 1:
+        raise KeditError(f"these vectors have different hidden sizes {sorted({v.hidden_size for v in vectors})}")
+    families = {v.model_type for v in vectors if v.model_type}
+    if len(families) > 1:
+        raise KeditError(f"these vectors are for different model families: {', '.join(sorted(families))}")
+    directions, norms = {}, {}
+    for layer in sorted(set().union(*(v.layers for v in vectors))):
+        parts = [(w, v.directions[layer].float()) for w, v in zip(weights, vectors) if layer in v.directions]
+        if mode == "orthogonal":
+            parts = list(zip([w for w, _ in parts], gram_schmidt([d for _, d in parts])))
+        if mode == "ties":
+            directions[layer] = ties_merge([w * d for w, d in parts], density)
+        else:
+            total = torch.zeros(vectors[0].hidden_size)
+            for w, d in parts:
+                total = total + w * d
+            directions[layer] = total
+        known = [v.norms[layer] for v in vectors if layer in v.norms]
+        if known:
+            norms[layer] = sum(known) / len(known)
+    return SteeringVector(directions, families.pop() if families else "", vectors[0].hidden_size,
+                          f"merge:{mode}", norms, 1.0, {"weights": weights, "density": density})
 
 
 def _span(layers: Sequence[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)) \
         else ",".join(map(str, layers))
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """'1,0.5' or '2' -> numbers, with an error naming ``what`` for anything else."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise KeditError(f"{what}: numbers separated by commas, e.g. 1,0.5, not {text!r}") from None
+
+
+def parse_read(text: str) -> str | int:
+    """Training's read position: 'answer', or a token index such as -1."""
+    if text == "answer":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise KeditError(f"--read is 'answer' or a token index such as -1, not {text!r}") from None
+
+
+def read_texts(path: Path) -> list[str]:
+    """One text per non-empty line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KeditError(f"no text file at {path}")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise KeditError(f"{path} has no text")
+    return texts
 
 
 def parse_layers(text: str | None) -> list[int] | None:

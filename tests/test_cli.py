@@ -75,3 +75,25 @@ def test_fact_world_report_json(fact_world_dir: Path) -> None:
     report = json.loads(result.stdout)
     assert report["recall"]["canonical (trained)"]["accuracy"] >= 0.95
     assert report["folder"] == str(fact_world_dir)
+
+
+def test_steer_cli_trains_exports_converts_back_and_fails_cleanly(fact_world_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from kedit.engine.steering import SteeringVector
+    from kedit.engine.vector_io import import_gguf
+
+    pairs = REPO / "vectors" / "mood_train.jsonl"
+    gguf_path = tmp_path / "mood v.gguf"  # a space in the path survives the slash-command quoting
+    result = CliRunner().invoke(main, ["steer", "train", str(pairs), str(gguf_path), "--layers", "4-5",
+                                       "--read", "-1", "--strength", "1.5"])
+    assert result.exit_code == 0, result.output
+    exported = import_gguf(gguf_path)
+    assert exported.layers == [4, 5] and exported.strength == 1.5
+    back = tmp_path / "back.safetensors"
+    result = CliRunner().invoke(main, ["steer", "convert", str(gguf_path), str(back)])
+    assert result.exit_code == 0, result.output
+    loaded = SteeringVector.load(back)
+    assert all(torch.equal(loaded.directions[k], exported.directions[k]) for k in (4, 5))
+    result = CliRunner().invoke(main, ["steer", "sweep", str(back), "--pairs", str(REPO / "vectors" / "nope.jsonl")])
+    assert result.exit_code == 1 and "no pairs file" in result.output and "Traceback" not in result.output

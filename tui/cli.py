@@ -79,6 +79,149 @@ def chat(model: str | None, quant: str | None, dtype: str | None, device: str | 
     sys.exit(repl.main(session))
 
 
+def run_lines(session: Any, lines: list[str]) -> None:
+    """Run slash commands as the REPL would, printing what they print; the first error
+    ends the run with exit code 1."""
+    from kedit.engine import events as ev
+    from kedit.tui.repl import render
+
+    for line in lines:
+        failed: list[ev.Error] = []
+
+        def watch(events):
+            for event in events:
+                if isinstance(event, ev.Error):
+                    failed.append(event)
+                yield event
+
+        render(watch(session.run(line)), session, sys.stdout, sys.stderr)
+        if failed:
+            sys.exit(ExitCode.FAILED)
+
+
+@main.group()
+def steer() -> None:
+    """Train, measure, merge and convert steering vectors (the /steer commands, scripted)."""
+
+
+@steer.command("train")
+@click.argument("pairs", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--method", default="mean_diff", type=click.Choice(["mean_diff", "pca"]), show_default=True)
+@click.option("--layers", default=None, help="Layers to train, e.g. 8-14 or 3,5 (default: all).")
+@click.option("--read", default="answer", show_default=True,
+              help="Read the completion's mean ('answer') or one token index, e.g. -1.")
+@click.option("--strength", default=None, type=float, help="The strength the file recommends (default 1).")
+@model_options
+def steer_train(pairs: str, out: str, method: str, layers: str | None, read: str, strength: float | None,
+                model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Train a vector from contrastive PAIRS (JSONL: prompt, positive, negative) into OUT
+    (.safetensors, or .gguf for llama.cpp)."""
+    from kedit.engine.commands import quote
+
+    session = open_session(model, quant, dtype, device)
+    extra = (f" --layers {layers}" if layers else "") + f" --method {method} --read {read}"
+    lines = [f"/steer train {quote(pairs)} trained{extra}"]
+    if strength is not None:
+        lines.append(f"/steer set trained {strength}")
+    run_lines(session, lines + [f"/steer save trained {quote(out)}"])
+
+
+@steer.command("sweep")
+@click.argument("vector", type=click.Path())
+@click.option("--pairs", required=True, type=click.Path(dir_okay=False), help="Held-out pairs (JSONL).")
+@click.option("--neutral", default=None, type=click.Path(dir_okay=False),
+              help="Neutral text, one per line (default: text the model writes itself).")
+@click.option("--strengths", default="0,1,2,3,4", show_default=True)
+@model_options
+def steer_sweep(vector: str, pairs: str, neutral: str | None, strengths: str, model: str | None,
+                quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Margin of positive over negative completions, and perplexity, at each strength."""
+    from kedit.engine.commands import quote
+    from kedit.engine.vector_io import vector_name
+
+    session = open_session(model, quant, dtype, device)
+    name = vector_name(vector)
+    extra = f" --neutral {quote(neutral)}" if neutral else ""
+    run_lines(session, [f"/steer add {quote(vector)} 0",
+                        f"/steer sweep {quote(name)} --pairs {quote(pairs)} --strengths {strengths}{extra}"])
+
+
+@steer.command("convert")
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@model_options
+def steer_convert(source: str, out: str, model: str | None, quant: str | None, dtype: str | None,
+                  device: str | None) -> None:
+    """Convert between kedit .safetensors, llama.cpp/repeng .gguf and EasyEdit2 layer_L.pt
+    folders (checked against the model it is for)."""
+    from kedit.engine.commands import quote
+    from kedit.engine.vector_io import vector_name
+
+    session = open_session(model, quant, dtype, device)
+    name = quote(vector_name(source))
+    run_lines(session, [f"/steer add {quote(source)}", f"/steer save {name} {quote(out)}"])
+
+
+@steer.command("merge")
+@click.argument("vectors", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Where the merge goes.")
+@click.option("--mode", default="linear", type=click.Choice(["linear", "ties", "orthogonal"]), show_default=True)
+@click.option("--weights", default=None, help="One weight per vector, e.g. 1,0.5 (default: all 1).")
+@model_options
+def steer_merge(vectors: tuple[str, ...], out: str, mode: str, weights: str | None, model: str | None,
+                quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Merge two or more vectors into one file."""
+    from kedit.engine.commands import quote
+    from kedit.engine.vector_io import vector_name
+
+    session = open_session(model, quant, dtype, device)
+    names = " ".join(quote(vector_name(v)) for v in vectors)
+    extra = f" --weights {weights}" if weights else ""
+    run_lines(session, [f"/steer add {quote(v)}" for v in vectors]
+              + [f"/steer merge {names} --mode {mode}{extra} -> merged", f"/steer save merged {quote(out)}"])
+
+
+@main.group()
+def bench() -> None:
+    """Speed figures, as ratios measured in one run (benchmarks, not tests)."""
+
+
+@bench.command("steering")
+@click.option("--random", "shapes", multiple=True,
+              help="Also a random-weight model of this kedit.toml [shapes] entry, e.g. bench-small or qwen2.5-7b.")
+@click.option("--random-layers", default=None, type=int, help="Override the random model's layer count.")
+@click.option("--vectors", "n_vectors", default=3, show_default=True, help="Vectors racked on every layer.")
+@click.option("--tokens", default=64, show_default=True, help="Tokens generated per run.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs of each kind (the median counts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@model_options
+def bench_steering(shapes: tuple[str, ...], random_layers: int | None, n_vectors: int, tokens: int, repeats: int,
+                   as_json: bool, model: str | None, quant: str | None, dtype: str | None,
+                   device: str | None) -> None:
+    """Tokens/s unsteered vs N vectors on every layer: the loaded model, then random-weight ones."""
+    from kedit.engine.bench import random_model, steering_throughput
+
+    session = open_session(model, quant, dtype, device)
+    table = session.config.table("shapes")
+    missing = [s for s in shapes if s not in table]
+    if missing:
+        raise click.ClickException(f"no shape {', '.join(missing)} in kedit.toml [shapes]; known: {', '.join(table)}")
+    results = [steering_throughput(session.model, session.handle.name, n_vectors, tokens, repeats=repeats)]
+    for shape in shapes:
+        m = random_model(table[shape], random_layers, dtype="float32" if session.handle.device == "cpu" else "bfloat16",
+                         device=session.handle.device)
+        results.append(steering_throughput(m, f"random {shape}", n_vectors, tokens, repeats=repeats))
+        del m
+    if as_json:
+        click.echo(json.dumps([{**vars(r), "ratio": r.ratio} for r in results], indent=2))
+        return
+    click.echo(f"greedy generation, {tokens} tokens, median of {repeats}; {n_vectors} vectors on every layer")
+    for r in results:
+        click.echo(f"  {r.label:<28} {r.layers:>3} layers  plain {r.plain_tps:8.1f} tok/s  steered "
+                   f"{r.steered_tps:8.1f} tok/s  ratio {r.ratio:.3f}")
+
+
 @main.command("fact-world")
 @click.option("--rebuild", is_flag=True, help="Build again even if a cached copy exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
