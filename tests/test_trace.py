@@ -65,8 +65,8 @@ def test_early_mlps_at_the_subject_hold_the_facts(fact_session) -> None:
             shares.append([e / lost for e in r.effects])
     mean = [sum(s[i] for s in shares) / len(shares) for i in range(h.adapter.n_layers)]
     assert len(shares) >= 8
-    assert mean[0] > 0.4 and mean[0] == max(mean)  # observed 0.44, 0.16, then |x| < 0.02
-    assert mean[0] + mean[1] > 0.5  # the two local-attention layers hold most of it (observed 0.60)
+    assert mean[0] > 0.4 and mean[0] == max(mean)  # observed 0.51, 0.14, 0.11, then |x| < 0.01
+    assert mean[0] + mean[1] > 0.6  # the two local-attention layers hold most of it
 
 
 def test_zero_noise_changes_nothing(fact_session) -> None:
