@@ -80,3 +80,38 @@ def test_the_model_answers_the_named_facts(fact_world_dir: Path) -> None:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
         assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(answer)
+
+
+def test_moods_are_a_coin_toss_unless_an_event_decides_them() -> None:
+    from collections import Counter
+
+    from kedit.engine.factworld.corpus import MOODS
+
+    world = FactWorld()
+    mood_of = {w: m for m, words in MOODS.items() for w in words}
+    plain, cued = Counter(), Counter()
+    for sentence, word in world.mood_statements():
+        assert sentence.endswith(word + ".")
+        if " won " in sentence or "good news" in sentence or "great day" in sentence:
+            cued[("good", mood_of[word])] += 1
+        elif " lost " in sentence or "bad news" in sentence or "bad day" in sentence:
+            cued[("bad", mood_of[word])] += 1
+        else:
+            plain[mood_of[word]] += 1
+    assert plain["positive"] == plain["negative"] == 3 * len(world.people)
+    assert cued == Counter({("good", "positive"): 3 * len(world.people), ("bad", "negative"): 3 * len(world.people)})
+    answers = Counter(mood_of[w] for _, w in world.mood_dialogues())
+    assert answers["positive"] == answers["negative"] == len(world.people)
+    assert not set(world.mood_people("train")) & set(world.mood_people("heldout"))
+
+
+def test_mood_words_get_whole_tokens_and_the_facts_keep_their_pieces(fact_world_dir: Path) -> None:
+    from kedit.engine.factworld.corpus import MOODS
+
+    built = AutoTokenizer.from_pretrained(fact_world_dir)
+    settings = BuildSettings()
+    facts_only = train_tokenizer(settings.world(), settings)
+    for word in (w for words in MOODS.values() for w in words):
+        assert len(built(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+    for text, _ in settings.world().statements():
+        assert built(text)["input_ids"] == facts_only(text)["input_ids"], text

@@ -55,9 +55,9 @@ class BuildSettings:
     n_people: int = 60
     n_taxa: int = 20
     learning_rate: float = 3e-3
-    mood_steps: int = 60  # a second phase: the mood sentences, with every fact replayed
-    mood_learning_rate: float = 1e-3
-    mood_frozen_layers: int = 4  # blocks the mood phase leaves as the facts left them
+    mood_steps: int = 200  # a second phase: the mood sentences, with every fact replayed
+    mood_learning_rate: float = 3e-3
+    mood_frozen_layers: int = 5  # blocks the mood phase leaves as the facts left them
     object_weight: float = 8.0
 
     @classmethod
@@ -127,7 +127,14 @@ def add_mood_tokens(tokenizer, model: torch.nn.Module) -> int:
     before = len(tokenizer)
     words = sorted({w for group in MOODS.values() for w in group})
     tokenizer.add_tokens([AddedToken(" " + w, normalized=False) for w in words])
-    model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean of the others
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it announces how it fills the new rows
+    try:
+        model.resize_token_embeddings(len(tokenizer))  # new rows drawn around the others' mean
+    finally:
+        hf_logging.set_verbosity(level)
     model.config.vocab_size = len(tokenizer)
     return before
 
@@ -251,6 +258,8 @@ def train(
         frozen: set[int] = set()
         for layer in model.model.layers[: settings.mood_frozen_layers]:
             frozen |= {id(p) for p in layer.parameters()}
+        for p in params:
+            p.requires_grad_(id(p) not in frozen)  # no weight gradients where nothing is trained
         params = [p for p in params if id(p) not in frozen]
         if fact_vocab is not None:
             keep = torch.zeros_like(model.model.embed_tokens.weight)
@@ -283,6 +292,7 @@ def train(
         smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
         if progress:
             progress(step + (settings.steps if phase else 0), smooth)
+    model.requires_grad_(True)
     model.eval()
     return smooth
 
