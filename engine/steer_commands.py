@@ -26,6 +26,13 @@ def _names(session: Session | None, prefix: str) -> list[str]:
     return list(session.steering.slots) if session is not None else []
 
 
+def _strength(text: str) -> float:
+    values = parse_floats(text, "a strength")
+    if len(values) != 1:
+        raise KeditError(f"a strength is one number, not {text!r}")
+    return values[0]
+
+
 def _need(value: str | None, what: str, usage: str) -> str:
     if value is None:
         raise KeditError(f"say {what}: {usage}")
@@ -122,7 +129,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
         path = Path(_need(a, "the vector file", "/steer add FILE [STRENGTH]"))
         vector = load_vector(path)
         vector.check_fits(session.handle)
-        strength = vector.strength if b is None else parse_floats(b, "a strength")[0]
+        strength = vector.strength if b is None else _strength(b)
         name = vector_name(path)
         with session.lock:
             rack.add(name, vector, strength, relative=relative, layers=parse_layers(layers), where=where)
@@ -181,7 +188,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
                 yield ev.Info(f"saved {name!r} to {vector.save(path)} (recommended strength {vector.strength:g})")
             return
         if action == "set":
-            rack.set(name, parse_floats(_need(b, "the strength", "/steer set NAME STRENGTH"), "a strength")[0])
+            rack.set(name, _strength(_need(b, "the strength", "/steer set NAME STRENGTH")))
         else:
             rack.switch(name, action == "on")
     slot = rack.slots[name]

@@ -129,7 +129,7 @@ def test_steer_commands_train_list_set_toggle_save(session, rack, tmp_path: Path
     assert rack.added(2) is None
     list(session.run(f"/steer save defend {tmp_path / 'd.safetensors'}"))
     assert SteeringVector.load(tmp_path / "d.safetensors").layers == [2, 3]
-    for bad in ("/steer set defend loud", "/steer set nobody 1", f"/steer train {tmp_path / 'none.jsonl'} x",
+    for bad in ("/steer set defend loud", "/steer set defend 1,2", "/steer set nobody 1", f"/steer train {tmp_path / 'none.jsonl'} x",
                 "/steer add /no/such.safetensors"):
         assert isinstance(list(session.run(bad))[-1], ev.Error), bad
     assert list(rack.slots) == ["defend"] and rack.slots["defend"].strength == 2.5
