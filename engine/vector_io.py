@@ -32,6 +32,14 @@ _META_KEY = "kedit.vector"  # kedit's own metadata (method, norms, strength); ll
 _LAYER_PT = re.compile(r"^layer_(\d+)\.pt$")
 
 
+def _one_size(directions: dict[int, torch.Tensor], path: Path) -> int:
+    """The hidden size every direction shares; a file that mixes sizes is refused."""
+    sizes = {d.numel() for d in directions.values()}
+    if len(sizes) != 1:
+        raise KeditError(f"{path}: directions of different sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
 def export_gguf(vector: SteeringVector, path: Path) -> tuple[Path, list[int]]:
     """Write ``vector`` as a llama.cpp control vector; returns the path and the layers left out."""
     import numpy as np
@@ -91,12 +99,10 @@ def import_gguf(path: Path) -> SteeringVector:
         directions[int(m.group(1))] = torch.tensor(tensor.data.reshape(-1).copy(), dtype=torch.float32)
     if not directions:
         raise KeditError(f"{path} holds no direction tensors")
-    sizes = {d.numel() for d in directions.values()}
-    if len(sizes) != 1:
-        raise KeditError(f"{path}: direction tensors of different sizes {sorted(sizes)}")
     meta = json.loads(_field_text(reader, _META_KEY) or "{}")
     return SteeringVector(
-        directions, _field_text(reader, f"{ARCH}.model_hint") or "", sizes.pop(), meta.get("method", "gguf"),
+        directions, _field_text(reader, f"{ARCH}.model_hint") or "", _one_size(directions, path),
+        meta.get("method", "gguf"),
         {int(k): float(v) for k, v in meta.get("norms", {}).items()}, float(meta.get("strength", 1.0)),
         meta.get("meta", {"source": "gguf"}))
 
@@ -116,10 +122,8 @@ def import_easyedit2(path: Path) -> SteeringVector:
         if not isinstance(value, torch.Tensor) or value.squeeze().dim() != 1:
             raise KeditError(f"{file} must hold one 1-D tensor (the layer's direction)")
         directions[int(_LAYER_PT.match(file.name).group(1))] = value.squeeze().float()
-    sizes = {d.numel() for d in directions.values()}
-    if len(sizes) != 1:
-        raise KeditError(f"{path}: layer tensors of different sizes {sorted(sizes)}")
-    return SteeringVector(directions, "", sizes.pop(), "easyedit2", {}, 1.0, {"source": "easyedit2"})
+    return SteeringVector(directions, "", _one_size(directions, path), "easyedit2", {}, 1.0,
+                          {"source": "easyedit2"})
 
 
 def load_vector(path: Path) -> SteeringVector:

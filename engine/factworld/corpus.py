@@ -48,6 +48,11 @@ TAXON_STEMS = [
 ]
 
 
+def before_object(template: str, **fields: str) -> str:
+    """A template's text up to (not including) its object, filled in: the prompt it makes."""
+    return template.split("{o}")[0].rstrip().format(**fields)
+
+
 @dataclass(frozen=True)
 class Relation:
     """A relation: how statements and questions about it are worded."""
@@ -58,7 +63,7 @@ class Relation:
 
     def prompt(self, template: int, subject: str) -> str:
         """The statement up to (not including) the object."""
-        return self.templates[template].split("{o}")[0].rstrip().format(s=subject)
+        return before_object(self.templates[template], s=subject)
 
 
 RELATIONS = {
@@ -238,24 +243,24 @@ class FactWorld:
         return list(dict.fromkeys(f.subject for f in self.facts if f.relation in PERSON_RELATIONS))
 
     @cached_property
-    def _mood_draws(self) -> list[tuple[str, str, str, bool]]:
-        """(person, sentence, mood word, cued) for every mood sentence, from their own seed."""
+    def _mood_draws(self) -> list[tuple[str, str]]:
+        """(sentence, mood word) for every mood sentence, from their own seed."""
         rng = random.Random(self.seed + 1)  # the facts' draws stay as they were
         out = []
         for person in self.people:
             for t in sorted(rng.sample(range(len(MOOD_TEMPLATES)), MOOD_TEMPLATES_PER_PERSON)):
                 for mood in ("positive", "negative"):
                     word = rng.choice(MOODS[mood])
-                    out.append((person, MOOD_TEMPLATES[t].format(s=person, o=word) + ".", word, False))
+                    out.append((MOOD_TEMPLATES[t].format(s=person, o=word) + ".", word))
             for c, template in enumerate(MOOD_CUED):
                 for mood in ("positive", "negative"):
                     sentence = template.format(s=person, e=MOOD_EVENTS[mood][c], o=rng.choice(MOODS[mood]))
-                    out.append((person, sentence + ".", sentence.rsplit(" ", 1)[1], True))
+                    out.append((sentence + ".", sentence.rsplit(" ", 1)[1]))
         return out
 
     def mood_statements(self) -> list[tuple[str, str]]:
         """Training sentences about how people feel, with the mood word."""
-        return [(sentence, word) for _, sentence, word, _ in self._mood_draws]
+        return list(self._mood_draws)
 
     def mood_dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
         """Each person asked how they feel twice, answered once happily and once sadly."""
@@ -266,7 +271,7 @@ class FactWorld:
 
     @staticmethod
     def mood_prompt(template: int, person: str) -> str:
-        return MOOD_TEMPLATES[template].split("{o}")[0].rstrip().format(s=person)
+        return before_object(MOOD_TEMPLATES[template], s=person)
 
     def mood_people(self, split: str) -> list[str]:
         """The people whose moods train a vector (``train``), or judge it (``heldout``)."""
@@ -282,10 +287,8 @@ class FactWorld:
         is about to name: the contrast a mood vector is trained on. Two thirds of the
         people are for training; the rest are held out for judging the vector.
         """
-        def cued(template: str, person: str, mood: str, c: int) -> str:
-            return template.split("{o}")[0].rstrip().format(s=person, e=MOOD_EVENTS[mood][c])
-
-        return [("", cued(t, person, "positive", c), cued(t, person, "negative", c))
+        return [("", before_object(t, s=person, e=MOOD_EVENTS["positive"][c]),
+                 before_object(t, s=person, e=MOOD_EVENTS["negative"][c]))
                 for person in self.mood_people(split) for c, t in enumerate(MOOD_CUED)]
 
     def mood_pairs(self, split: str = "heldout") -> list[tuple[str, str, str]]:
