@@ -133,10 +133,17 @@ def cmd_trace(session: Session, prompt: str, subject: str | None, target: str | 
         f"{result.chart()}\nbest layer: {result.best_layer}")
 
 
-@REGISTRY.command("probe", "Compare the model now with the unedited model on the locality prompts.")
-def cmd_probe(session: Session) -> Iterator[ev.Event]:
-    from kedit.engine.probes import probe_against_unedited
+@REGISTRY.command("probe", "Compare the model now with the unedited model on the locality prompts; "
+                  "with an edit's id, measure that edit again.",
+                  Param("id", "an edit's id: its Rel and Gen now, and Loc against the unedited model",
+                        required=False, complete=_edit_ids))
+def cmd_probe(session: Session, id: str | None) -> Iterator[ev.Event]:
+    from kedit.engine.probes import probe_against_unedited, reprobe
 
+    if id is not None:
+        reprobe(session, id)
+        yield probe_table(session.ledger.get(id))
+        return
     result = probe_against_unedited(session)
     rows = tuple((r.prompt, repr(r.before), repr(r.after), "changed" if r.changed else "")
                  for r in result.rows)

@@ -143,3 +143,17 @@ def probe_against_unedited(session) -> LocalityResult:
             for patch in patches:
                 patch.apply()
         return locality(session.handle, loc, before)
+
+
+def reprobe(session, edit_id: str) -> ProbeResult:
+    """Measure an edit in force again: its target and paraphrases now, and locality of the
+    model now against the unedited one. The result replaces the edit's stored probe."""
+    edit = session.ledger.get(edit_id)
+    with session.lock:
+        model, tok = session.model, session.tokenizer
+        rel = mean_accuracy(teacher_forced(model, tok, [edit.prompt], [edit.target]))
+        paras = list(edit.paraphrases)
+        gen = mean_accuracy(teacher_forced(model, tok, paras, [edit.target] * len(paras))) if paras else None
+        moved = probe_against_unedited(session)
+    edit.probe = ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows)
+    return edit.probe

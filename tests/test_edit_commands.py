@@ -98,3 +98,17 @@ def test_the_default_method_comes_from_kedit_toml(session) -> None:
     finally:
         session.config = config
     assert session.edits == []
+
+
+def test_probe_with_an_id_measures_that_edit_again(session) -> None:
+    from kedit.engine import events as ev
+
+    edit = session.edit("Watts Humphrey attended", "Kestrel Technical School", method="grace")
+    try:
+        edit.probe = None
+        events = list(session.run(f"/probe {edit.id}"))
+        assert [type(e) for e in events] == [ev.Table]
+        assert edit.probe is not None and edit.probe.rel == 1.0 and edit.probe.loc == 1.0
+        assert isinstance(list(session.run("/probe e999"))[0], ev.Error)
+    finally:
+        session.rollback(edit.id)

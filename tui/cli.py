@@ -79,6 +79,20 @@ def chat(model: str | None, quant: str | None, dtype: str | None, device: str | 
     sys.exit(repl.main(session))
 
 
+@main.command()
+@model_options
+def tui(model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+    """The Textual workbench: chat, and panels for edits, steering and probes.
+
+    The model loads in the background; the app is usable at once.
+    """
+    from kedit.engine.session import Session
+    from kedit.tui import app
+
+    _quiet_libraries()
+    sys.exit(app.main(lambda: Session.open(model, quant=quant, dtype=dtype, device=device, show_progress=False)))
+
+
 def run_lines(session: Any, lines: list[str]) -> None:
     """Run slash commands as the REPL would, printing what they print; the first error
     ends the run with exit code 1."""

@@ -1,0 +1,209 @@
+"""The Textual app driven by Pilot on the fact world: chat, edits through the form and the
+slash command, the table's probe figures, rollback, the steering slider and switch, the
+locality probe; and snapshots of the main screen and each panel."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from fact_cases import edit_cases, prompt_logits
+
+from textual.widgets import Button, Switch
+
+from kedit.tui.app import ChatInput, KeditApp, SteerRow
+from kedit.tui.slider import Slider
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+MOOD = REPO / "vectors" / "fact-world-mood.safetensors"
+
+
+async def settle(app: KeditApp, pilot) -> None:
+    """Let the engine worker finish and the UI take in what it posted."""
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def send(app: KeditApp, pilot, text: str) -> None:
+    box = app.query_one(ChatInput)
+    box.focus()
+    box.text = text
+    await pilot.press("ctrl+j")
+    await settle(app, pilot)
+
+
+@pytest.fixture
+def clean(session, tmp_path):
+    """The shared session with no edits and no vectors, before and after."""
+    rack = session.steering
+    yield session
+    while session.edits:
+        session.undo()
+    for name in list(rack.slots):
+        rack.remove(name)
+
+
+def test_whole_flow(clean, tmp_path) -> None:
+    session = clean
+    (fact, city), = edit_cases(session, 1, 11)
+    probe = ["Watts Humphrey attended", fact.prompt(0)]
+    original = prompt_logits(session, probe)
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        async with app.run_test(size=(100, 32)) as pilot:
+            await pilot.pause()
+            # 1. ask a question: the streamed reply is the model's own fact
+            await send(app, pilot, "Where did Watts Humphrey study?")
+            assert "Illinois Institute of Technology" in app.last_reply
+            assert app.query_one(ChatInput).text == ""
+
+            # 2. an edit through the form, and one through the slash command
+            await pilot.press("f2")
+            await pilot.pause()
+            app.query_one("#edit-prompt").value = "Watts Humphrey attended"
+            app.query_one("#edit-target").value = "Kestrel Technical School"
+            app.query_one("#edit-method").value = "grace"
+            app.query_one("#edit-apply", Button).press()
+            await settle(app, pilot)
+            await send(app, pilot, f'/edit "{fact.prompt(0)}" -> "{city}" --method grace')
+            assert [e.method for e in session.edits] == ["grace", "grace"]
+            assert [e.target for e in session.edits] == [" Kestrel Technical School", " " + city]
+
+            # 3. both in the table, with the probe's figures
+            table = app.query_one("#edits-table")
+            rows = [table.get_row_at(i) for i in range(table.row_count)]
+            assert [r[0] for r in rows] == [e.id for e in session.edits]
+            assert [r[3] for r in rows] == ["1.00", "1.00"]  # Rel: the new target is the argmax
+            assert all(float(r[4]) >= 0.9 for r in rows)  # Loc
+
+            # 4. roll back the selected (first) edit: the engine holds only the second
+            first, second = (e.id for e in session.edits)
+            table.move_cursor(row=0)
+            app.query_one("#rollback", Button).press()
+            await settle(app, pilot)
+            assert [e.id for e in session.edits] == [second]
+            assert table.row_count == 1
+            app.query_one("#undo", Button).press()
+            await settle(app, pilot)
+            assert not session.edits
+            assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
+
+            # 5. load a vector, move its slider with keys: the engine's strength follows
+            await pilot.press("f3")
+            await pilot.pause()
+            app.query_one("#steer-path").value = str(MOOD)
+            app.query_one("#steer-load", Button).press()
+            await settle(app, pilot)
+            rows = list(app.query(SteerRow))
+            assert [r.vector_name for r in rows] == ["fact-world-mood"]
+            start = session.steering.slots["fact-world-mood"].strength
+            slider = rows[0].query_one(Slider)
+            slider.focus()
+            await pilot.press("right", "right", "left", "right")
+            await settle(app, pilot)
+            assert session.steering.slots["fact-world-mood"].strength == pytest.approx(start + 2 * slider.step)
+            assert slider.value == pytest.approx(start + 2 * slider.step)
+
+            # 6. toggle it off: the engine's slot is off and the model is unsteered again
+            rows[0].query_one(Switch).toggle()
+            await settle(app, pilot)
+            assert session.steering.slots["fact-world-mood"].on is False
+            assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
+
+    asyncio.run(flow())
+
+
+def test_bad_input_is_a_notification_and_changes_nothing(clean, tmp_path) -> None:
+    session = clean
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await send(app, pilot, "/rollback e999")
+            await send(app, pilot, '/edit "Watts Humphrey attended" -> "X" --method nonsense')
+            assert not session.edits
+            errors = [n for n in app._notifications if n.severity == "error"]
+            assert len(errors) == 2
+            assert "e999" in errors[0].message
+            assert "nonsense" in errors[1].message
+
+    asyncio.run(flow())
+
+
+def test_locality_probe_panel_shows_each_prompt(clean, tmp_path) -> None:
+    session = clean
+    session.edit("Watts Humphrey attended", "Kestrel Technical School", method="grace")
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        async with app.run_test(size=(100, 32)) as pilot:
+            await pilot.press("f4")
+            await pilot.pause()
+            app.query_one("#probe-run", Button).press()
+            await settle(app, pilot)
+            grid = app.query_one("#probe-table")
+            n = len(session.locality(exclude={"Watts Humphrey"}).prompts)
+            assert grid.row_count == n
+            assert "Loc 1.00" in str(app.query_one("#probe-summary").render())
+
+    asyncio.run(flow())
+
+
+def test_history_and_completion(clean, tmp_path) -> None:
+    session = clean
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        async with app.run_test(size=(80, 24)) as pilot:
+            box = app.query_one(ChatInput)
+            await send(app, pilot, "/edits")
+            box.text = "/ste"
+            box.move_cursor(box.document.end)
+            await pilot.press("tab")
+            assert box.text == "/steer "
+            box.text = ""
+            await pilot.press("up")
+            assert box.text == "/edits"
+            await pilot.press("down")
+            assert box.text == ""
+        assert (tmp_path / "history").read_text(encoding="utf-8").splitlines() == ['"/edits"']
+
+    asyncio.run(flow())
+
+
+def test_slider_keys_clamp_and_coalesce() -> None:
+    """Keys move by one step (clamped at the ends); a drag posts one Changed, at release."""
+    from textual.app import App
+
+    seen: list[float] = []
+
+    class One(App):
+        def compose(self):
+            yield Slider(0.5, minimum=0.0, maximum=1.0, step=0.25)
+
+        def on_slider_changed(self, event: Slider.Changed) -> None:
+            seen.append(event.value)
+
+    async def flow() -> None:
+        app = One()
+        async with app.run_test(size=(30, 3)) as pilot:
+            slider = app.query_one(Slider)
+            slider.focus()
+            await pilot.press("right", "right", "right", "home", "left")
+            await pilot.pause()
+            assert seen == [0.75, 1.0, 0.0]  # the third right and the last left hit the ends
+            seen.clear()
+            await pilot.mouse_down(Slider, offset=(0, 0))
+            await pilot.hover(Slider, offset=(5, 0))
+            await pilot.hover(Slider, offset=(10, 0))
+            await pilot.mouse_up(Slider, offset=(10, 0))
+            await pilot.pause()
+            assert len(seen) == 1 and seen[0] == slider.value and 0 < slider.value < 1
+
+    asyncio.run(flow())
