@@ -20,9 +20,15 @@ SIZE = (80, 24)
 
 @pytest.fixture
 def clean(session, tmp_path):
+    """The shared session with a fresh ledger, so edit ids start at e1 whatever ran before."""
+    from kedit.engine.ledger import Ledger
+
+    assert not session.edits
+    kept, session.ledger = session.ledger, Ledger()
     yield session
     while session.edits:
         session.undo()
+    session.ledger = kept
     for name in list(session.steering.slots):
         session.steering.remove(name)
 
