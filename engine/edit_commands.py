@@ -11,6 +11,7 @@ from kedit.engine import events as ev
 from kedit.engine.background import with_progress
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.editing import METHODS, method_state
+from kedit.engine.errors import KeditError
 from kedit.engine.ledger import Edit
 
 if TYPE_CHECKING:
@@ -149,6 +150,27 @@ def cmd_probe(session: Session, id: str | None) -> Iterator[ev.Event]:
                  for r in result.rows)
     yield ev.Table(f"{len(session.edits)} edit(s) vs none: Loc {result.loc:.2f}, next-token agree "
                    f"{result.agree:.2f}, KL {result.kl:.4f}", ("prompt", "unedited", "now", ""), rows)
+
+
+@REGISTRY.command("eval", "Score the model as it is on an EasyEdit/KnowEdit-format file: Rel, Gen, Loc, Port.",
+                  Param("path", "a JSON list or JSONL file of records (prompt, target_new, rephrase_prompt, "
+                        "locality, portability)", metavar="FILE"),
+                  Param("limit", "only the first N records", kind="option", required=False, convert=int))
+def cmd_eval(session: Session, path: str, limit: int | None) -> Iterator[ev.Event]:
+    from kedit.engine.evaluate import evaluate, read_cases
+
+    if limit is not None and limit < 1:
+        raise KeditError("--limit takes a positive number of records")
+    cases = read_cases(Path(path), limit)
+    result: list = []
+
+    def work(progress):
+        with session.lock:
+            return evaluate(session.handle, cases, progress)
+
+    yield from with_progress(work, result)
+    r = result[0]
+    yield ev.Table(f"{path}: {r.summary()}", ("prompt", "target", "now", "hit"), tuple(r.rows))
 
 
 @REGISTRY.command("save", "Save the session's edits and chat to a file (atomically).",

@@ -115,6 +115,8 @@ class Session:
         gen = self.config.table("generation")
         temperature = float(gen.get("temperature", 0.0))
         kwargs: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens", 64))}
+        if int(gen.get("min_new_tokens", 0)) > 0:  # e.g. long replies for a benchmark
+            kwargs["min_new_tokens"] = min(int(gen["min_new_tokens"]), kwargs["max_new_tokens"])
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=float(gen.get("top_p", 1.0)))
         else:

@@ -34,3 +34,16 @@ def test_bench_cli_reports_json_and_refuses_an_unknown_shape(fact_world_dir) -> 
     assert rows[0]["label"] == "fact-world" and rows[0]["layers"] == 6 and rows[0]["ratio"] > 0
     result = CliRunner().invoke(main, ["bench", "steering", "--random", "gpt-9"])
     assert result.exit_code == 1 and "no shape gpt-9" in result.output
+
+
+def test_bench_tui_measures_echo_while_a_reply_streams(fact_world_dir) -> None:
+    """The reply is forced to its full length (min_new_tokens), and keys were echoed both idle
+    and while it streamed; the latencies themselves are reported, not asserted."""
+    import json
+
+    result = CliRunner().invoke(main, ["bench", "tui", "--tokens", "60", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["tokens"] == 60
+    assert figures["idle"]["samples"] > 0 and figures["generating"]["samples"] > 0
+    assert figures["generating"]["echo_median_ms"] > 0

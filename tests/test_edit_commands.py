@@ -112,3 +112,55 @@ def test_probe_with_an_id_measures_that_edit_again(session) -> None:
         assert isinstance(list(session.run("/probe e999"))[0], ev.Error)
     finally:
         session.rollback(edit.id)
+
+
+def _eval_file(session, path, n=4):
+    import json
+
+    from fact_cases import edit_cases
+
+    world = session.fact_world()
+    cases = edit_cases(session, n + 1, 5)
+    records = []
+    for (f, new), (other, _) in zip(cases, cases[1:]):
+        records.append({"subject": f.subject, "prompt": f.prompt(0), "target_new": new,
+                        "rephrase_prompt": f.prompt(f.held_out),
+                        "locality": {"Relation_Specificity": [{"prompt": other.prompt(0),
+                                                               "ground_truth": [[other.object]]}]},
+                        "portability": {}})
+    path.write_text(json.dumps(records), encoding="utf-8")
+    assert world.facts
+    return cases[:n]
+
+
+def test_eval_scores_the_model_as_it_is(session, tmp_path) -> None:
+    from kedit.engine import events as ev
+
+    path = tmp_path / "cases.json"
+    cases = _eval_file(session, path)
+    table = [e for e in session.run(f"/eval {path}") if isinstance(e, ev.Table)][0]
+    assert len(table.rows) == 4 and all(r[3] == "" for r in table.rows)  # no new target holds yet
+    assert "Loc 1.00" in table.title and "Port —" in table.title
+    f, new = cases[0]
+    edit = session.edit(f.prompt(0), new, subject=f.subject, method="grace")
+    try:
+        table = [e for e in session.run(f"/eval {path} --limit 1") if isinstance(e, ev.Table)][0]
+        assert table.rows == ((f.prompt(0), new, table.rows[0][2], "yes"),)
+        assert new.startswith(table.rows[0][2].strip())  # the model's first token now begins the target
+        assert "Rel 1.00" in table.title
+    finally:
+        session.rollback(edit.id)
+
+
+def test_eval_refuses_bad_files_with_their_place(session, tmp_path) -> None:
+    from kedit.engine import events as ev
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "target_new": "b"}\n{oops\n', encoding="utf-8")
+    missing = tmp_path / "nothing.json"
+    empty_target = tmp_path / "t.json"
+    empty_target.write_text('[{"prompt": "a"}]', encoding="utf-8")
+    for path, words in ((bad, f"{bad}:2: not JSON"), (missing, "no eval file"),
+                        (empty_target, "record 1: a record needs")):
+        events = list(session.run(f"/eval {path}"))
+        assert len(events) == 1 and isinstance(events[0], ev.Error) and words in events[0].message

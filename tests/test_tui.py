@@ -137,7 +137,11 @@ def test_bad_input_is_a_notification_and_changes_nothing(clean, tmp_path) -> Non
 
 
 def test_locality_probe_panel_shows_each_prompt(clean, tmp_path) -> None:
+    from test_edit_commands import _eval_file
+
     session = clean
+    path = tmp_path / "cases.json"
+    _eval_file(session, path)
     session.edit("Watts Humphrey attended", "Kestrel Technical School", method="grace")
 
     async def flow() -> None:
@@ -151,6 +155,13 @@ def test_locality_probe_panel_shows_each_prompt(clean, tmp_path) -> None:
             n = len(session.locality(exclude={"Watts Humphrey"}).prompts)
             assert grid.row_count == n
             assert "Loc 1.00" in str(app.query_one("#probe-summary").render())
+            # an eval file in the same table: one row per case, with whether the target holds
+            app.query_one("#eval-path").value = str(path)
+            app.query_one("#eval-run", Button).press()
+            await settle(app, pilot)
+            assert grid.row_count == 4
+            assert [grid.get_row_at(i)[3] for i in range(4)] == ["", "", "", ""]
+            assert "4 case(s): Rel" in str(app.query_one("#probe-summary").render())
 
     asyncio.run(flow())
 

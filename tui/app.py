@@ -253,20 +253,22 @@ class SteeringPanel(Vertical):
 
 
 class ProbesPanel(Vertical):
-    """The locality probe: each prompt's top token unedited and now, and the summary."""
+    """The locality probe (each prompt's top token unedited and now) or an eval file (each
+    case's first token now and whether the target holds), under the summary."""
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="buttons"):
             yield Button("Locality probe", id="probe-run", variant="primary")
+            yield Button("Eval file", id="eval-run")
+        yield Input(placeholder="EasyEdit/KnowEdit JSON file for Eval", id="eval-path")
         yield Label("run the probe to compare the model now with the unedited one", id="probe-summary")
-        table = DataTable(id="probe-table", zebra_stripes=True)
-        table.add_columns("prompt", "unedited", "now", "")
-        yield table
+        yield DataTable(id="probe-table", zebra_stripes=True)
 
     def show(self, table: ev.Table) -> None:
         self.query_one("#probe-summary", Label).update(table.title)
         grid = self.query_one("#probe-table", DataTable)
-        grid.clear()
+        grid.clear(columns=True)
+        grid.add_columns(*table.columns)
         for row in table.rows:
             grid.add_row(*row)
 
@@ -396,10 +398,12 @@ class KeditApp(App[None]):
                 elif pending:
                     emit(ev.Token("".join(pending)))
                 pending.clear()
-                emit(event)
                 last = time.monotonic()
-                if on_event is not None:
+                if on_event is not None and isinstance(event, ev.Table):
+                    emit(ev.Info(event.title))  # the panel shows the rows; the chat log, what happened
                     self.call_from_thread(on_event, event)
+                    continue
+                emit(event)
             if pending:
                 emit(ev.Token("".join(pending)))
 
@@ -582,6 +586,15 @@ class KeditApp(App[None]):
     def _probe(self) -> None:
         panel = self.query_one(ProbesPanel)
         self.run_line("/probe", on_event=lambda e: panel.show(e) if isinstance(e, ev.Table) else None)
+
+    @on(Button.Pressed, "#eval-run")
+    def _eval(self) -> None:
+        path = self.query_one("#eval-path", Input).value.strip()
+        if not path:
+            self.notify("type the eval file's path in the box first", severity="warning")
+            return
+        panel = self.query_one(ProbesPanel)
+        self.run_line(f"/eval {quote(path)}", on_event=lambda e: panel.show(e) if isinstance(e, ev.Table) else None)
 
 
 def main(opener: Callable[[], Any]) -> int:

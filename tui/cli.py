@@ -236,6 +236,33 @@ def bench_steering(shapes: tuple[str, ...], random_layers: int | None, n_vectors
                    f"{r.steered_tps:8.1f} tok/s  ratio {r.ratio:.3f}")
 
 
+@bench.command("tui")
+@click.option("--tokens", default=200, show_default=True, help="Length of the streamed reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@model_options
+def bench_tui(tokens: int, as_json: bool, model: str | None, quant: str | None, dtype: str | None,
+              device: str | None) -> None:
+    """How the Textual app keeps up while a reply streams: UI loop lag and keystroke echo, idle vs generating."""
+    import asyncio
+
+    from kedit.tui.bench_ui import measure
+
+    session = open_session(model, quant, dtype, device)
+    session.config = session.config.with_overrides({"generation.max_new_tokens": tokens,
+                                                    "generation.min_new_tokens": tokens})
+    idle, busy, run = asyncio.run(measure(session, "Where did Watts Humphrey study?"))
+    figures = {"idle": idle.summary(), "generating": busy.summary(), **run}
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(f"{run['tokens']} tokens streamed in {run['seconds']:.2f} s ({run['tokens_per_s']:.0f} tok/s)")
+    for label, r in (("idle", idle), ("generating", busy)):
+        f = r.summary()
+        click.echo(f"  {label:<11} loop lag median {f['lag_median_ms']:6.2f} ms  p95 {f['lag_p95_ms']:6.2f}  "
+                   f"max {f['lag_max_ms']:6.2f} · keystroke echo median {f['echo_median_ms']:6.2f} ms  "
+                   f"p95 {f['echo_p95_ms']:6.2f}  max {f['echo_max_ms']:6.2f}  ({int(f['samples'])} keys)")
+
+
 @main.command("fact-world")
 @click.option("--rebuild", is_flag=True, help="Build again even if a cached copy exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
