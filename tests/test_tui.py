@@ -12,6 +12,7 @@ import torch
 from fact_cases import edit_cases, prompt_logits
 
 from textual.widgets import Button, Switch
+from textual.worker import WorkerFailed
 
 from kedit.tui.app import ChatInput, KeditApp, SteerRow
 from kedit.tui.slider import Slider
@@ -216,5 +217,44 @@ def test_slider_keys_clamp_and_coalesce() -> None:
             await pilot.mouse_up(Slider, offset=(10, 0))
             await pilot.pause()
             assert len(seen) == 1 and seen[0] == slider.value and 0 < slider.value < 1
+
+    asyncio.run(flow())
+
+
+def test_the_model_loads_in_a_worker_and_a_failure_is_a_notification(clean, tmp_path) -> None:
+    from kedit.engine.errors import KeditError
+
+    def fails():
+        raise KeditError("no model 'nope' on the hub or on disk; download it first")
+
+    import threading
+
+    release = threading.Event()
+
+    def slow():
+        release.wait(30)
+        return clean
+
+    async def flow() -> None:
+        app = KeditApp(opener=slow, history_file=tmp_path / "history")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert app.sub_title.startswith("loading")  # interactive before the model is there
+            app.query_one(ChatInput).text = "typing while it loads"
+            await pilot.press("x")
+            assert app.query_one(ChatInput).text == "xtyping while it loads" and app.session is None
+            release.set()
+            await settle(app, pilot)
+            assert app.session is clean and app.sub_title.startswith("fact-world · float32 · cpu")
+        app = KeditApp(opener=fails, history_file=tmp_path / "history")
+        async with app.run_test(size=(80, 24)) as pilot:
+            with pytest.raises(WorkerFailed):  # the worker failed; the app did not
+                await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert app.session is None and app.sub_title == "no model loaded"
+            assert [n.message for n in app._notifications] == [
+                "no model 'nope' on the hub or on disk; download it first"]
+            await send(app, pilot, "hello")
+            assert "no model is loaded" in [n.message for n in app._notifications][-1]
 
     asyncio.run(flow())

@@ -10,6 +10,7 @@ the UI thread; a failure becomes a notification, never a crash.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import (Button, Checkbox, DataTable, Footer, Header, Input, Label, Markdown, ProgressBar,
                              Select, Sparkline, Static, Switch, TabbedContent, TabPane, TextArea)
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from kedit.engine import events as ev
 from kedit.engine.commands import quote
@@ -311,6 +312,8 @@ class KeditApp(App[None]):
         self._reply_box: Markdown | None = None
         self._stream: Any = None
         self._reply_text = ""
+        self._turns = threading.Condition()
+        self._tickets = self._turn = 0
 
     # -- layout --------------------------------------------------------------------------
 
@@ -359,19 +362,35 @@ class KeditApp(App[None]):
     def engine(self, job: Callable[[Callable[[ev.Event], None]], Any],
                done: Callable[[], Any] | None = None) -> Worker:
         """Run ``job(emit)`` in a thread worker; ``emit`` shows an event on the UI thread.
-        ``done`` runs on the UI thread afterwards, whether the job worked or not."""
-        return self._engine_worker(job, done)
+        ``done`` runs on the UI thread afterwards, whether the job worked or not. Jobs run
+        one at a time in the order they were asked for, so two slider moves land in order."""
+        ticket = self._tickets
+        self._tickets += 1
+        return self._engine_worker(job, done, ticket)
 
     @work(thread=True, exit_on_error=False, group="engine")
     def _engine_worker(self, job: Callable[[Callable[[ev.Event], None]], Any],
-                       done: Callable[[], Any] | None) -> Any:
+                       done: Callable[[], Any] | None, ticket: int) -> Any:
+        worker = get_current_worker()
+        with self._turns:
+            while self._turn != ticket:
+                if worker.is_cancelled:
+                    return None
+                self._turns.wait(0.1)
         try:
             return job(lambda event: self.call_from_thread(self.show_event, event))
         finally:
-            if done is not None:
-                self.call_from_thread(done)
-            if self.session is not None:
-                self.call_from_thread(self.refresh_panels)
+            with self._turns:
+                self._turn += 1
+                self._turns.notify_all()
+            if not worker.is_cancelled:
+                try:
+                    if done is not None:
+                        self.call_from_thread(done)
+                    if self.session is not None:
+                        self.call_from_thread(self.refresh_panels)
+                except RuntimeError:  # the app closed meanwhile
+                    pass
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group == "engine" and event.state == WorkerState.ERROR:
@@ -464,7 +483,9 @@ class KeditApp(App[None]):
 
     def submit(self, text: str) -> None:
         if self.session is None:
-            self.notify("the model is still loading", severity="warning")
+            loading = self.sub_title.startswith("loading")
+            self.notify("the model is still loading" if loading else "no model is loaded: see the error above, "
+                        "then restart with --model", severity="warning")
             return
         self.log_line(("" if text.startswith("/") else "**you:** ") + text.replace("\n", "  \n"),
                       classes="user")
