@@ -11,7 +11,7 @@ import pytest
 import torch
 from fact_cases import edit_cases, prompt_logits
 
-from textual.widgets import Button, Switch
+from textual.widgets import Button, Checkbox, Sparkline, Switch
 from textual.worker import WorkerFailed
 
 from kedit.tui.app import ChatInput, KeditApp, SteerRow
@@ -82,6 +82,14 @@ def test_whole_flow(clean, tmp_path) -> None:
             assert [r[0] for r in rows] == [e.id for e in session.edits]
             assert [r[3] for r in rows] == ["1.00", "1.00"]  # Rel: the new target is the argmax
             assert all(float(r[4]) >= 0.9 for r in rows)  # Loc
+
+            # re-probe the selected edit: the engine measures it again
+            session.edits[1].probe = None
+            table.move_cursor(row=1)
+            app.query_one("#reprobe", Button).press()
+            await settle(app, pilot)
+            assert session.edits[1].probe is not None and session.edits[1].probe.rel == 1.0
+            assert table.get_row_at(1)[3] == "1.00"
 
             # 4. roll back the selected (first) edit: the engine holds only the second
             first, second = (e.id for e in session.edits)
@@ -258,3 +266,77 @@ def test_the_model_loads_in_a_worker_and_a_failure_is_a_notification(clean, tmp_
             assert "no model is loaded" in [n.message for n in app._notifications][-1]
 
     asyncio.run(flow())
+
+
+def test_steering_panel_merge_save_and_sweep(clean, tmp_path) -> None:
+    session = clean
+    gentle = REPO / "vectors" / "fact-world-mood-gentle.safetensors"
+
+    async def tick(app, pilot, names) -> None:
+        for row in app.query(SteerRow):
+            row.query_one(Checkbox).value = row.vector_name in names
+        await pilot.pause()
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        async with app.run_test(size=(100, 32)) as pilot:
+            await pilot.press("f3")
+            await pilot.pause()
+            for path in (MOOD, gentle):
+                app.query_one("#steer-path").value = str(path)
+                app.query_one("#steer-load", Button).press()
+                await settle(app, pilot)
+            await tick(app, pilot, {"fact-world-mood", "fact-world-mood-gentle"})
+            app.query_one("#steer-merge", Button).press()
+            await settle(app, pilot)
+            merged = "fact-world-mood+fact-world-mood-gentle"
+            assert {n: s.on for n, s in session.steering.slots.items()} == {
+                "fact-world-mood": False, "fact-world-mood-gentle": False, merged: True}
+            assert [r.vector_name for r in app.query(SteerRow)] == list(session.steering.slots)
+
+            await tick(app, pilot, {merged})
+            out = tmp_path / "merged.safetensors"
+            app.query_one("#steer-path").value = str(out)
+            app.query_one("#steer-save", Button).press()
+            await settle(app, pilot)
+            assert out.is_file()
+
+            await tick(app, pilot, {"fact-world-mood"})
+            app.query_one("#steer-path").value = str(REPO / "vectors" / "mood_heldout.jsonl")
+            app.query_one("#steer-sweep", Button).press()
+            await settle(app, pilot)
+            margins = app.query_one("#sweep-margin", Sparkline).data
+            assert len(margins) == 5 and margins[-1] > margins[0]  # more strength, more of the mood
+            assert session.steering.slots["fact-world-mood"].on is False  # the sweep put the slot back
+
+    asyncio.run(flow())
+
+
+def test_stop_key_ends_a_reply_and_f5_copies_it(clean, tmp_path) -> None:
+    session = clean
+    config = session.config
+    session.config = config.with_overrides({"generation.max_new_tokens": 200, "generation.min_new_tokens": 200})
+    copied: list[str] = []
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        app.copy_to_clipboard = copied.append
+        async with app.run_test(size=(100, 32)) as pilot:
+            box = app.query_one(ChatInput)
+            box.text = "Where did Watts Humphrey study?"
+            box.action_send()  # (pilot.press would wait for the app to go idle: after the reply)
+            for _ in range(5000):
+                if session.generating:
+                    break
+                await asyncio.sleep(0.001)
+            await pilot.press("escape")
+            await settle(app, pilot)
+            assert 0 < session.last_token_count < 200
+            assert "[stopped]" in [m.source for m in app.query("#chat-log Markdown")][-1]
+            await pilot.press("f5")
+            assert copied == [app.last_reply] and app.last_reply
+
+    try:
+        asyncio.run(flow())
+    finally:
+        session.config = config

@@ -293,7 +293,7 @@ class KeditApp(App[None]):
     TITLE = "kedit"
     BINDINGS = [
         Binding("escape", "stop", "stop reply"),
-        Binding("ctrl+y", "copy_reply", "copy reply"),
+        Binding("f5", "copy_reply", "copy reply"),
         Binding("f1", "help", "help"),
         Binding("f2", "panel('edits')", "edits"),
         Binding("f3", "panel('steering')", "steering"),
