@@ -311,7 +311,6 @@ class KeditApp(App[None]):
         self.last_reply = ""
         self._reply_box: Markdown | None = None
         self._stream: Any = None
-        self._reply_text = ""
         self._turns = threading.Condition()
         self._tickets = self._turn = 0
 
@@ -322,7 +321,9 @@ class KeditApp(App[None]):
         with Horizontal(id="main"):
             with Vertical(id="chat"):
                 yield VerticalScroll(id="chat-log")
-                yield ProgressBar(id="progress", show_eta=False)
+                with Horizontal(id="progress"):
+                    yield Label("", id="progress-label")
+                    yield ProgressBar(show_eta=False)
                 yield ChatInput(self._history_file, id="chat-input",
                                 placeholder="chat, or /command · ctrl+j sends · tab completes")
             with TabbedContent(id="panels", initial="edits"):
@@ -336,7 +337,7 @@ class KeditApp(App[None]):
 
     def on_mount(self) -> None:
         self.query_one("#chat-log", VerticalScroll).anchor()
-        self.query_one("#progress", ProgressBar).display = False
+        self.query_one("#progress").display = False
         self.query_one(ChatInput).focus()
         if self.session is None:
             self.sub_title = "loading the model …"
@@ -442,10 +443,8 @@ class KeditApp(App[None]):
         self._hide_progress()
         if isinstance(event, ev.Token):
             if self._reply_box is None:
-                self._reply_text = ""
                 self._reply_box = self.log_line("", classes="assistant")
                 self._stream = Markdown.get_stream(self._reply_box)
-            self._reply_text += event.text
             await self._stream.write(event.text)
         elif isinstance(event, ev.Reply):
             if self._stream is not None:
@@ -464,16 +463,16 @@ class KeditApp(App[None]):
         else:
             text = event_text(event)
             if text is not None:
-                self.log_line(f"```\n{text}\n```" if isinstance(event, ev.Table) else text)
+                # tables and charts keep their columns; one-line messages read as prose
+                self.log_line(f"```\n{text}\n```" if "\n" in text else text)
 
     def _show_progress(self, label: str, done: int | None, total: int | None) -> None:
-        bar = self.query_one("#progress", ProgressBar)
-        bar.display = True
-        bar.update(total=total, progress=done or 0)
-        bar.tooltip = label
+        self.query_one("#progress").display = True
+        self.query_one("#progress-label", Label).update(label)
+        self.query_one("#progress ProgressBar", ProgressBar).update(total=total, progress=done or 0)
 
     def _hide_progress(self) -> None:
-        self.query_one("#progress", ProgressBar).display = False
+        self.query_one("#progress").display = False
 
     async def refresh_panels(self) -> None:
         self.query_one(EditsPanel).show(self.session.edits)
