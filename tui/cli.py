@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 import click
@@ -91,6 +92,60 @@ def tui(model: str | None, quant: str | None, dtype: str | None, device: str | N
 
     _quiet_libraries()
     sys.exit(app.main(lambda: Session.open(model, quant=quant, dtype=dtype, device=device, show_progress=False)))
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report instead.")
+@model_options
+def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str | None, dtype: str | None,
+           device: str | None) -> None:
+    """Replay recipes (TOML files of commands and expectations).
+
+    Exit code 0: every expectation held; 1: one failed; 2: a recipe is malformed
+    (the message names the file and the line). --model replaces each recipe's model.
+    """
+    from kedit.engine.recipes import RecipeError, load_recipe, replay as replay_recipe
+    from kedit.engine.session import Session
+
+    recipes = []
+    for path in files:
+        try:
+            recipes.append(load_recipe(path, Session.registry))
+        except RecipeError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(ExitCode.USAGE)
+    sessions: dict[tuple, Any] = {}
+    report, failed = [], False
+    for recipe in recipes:
+        options = (model or recipe.model.get("name"), quant or recipe.model.get("quant"),
+                   dtype or recipe.model.get("dtype"), device or recipe.model.get("device"))
+        if options not in sessions:
+            sessions[options] = open_session(*options)
+        session = sessions[options]
+        if not as_json:
+            click.echo(f"{recipe.path} · {session.handle.name}")
+
+        def show(result) -> None:
+            if as_json:
+                return
+            mark = "ok  " if result.ok else "FAIL"
+            click.echo(f"  {mark} line {result.step.line}: {result.step.run}")
+            for check in result.checks:
+                click.echo(f"         {'✓' if check.ok else '✗'} {check.what}")
+            if not result.ok:
+                click.echo("         output: " + result.text.replace("\n", "\n                 ")[:2000])
+
+        results = replay_recipe(session, recipe, show)
+        ok = all(r.ok for r in results)
+        failed = failed or not ok
+        report.append({"recipe": str(recipe.path), "model": session.handle.name, "ok": ok,
+                       "steps": [r.as_dict() for r in results]})
+        if not as_json:
+            click.echo(f"  {'passed' if ok else 'FAILED'}: {sum(r.ok for r in results)}/{len(results)} steps")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    sys.exit(ExitCode.FAILED if failed else ExitCode.OK)
 
 
 def run_lines(session: Any, lines: list[str]) -> None:
