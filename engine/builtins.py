@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kedit.engine import events as ev
 from kedit.engine.commands import REGISTRY, Param
+from kedit.engine.errors import KeditError
 from kedit.engine.model import QUANTS
 
 if TYPE_CHECKING:
@@ -67,3 +69,30 @@ def cmd_reset(session: Session) -> Iterator[ev.Event]:
 @REGISTRY.command("quit", "Leave kedit.", aliases=("exit", "q"))
 def cmd_quit(session: Session) -> Iterator[ev.Event]:
     yield ev.Quit()
+
+
+@REGISTRY.command(
+    "record", "Record this session's commands and chat as a recipe that `kedit replay` runs.",
+    Param("action", "start or stop", choices=("start", "stop")),
+    Param("path", "the recipe to write (with start), e.g. session.toml", required=False, metavar="FILE"),
+)
+def cmd_record(session: Session, action: str, path: str | None) -> Iterator[ev.Event]:
+    from kedit.engine.recipes import Recorder
+
+    if action == "start":
+        if session.recorder is not None:
+            raise KeditError(f"already recording to {session.recorder.path}; /record stop first")
+        if not path:
+            raise KeditError("say where the recipe goes: /record start FILE.toml")
+        if session.edits or session.steering.slots:
+            raise KeditError("a recipe starts from the model as loaded: /undo the edits and /steer remove "
+                             "the vectors first, or save the session with /save")
+        session.recorder = Recorder(Path(path), session.handle.name)
+        session.reset()
+        yield ev.Info(f"recording to {path} (the chat was reset); /record stop writes it")
+        return
+    if session.recorder is None:
+        raise KeditError("not recording; /record start FILE.toml begins")
+    recorder, session.recorder = session.recorder, None
+    written = recorder.write()
+    yield ev.Info(f"wrote {len(recorder.steps)} step(s) to {written}; kedit replay {written} runs them")

@@ -22,6 +22,7 @@ start from the model as loaded: no edits, no vectors, an empty chat.
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from dataclasses import dataclass, field
@@ -206,8 +207,9 @@ def run_step(session, step: Step) -> StepResult:
     return StepResult(step, text, checks)
 
 
-def replay(session, recipe: Recipe, on_step=None) -> list[StepResult]:
-    """Run every step from a clean model; ``on_step(result)`` sees each as it finishes."""
+def replay(session, recipe: Recipe, on_step=None, keep: bool = False) -> list[StepResult]:
+    """Run every step from a clean model; ``on_step(result)`` sees each as it finishes.
+    Afterwards the model is clean again, unless ``keep`` leaves what the recipe built."""
     clear(session)
     results = []
     try:
@@ -216,6 +218,45 @@ def replay(session, recipe: Recipe, on_step=None) -> list[StepResult]:
             results.append(result)
             if on_step is not None:
                 on_step(result)
-    finally:
+    except BaseException:
+        clear(session)
+        raise
+    if not keep:
         clear(session)
     return results
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+class Recorder:
+    """Writes what a live session does as a recipe: every command and chat turn that worked,
+    in order, each chat reply as an expectation, so the recipe replays to the same result."""
+
+    def __init__(self, path: Path, model: str) -> None:
+        self.path, self.model = Path(path), model
+        self.steps: list[tuple[str, list[ev.Event]]] = []
+
+    def add(self, line: str, events: list[ev.Event]) -> None:
+        if line.startswith("/record") or any(isinstance(e, (ev.Error, ev.Quit)) for e in events):
+            return
+        self.steps.append((line, [e for e in events if isinstance(e, ev.Reply)]))
+
+    def text(self) -> str:
+        out = ["# Recorded by kedit /record; replay with: kedit replay " + self.path.name, "",
+               "[model]", f"name = {_toml_string(self.model)}"]
+        for line, replies in self.steps:
+            out += ["", "[[step]]", f"run = {_toml_string(line)}"]
+            said = [r.text.strip() for r in replies if r.text.strip() and not r.stopped]
+            if said:
+                out.append(f"expect_contains = {_toml_string(said[-1])}")
+        return "\n".join(out) + "\n"
+
+    def write(self) -> Path:
+        from kedit.engine.paths import atomic_path
+
+        with atomic_path(self.path) as tmp:
+            Path(tmp).write_text(self.text(), encoding="utf-8")
+        return self.path

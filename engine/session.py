@@ -64,6 +64,7 @@ class Session:
         self.ledger = Ledger()
         self._contexts: dict[tuple[int, int], list[str]] = {}
         self._rack: Any = None
+        self.recorder: Any = None  # a kedit.engine.recipes.Recorder while /record runs
 
     @classmethod
     def open(cls, model: str | None = None, *, quant: str | None = None, dtype: str | None = None,
@@ -189,9 +190,15 @@ class Session:
         if not line:
             return
         if line.startswith("/") and not line.startswith("//"):
-            yield from self._command(line)
-            return
-        yield from self._chat_turn(line[1:] if line.startswith("//") else line)
+            events = self._command(line)
+        else:
+            events = self._chat_turn(line[1:] if line.startswith("//") else line)
+        seen: list[ev.Event] = []
+        for event in events:
+            seen.append(event)
+            yield event
+        if self.recorder is not None:
+            self.recorder.add(line, seen)
 
     def _command(self, line: str) -> Iterator[ev.Event]:
         parsed = self.registry.parse(line)

@@ -77,3 +77,50 @@ def test_load_recipe_refuses_a_missing_file(tmp_path) -> None:
 
     with pytest.raises(RecipeError, match="cannot read it"):
         load_recipe(tmp_path / "none.toml", Session.registry)
+
+
+def test_a_recorded_session_replays_to_the_same_model(session, tmp_path) -> None:
+    """/record writes what worked; replaying it from a clean model gives the same edits,
+    the same vectors and logits equal with torch.equal."""
+    from kedit.engine import events as ev
+    from kedit.engine.recipes import clear
+    from kedit.engine.session import Session
+
+    path = tmp_path / "recorded.toml"
+    lines = ["/record start " + str(path),
+             '/edit "Watts Humphrey attended" -> "University of Michigan" --method rome',
+             "/rollback e999",  # fails: not recorded
+             '/edit "Wystan Galloway was born in" -> "Harrowgate" --method grace',
+             "/steer add vectors/fact-world-mood.safetensors 0.5",
+             "Where did Watts Humphrey study?",
+             "/record stop"]
+    for line in lines:
+        events = list(session.run(line))
+        assert any(isinstance(e, ev.Error) for e in events) == (line == "/rollback e999"), (line, events)
+    probe = ["Watts Humphrey attended", "Wystan Galloway was born in", "Wystan Galloway feels"]
+    live = prompt_logits(session, probe)
+    edits = [(e.method, e.prompt, e.target) for e in session.edits]
+    try:
+        recipe = load_recipe(path, Session.registry)
+        assert [s.run for s in recipe.steps] == lines[1:2] + lines[3:6]
+        assert recipe.steps[-1].contains and "University of Michigan" in recipe.steps[-1].contains[0]
+        results = replay(session, recipe, keep=True)
+        assert all(r.ok for r in results), [(r.step.run, r.checks) for r in results]
+        assert [(e.method, e.prompt, e.target) for e in session.edits] == edits
+        assert list(session.steering.slots) == ["fact-world-mood"]
+        assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), live))
+    finally:
+        clear(session)
+
+
+def test_record_refuses_to_start_on_an_edited_model_or_stop_when_idle(session, tmp_path) -> None:
+    from kedit.engine import events as ev
+
+    assert "not recording" in list(session.run("/record stop"))[0].message
+    edit = session.edit("Watts Humphrey attended", "Kestrel Technical School", method="grace")
+    try:
+        out = list(session.run(f"/record start {tmp_path / 'r.toml'}"))
+        assert isinstance(out[0], ev.Error) and "starts from the model as loaded" in out[0].message
+        assert session.recorder is None
+    finally:
+        session.rollback(edit.id)
