@@ -7,7 +7,8 @@ KnowEdit's datasets use:
 - paraphrases: ``rephrase_prompt``, ``rephrase`` or ``rephrase_prompts`` (a string or a list);
 - locality: ``locality_prompt`` + ``locality_ground_truth``, ZsRE's ``loc`` + ``loc_ans``, or
   KnowEdit's ``locality: {kind: [{prompt, ground_truth}, ...]}`` (also a single dict);
-- portability: KnowEdit's ``portability: {kind: [{prompt, ground_truth}, ...]}``.
+- portability: KnowEdit's ``portability: {kind: [{prompt, ground_truth}, ...]}``, or ZsRE's
+  ``portability: {New Question, New Answer}``.
 
 A ground truth given as a list (of answers, or of lists of aliases) counts its first answer.
 
@@ -34,6 +35,7 @@ from kedit.engine.metrics import mean_accuracy, teacher_forced
 class EvalCase:
     prompt: str
     target: str
+    subject: str | None = None
     rephrase: list[str] = field(default_factory=list)
     locality: list[tuple[str, str]] = field(default_factory=list)
     portability: list[tuple[str, str]] = field(default_factory=list)
@@ -66,6 +68,9 @@ def _answer(value: Any) -> str | None:
 def _pairs(block: Any) -> list[tuple[str, str]]:
     """KnowEdit's {kind: [{prompt, ground_truth}]} (or a bare list or dict) as (prompt, answer)."""
     items: list[Any] = []
+    if isinstance(block, dict) and "New Question" in block:  # ZsRE's portability
+        answer = _answer(block.get("New Answer"))
+        return [(str(block["New Question"]), answer)] if block["New Question"] and answer else []
     if isinstance(block, dict) and "prompt" in block:
         items = [block]
     elif isinstance(block, dict):
@@ -98,7 +103,9 @@ def _case(record: Any, where: str) -> EvalCase:
         answer = _answer(record.get(a_key))
         if record.get(p_key) and answer:
             locality.append((str(record[p_key]), answer))
-    return EvalCase(str(prompt), target, rephrase, locality, _pairs(record.get("portability", {})))
+    subject = record.get("subject")
+    return EvalCase(str(prompt), target, str(subject) if subject else None, rephrase, locality,
+                    _pairs(record.get("portability", {})))
 
 
 def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
@@ -155,3 +162,66 @@ def evaluate(handle, cases: Sequence[EvalCase],
             progress("scoring the eval file", i + 1, len(rel))
     return EvalResult(len(cases), mean_accuracy(scored), _score(model, tok, gen), _score(model, tok, loc),
                       _score(model, tok, port), rows)
+
+
+# -- editing, then measuring: `kedit eval` ------------------------------------------------
+
+
+def _measure(handle, case: EvalCase, loc, before) -> dict[str, Any]:
+    """EasyEdit's four figures for one case with its edit in force: the probe's own code for
+    Rel, Gen and Loc (unchanged argmax share against ``before``), and Port."""
+    from kedit.engine.probes import probe
+
+    model, tok = handle.model, handle.tokenizer
+    port = _score(model, tok, case.portability)
+    if not loc.prompts:
+        return {"rel": _score(model, tok, [(case.prompt, case.target)]),
+                "gen": _score(model, tok, [(r, case.target) for r in case.rephrase]), "loc": None, "port": port}
+    result = probe(handle, case.prompt, as_continuation(case.prompt, case.target), case.rephrase, loc, before)
+    return {"rel": result.rel, "gen": result.gen, "loc": result.loc, "port": port}
+
+
+def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, sequential: bool,
+                     progress: Callable[[str, int, int], None] | None = None,
+                     on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Edit each case and measure it, EasyEdit's way. Single mode: each edit is measured and
+    rolled back before the next. Sequential: every edit is made, then all are measured after
+    the last, then all are rolled back. The model ends as it began."""
+    from kedit.engine.probes import LocalitySet, snapshot
+
+    handle = session.handle
+    locs = [LocalitySet([p for p, _ in c.locality], [as_continuation(p, a) for p, a in c.locality]) for c in cases]
+    befores = [snapshot(handle, loc) if loc.prompts else [] for loc in locs]  # the unedited model's
+    rows: list[dict[str, Any]] = []
+    made = []
+    try:
+        for i, case in enumerate(cases):
+            edit = session.edit(case.prompt, case.target, subject=case.subject, method=method)
+            made.append(edit)
+            row = {"case": i, "prompt": case.prompt, "target": case.target, "method": edit.method,
+                   "seconds": edit.seconds}
+            if not sequential:
+                row.update(_measure(handle, case, locs[i], befores[i]))
+                session.rollback(made.pop().id)
+                if on_record:
+                    on_record(row)
+            rows.append(row)
+            if progress:
+                progress(f"{'sequential' if sequential else 'single'} edits", i + 1, len(cases))
+        if sequential:
+            for i, case in enumerate(cases):
+                rows[i].update(_measure(handle, case, locs[i], befores[i]))
+                if on_record:
+                    on_record(rows[i])
+    finally:
+        for edit in reversed(made):
+            session.rollback(edit.id)
+    return rows
+
+
+def averages(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in ("rel", "gen", "loc", "port"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out

@@ -148,6 +148,53 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
     sys.exit(ExitCode.FAILED if failed else ExitCode.OK)
 
 
+@main.command("eval")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+              help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.")
+@click.option("--method", default=None, type=click.Choice(["rome", "grace", "wise"]),
+              help="Editing method (default: [edit] method in kedit.toml).")
+@click.option("--sequential", default=None, type=int, metavar="N",
+              help="Make the first N edits one after another and measure all after the last "
+                   "(default: each edit alone, rolled back before the next).")
+@click.option("--limit", default=None, type=int, help="Only the first N records (single mode).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per record, then the averages.")
+@model_options
+def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int | None, as_json: bool,
+             model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Edit each record of a dataset and measure Rel, Gen, Loc and Port as EasyEdit defines them."""
+    from kedit.engine.evaluate import averages, edit_and_measure, read_cases
+
+    if sequential is not None and sequential < 1 or limit is not None and limit < 1:
+        raise click.BadParameter("--sequential and --limit take a positive number")
+    try:
+        cases = read_cases(data, sequential or limit)
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    session = open_session(model, quant, dtype, device)
+
+    def record(row: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(row))
+
+    def progress(label: str, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\r{label}: {done}/{total}", err=True, nl=done == total)
+
+    try:
+        rows = edit_and_measure(session, cases, method, bool(sequential), progress, record)
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    mean = averages(rows)
+    mode = f"sequential ({len(rows)} edits, measured after the last)" if sequential else "single (each rolled back)"
+    if as_json:
+        click.echo(json.dumps({"summary": {"data": str(data), "mode": "sequential" if sequential else "single",
+                                           "n": len(rows), **mean}}))
+        return
+    fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    click.echo(f"{data}: {len(rows)} record(s), {rows[0]['method'] if rows else method}, {mode}")
+    click.echo("  " + "  ".join(f"{k.capitalize()} {fmt(v)}" for k, v in mean.items()))
+
+
 def run_lines(session: Any, lines: list[str]) -> None:
     """Run slash commands as the REPL would, printing what they print; the first error
     ends the run with exit code 1."""
