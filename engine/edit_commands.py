@@ -173,6 +173,18 @@ def cmd_eval(session: Session, path: str, limit: int | None) -> Iterator[ev.Even
     yield ev.Table(f"{path}: {r.summary()}", ("prompt", "target", "now", "hit"), tuple(r.rows))
 
 
+@REGISTRY.command("export", "Write the model with its ROME edits merged into the weights as a transformers "
+                  "folder; vectors that are on go beside it as GGUF.",
+                  Param("path", "a new folder", metavar="DIR"))
+def cmd_export(session: Session, path: str) -> Iterator[ev.Event]:
+    from kedit.engine.export import export_model
+
+    done = export_model(session, Path(path))
+    vectors = f", and {len(done['vectors'])} steering vector(s) as GGUF" if done["vectors"] else ""
+    yield ev.Info(f"exported to {done['folder']}: {len(done['edits'])} edit(s) merged into "
+                  f"{len(done['merged_modules'])} module(s){vectors}; AutoModelForCausalLM.from_pretrained loads it")
+
+
 @REGISTRY.command("save", "Save the session's edits and chat to a file (atomically).",
                   Param("path", "file to write, e.g. session.kedit"))
 def cmd_save(session: Session, path: str) -> Iterator[ev.Event]:

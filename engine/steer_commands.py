@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,10 +175,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
             return
         if action == "save":
             path = Path(_need(b, "where to save it", "/steer save NAME PATH"))
-            vector = rack.vector(name)
-            slot = rack.slots[name]
-            if not slot.relative:  # the strength in use is the one the file recommends
-                vector = dataclasses.replace(vector, strength=slot.strength)
+            vector = rack.in_use(name)  # the file recommends the strength in use
             if path.suffix == ".gguf":
                 path, dropped = export_gguf(vector, path)
                 note = " (layer 0 left out: llama.cpp cannot steer it)" if dropped else ""

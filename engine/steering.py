@@ -18,6 +18,8 @@ right and read by their own lengths, so padding never enters a mean.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -259,6 +261,11 @@ class SteeringRack:
     def switch(self, name: str, on: bool) -> None:
         self._slot(name).on = on
         self._rebuild()
+
+    def in_use(self, name: str) -> SteeringVector:
+        """The vector as racked: it recommends the strength in use (unless that is relative)."""
+        vector, slot = self.vector(name), self._slot(name)
+        return vector if slot.relative else dataclasses.replace(vector, strength=slot.strength)
 
     def vector(self, name: str) -> SteeringVector:
         return self._slot(name).vector

@@ -12,7 +12,8 @@ def test_engine_imports_no_ui_library() -> None:
         "import kedit.engine, kedit.engine.session, kedit.engine.builtins, kedit.engine.model\n"
         "import kedit.engine.factworld.build, kedit.engine.factworld.recall, kedit.engine.metrics\n"
         "import kedit.engine.editing, kedit.engine.trace, kedit.engine.probes, kedit.engine.recipes\n"
-        "import kedit.engine.evaluate, kedit.engine.steering, kedit.engine.vector_io, kedit.engine.bench\n"
+        "import kedit.engine.evaluate, kedit.engine.export, kedit.engine.steering, kedit.engine.vector_io\n"
+        "import kedit.engine.bench\n"
         "import kedit.engine.methods.rome.method, kedit.engine.methods.rome.stats\n"
         f"print(','.join(m for m in {UI_LIBRARIES!r} if m in sys.modules))\n"
     )

@@ -195,6 +195,48 @@ def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int 
     click.echo("  " + "  ".join(f"{k.capitalize()} {fmt(v)}" for k, v in mean.items()))
 
 
+@main.command("export")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="Replay this recipe first; the edits and vectors it leaves are exported.")
+@click.option("--session", "saved", type=click.Path(path_type=Path), default=None,
+              help="Load this saved session (/save) first.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@model_options
+def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_json: bool, model: str | None,
+               quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Write an edited model as a transformers folder (ROME edits merged into the weights)."""
+    from kedit.engine.export import export_model
+    from kedit.engine.persist import load_session
+    from kedit.engine.recipes import RecipeError, load_recipe, replay as replay_recipe
+    from kedit.engine.session import Session
+
+    if (recipe is None) == (saved is None):
+        raise click.UsageError("give the edits to export: --recipe FILE or --session FILE")
+    try:
+        steps = load_recipe(recipe, Session.registry) if recipe is not None else None
+    except RecipeError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(ExitCode.USAGE)
+    session = open_session(model or (steps.model.get("name") if steps else None), quant, dtype, device)
+    try:
+        if steps is not None:
+            failed = [r for r in replay_recipe(session, steps, keep=True) if not r.ok]
+            if failed:
+                raise KeditError(f"{recipe}: step at line {failed[0].step.line} failed "
+                                 f"({[c.what for c in failed[0].checks if not c.ok][0]}); nothing exported")
+        else:
+            load_session(session, saved)
+        done = export_model(session, out)
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+    else:
+        click.echo(f"wrote {done['folder']}: {len(done['edits'])} edit(s) merged into "
+                   f"{len(done['merged_modules'])} module(s); vectors: {', '.join(done['vectors']) or 'none'}")
+
+
 def run_lines(session: Any, lines: list[str]) -> None:
     """Run slash commands as the REPL would, printing what they print; the first error
     ends the run with exit code 1."""
