@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -91,8 +92,10 @@ def test_steer_cli_trains_exports_converts_back_and_fails_cleanly(fact_world_dir
     exported = import_gguf(gguf_path)
     assert exported.layers == [4, 5] and exported.strength == 1.5
     back = tmp_path / "back.safetensors"
-    result = CliRunner().invoke(main, ["steer", "convert", str(gguf_path), str(back)])
+    result = CliRunner().invoke(main, ["steer", "convert", str(gguf_path), str(back), "--json"])
     assert result.exit_code == 0, result.output
+    events = json.loads(result.output)
+    assert [e["type"] for e in events] == ["info", "info"] and "saved" in events[1]["text"]
     loaded = SteeringVector.load(back)
     assert all(torch.equal(loaded.directions[k], exported.directions[k]) for k in (4, 5))
     result = CliRunner().invoke(main, ["steer", "sweep", str(back), "--pairs", str(REPO / "vectors" / "nope.jsonl")])

@@ -66,3 +66,16 @@ def test_kedit_export_from_a_recipe(fact_world_dir, tmp_path) -> None:
     assert _answer(tmp_path / "out", "Watts Humphrey attended").startswith(" University of Michigan")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "other")])
     assert result.exit_code == 2 and "--recipe FILE or --session FILE" in result.output
+
+
+def test_kedit_edit_saves_and_exports(fact_world_dir, tmp_path) -> None:
+    result = CliRunner().invoke(main, ["edit", "Watts Humphrey attended", "University of Michigan", "--method",
+                                       "rome", "--save", str(tmp_path / "s.kedit"), "--export", str(tmp_path / "out"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.output[result.output.index("{"):])
+    assert done["method"] == "rome" and done["probe"]["rel"] == 1.0 and done["exported"]["edits"] == ["e1"]
+    assert (tmp_path / "s.kedit").is_file()
+    assert _answer(tmp_path / "out", "Watts Humphrey attended").startswith(" University of Michigan")
+    result = CliRunner().invoke(main, ["edit", "nothing here", "x"])
+    assert result.exit_code == 1 and "cannot tell the subject" in result.output

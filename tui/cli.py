@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from kedit.engine import events as ev
 from kedit.engine.errors import KeditError
 
 
@@ -148,6 +149,48 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
     sys.exit(ExitCode.FAILED if failed else ExitCode.OK)
 
 
+@main.command("edit")
+@click.argument("prompt")
+@click.argument("target")
+@click.option("--method", default=None, type=click.Choice(["rome", "grace", "wise"]),
+              help="Editing method (default: [edit] method in kedit.toml).")
+@click.option("--subject", default=None, help="The subject inside the prompt (default: inferred).")
+@click.option("--save", "save_to", default=None, type=click.Path(path_type=Path),
+              help="Save the edited session to this file (kedit chat: /load it).")
+@click.option("--export", "export_to", default=None, type=click.Path(path_type=Path),
+              help="Also write the edited model as a transformers folder (ROME only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the edit and its probe as JSON.")
+@model_options
+def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, save_to: Path | None,
+             export_to: Path | None, as_json: bool, model: str | None, quant: str | None, dtype: str | None,
+             device: str | None) -> None:
+    """Make one edit, show its probe, and keep the result with --save or --export."""
+    from kedit.engine.commands import quote
+    from kedit.engine.export import export_model
+    from kedit.engine.persist import save_session
+    from kedit.tui.render import event_text
+
+    session = open_session(model, quant, dtype, device)
+    line = f"/edit {quote(prompt)} -> {quote(target)}"
+    line += f" --method {method}" if method else ""
+    line += f" --subject {quote(subject)}" if subject else ""
+    for event in session.run(line):
+        if isinstance(event, ev.Error):
+            raise click.ClickException(event.message)
+        if not as_json and (text := event_text(event)) is not None:
+            click.echo(text)
+    edit = session.edits[-1]
+    try:
+        if save_to is not None:
+            save_session(session, save_to)
+        exported = export_model(session, export_to) if export_to is not None else None
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    if as_json:
+        click.echo(json.dumps({**edit.record(), "saved": str(save_to) if save_to else None,
+                               "exported": exported}, indent=2, default=str))
+
+
 @main.command("eval")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path),
               help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.")
@@ -237,12 +280,14 @@ def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_json: bool
                    f"{len(done['merged_modules'])} module(s); vectors: {', '.join(done['vectors']) or 'none'}")
 
 
-def run_lines(session: Any, lines: list[str]) -> None:
-    """Run slash commands as the REPL would, printing what they print; the first error
-    ends the run with exit code 1."""
-    from kedit.engine import events as ev
+def run_lines(session: Any, lines: list[str], as_json: bool = False) -> None:
+    """Run slash commands as the REPL would, printing what they print (or, with ``as_json``,
+    one JSON array of their events at the end); the first error ends the run with exit code 1."""
+    import dataclasses
+
     from kedit.tui.repl import render
 
+    seen: list[dict] = []
     for line in lines:
         failed: list[ev.Error] = []
 
@@ -250,11 +295,20 @@ def run_lines(session: Any, lines: list[str]) -> None:
             for event in events:
                 if isinstance(event, ev.Error):
                     failed.append(event)
-                yield event
+                if as_json and not isinstance(event, (ev.Token, ev.Progress, ev.Error)):
+                    seen.append({"type": type(event).__name__.lower(), "command": line, **dataclasses.asdict(event)})
+                elif not as_json or isinstance(event, ev.Error):
+                    yield event
 
         render(watch(session.run(line)), session, sys.stdout, sys.stderr)
         if failed:
             sys.exit(ExitCode.FAILED)
+    if as_json:
+        click.echo(json.dumps(seen, indent=2))
+
+
+def json_option(fn: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")(fn)
 
 
 @main.group()
@@ -270,9 +324,10 @@ def steer() -> None:
 @click.option("--read", default="answer", show_default=True,
               help="Read the completion's mean ('answer') or one token index, e.g. -1.")
 @click.option("--strength", default=None, type=float, help="The strength the file recommends (default 1).")
+@json_option
 @model_options
 def steer_train(pairs: str, out: str, method: str, layers: str | None, read: str, strength: float | None,
-                model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+                model: str | None, quant: str | None, dtype: str | None, device: str | None, as_json: bool = False) -> None:
     """Train a vector from contrastive PAIRS (JSONL: prompt, positive, negative) into OUT
     (.safetensors, or .gguf for llama.cpp)."""
     from kedit.engine.commands import quote
@@ -282,7 +337,7 @@ def steer_train(pairs: str, out: str, method: str, layers: str | None, read: str
     lines = [f"/steer train {quote(pairs)} trained{extra}"]
     if strength is not None:
         lines.append(f"/steer set trained {strength}")
-    run_lines(session, lines + [f"/steer save trained {quote(out)}"])
+    run_lines(session, lines + [f"/steer save trained {quote(out)}"], as_json=as_json)
 
 
 @steer.command("sweep")
@@ -291,9 +346,10 @@ def steer_train(pairs: str, out: str, method: str, layers: str | None, read: str
 @click.option("--neutral", default=None, type=click.Path(dir_okay=False),
               help="Neutral text, one per line (default: text the model writes itself).")
 @click.option("--strengths", default="0,1,2,3,4", show_default=True)
+@json_option
 @model_options
 def steer_sweep(vector: str, pairs: str, neutral: str | None, strengths: str, model: str | None,
-                quant: str | None, dtype: str | None, device: str | None) -> None:
+                quant: str | None, dtype: str | None, device: str | None, as_json: bool = False) -> None:
     """Margin of positive over negative completions, and perplexity, at each strength."""
     from kedit.engine.commands import quote
     from kedit.engine.vector_io import vector_name
@@ -302,15 +358,17 @@ def steer_sweep(vector: str, pairs: str, neutral: str | None, strengths: str, mo
     name = vector_name(vector)
     extra = f" --neutral {quote(neutral)}" if neutral else ""
     run_lines(session, [f"/steer add {quote(vector)} 0",
-                        f"/steer sweep {quote(name)} --pairs {quote(pairs)} --strengths {strengths}{extra}"])
+                        f"/steer sweep {quote(name)} --pairs {quote(pairs)} --strengths {strengths}{extra}"],
+              as_json=as_json)
 
 
 @steer.command("convert")
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
+@json_option
 @model_options
 def steer_convert(source: str, out: str, model: str | None, quant: str | None, dtype: str | None,
-                  device: str | None) -> None:
+                  device: str | None, as_json: bool = False) -> None:
     """Convert between kedit .safetensors, llama.cpp/repeng .gguf and EasyEdit2 layer_L.pt
     folders (checked against the model it is for)."""
     from kedit.engine.commands import quote
@@ -318,7 +376,7 @@ def steer_convert(source: str, out: str, model: str | None, quant: str | None, d
 
     session = open_session(model, quant, dtype, device)
     name = quote(vector_name(source))
-    run_lines(session, [f"/steer add {quote(source)}", f"/steer save {name} {quote(out)}"])
+    run_lines(session, [f"/steer add {quote(source)}", f"/steer save {name} {quote(out)}"], as_json=as_json)
 
 
 @steer.command("merge")
@@ -326,9 +384,10 @@ def steer_convert(source: str, out: str, model: str | None, quant: str | None, d
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Where the merge goes.")
 @click.option("--mode", default="linear", type=click.Choice(["linear", "ties", "orthogonal"]), show_default=True)
 @click.option("--weights", default=None, help="One weight per vector, e.g. 1,0.5 (default: all 1).")
+@json_option
 @model_options
 def steer_merge(vectors: tuple[str, ...], out: str, mode: str, weights: str | None, model: str | None,
-                quant: str | None, dtype: str | None, device: str | None) -> None:
+                quant: str | None, dtype: str | None, device: str | None, as_json: bool = False) -> None:
     """Merge two or more vectors into one file."""
     from kedit.engine.commands import quote
     from kedit.engine.vector_io import vector_name
@@ -337,7 +396,8 @@ def steer_merge(vectors: tuple[str, ...], out: str, mode: str, weights: str | No
     names = " ".join(quote(vector_name(v)) for v in vectors)
     extra = f" --weights {weights}" if weights else ""
     run_lines(session, [f"/steer add {quote(v)}" for v in vectors]
-              + [f"/steer merge {names} --mode {mode}{extra} -> merged", f"/steer save merged {quote(out)}"])
+              + [f"/steer merge {names} --mode {mode}{extra} -> merged", f"/steer save merged {quote(out)}"],
+              as_json=as_json)
 
 
 @main.group()
