@@ -172,13 +172,9 @@ def _measure(handle, case: EvalCase, loc, before) -> dict[str, Any]:
     Rel, Gen and Loc (unchanged argmax share against ``before``), and Port."""
     from kedit.engine.probes import probe
 
-    model, tok = handle.model, handle.tokenizer
-    port = _score(model, tok, case.portability)
-    if not loc.prompts:
-        return {"rel": _score(model, tok, [(case.prompt, case.target)]),
-                "gen": _score(model, tok, [(r, case.target) for r in case.rephrase]), "loc": None, "port": port}
     result = probe(handle, case.prompt, as_continuation(case.prompt, case.target), case.rephrase, loc, before)
-    return {"rel": result.rel, "gen": result.gen, "loc": result.loc, "port": port}
+    return {"rel": result.rel, "gen": result.gen, "loc": result.loc if loc.prompts else None,
+            "port": _score(handle.model, handle.tokenizer, case.portability)}
 
 
 def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, sequential: bool,
@@ -191,7 +187,7 @@ def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, seq
 
     handle = session.handle
     locs = [LocalitySet([p for p, _ in c.locality], [as_continuation(p, a) for p, a in c.locality]) for c in cases]
-    befores = [snapshot(handle, loc) if loc.prompts else [] for loc in locs]  # the unedited model's
+    befores = [snapshot(handle, loc) for loc in locs]  # the unedited model's predictions
     rows: list[dict[str, Any]] = []
     made = []
     try:

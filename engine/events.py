@@ -1,4 +1,5 @@
-"""Typed results of ``Session.run``: the fronts render these and nothing else."""
+"""Typed results of ``Session.run``: the fronts render these and nothing else; and their plain
+text, the one rendering the REPL, the CLI, the TUI's log and recipes share."""
 
 from __future__ import annotations
 
@@ -62,3 +63,27 @@ class Progress(Event):
     label: str
     done: int
     total: int
+
+
+def table_text(table: Table) -> str:
+    """Columns padded to their widest cell, under a title and a rule."""
+    cells = [table.columns, *table.rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(table.columns))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+
+    out = [table.title, line(table.columns), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in table.rows]
+    return "\n".join(out)
+
+
+def event_text(event: Event) -> str | None:
+    """The text a terminal shows for a non-streaming event (None for tokens and quit)."""
+    if isinstance(event, Info):
+        return event.text
+    if isinstance(event, Table):
+        return table_text(event)
+    if isinstance(event, Error):
+        return f"error: {event.message}"
+    return None

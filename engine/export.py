@@ -53,12 +53,9 @@ def export_model(session, out: Path) -> dict[str, Any]:
         state = dict(handle.model.state_dict())
         merged = []
         for name, side in sidecars(handle.model).items():
-            if not side.factors:
-                continue
-            u = torch.cat([f[0] for f in side.factors.values()], dim=1)
-            v = torch.cat([f[1] for f in side.factors.values()], dim=1)
-            state[f"{name}.weight"] = merged_weight(side.module, u, v)
-            merged.append(name)
+            if side.stacked is not None:
+                state[f"{name}.weight"] = merged_weight(side.module, *side.stacked)
+                merged.append(name)
         out.mkdir(parents=True, exist_ok=True)
         handle.model.save_pretrained(out, state_dict=state)
         handle.tokenizer.save_pretrained(out)

@@ -74,6 +74,11 @@ class LowRankSidecar:
         return output + delta.to(output.dtype)
 
     @property
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every edit's factors side by side, (U (out, r), V (in, r)); None with no edits."""
+        return None if self._u is None or self._v is None else (self._u, self._v)
+
+    @property
     def rank(self) -> int:
         return 0 if self._u is None else self._u.shape[1]
 

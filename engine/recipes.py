@@ -168,18 +168,9 @@ def clear(session) -> None:
 
 
 def _text(events: list[ev.Event]) -> tuple[str, list[str]]:
-    parts, errors = [], []
-    for e in events:
-        if isinstance(e, ev.Reply):
-            parts.append(e.text)
-        elif isinstance(e, ev.Info):
-            parts.append(e.text)
-        elif isinstance(e, ev.Table):
-            parts.append("\n".join([e.title, " | ".join(e.columns), *(" | ".join(r) for r in e.rows)]))
-        elif isinstance(e, ev.Error):
-            errors.append(e.message)
-            parts.append(f"error: {e.message}")
-    return "\n".join(parts), errors
+    """What the step printed, as the REPL prints it, and its error messages."""
+    parts = [e.text if isinstance(e, ev.Reply) else ev.event_text(e) for e in events]
+    return "\n".join(p for p in parts if p is not None), [e.message for e in events if isinstance(e, ev.Error)]
 
 
 def run_step(session, step: Step) -> StepResult:

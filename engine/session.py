@@ -193,11 +193,14 @@ class Session:
             events = self._command(line)
         else:
             events = self._chat_turn(line[1:] if line.startswith("//") else line)
+        if self.recorder is None:
+            yield from events
+            return
         seen: list[ev.Event] = []
         for event in events:
             seen.append(event)
             yield event
-        if self.recorder is not None:
+        if self.recorder is not None:  # /record stop may have just ended it
             self.recorder.add(line, seen)
 
     def _command(self, line: str) -> Iterator[ev.Event]:

@@ -29,7 +29,6 @@ from kedit.engine import events as ev
 from kedit.engine.commands import quote
 from kedit.engine.errors import KeditError
 from kedit.engine.paths import data_dir
-from kedit.tui.render import event_text
 from kedit.tui.slider import Slider
 
 STRENGTH_RANGE = (-8.0, 8.0, 0.25)  # slider minimum, maximum and step
@@ -461,7 +460,7 @@ class KeditApp(App[None]):
         elif isinstance(event, ev.Quit):
             self.exit()
         else:
-            text = event_text(event)
+            text = ev.event_text(event)
             if text is not None:
                 # tables and charts keep their columns; one-line messages read as prose
                 self.log_line(f"```\n{text}\n```" if "\n" in text else text)
@@ -528,13 +527,16 @@ class KeditApp(App[None]):
             self.log_line(line, classes="user")
             self.run_line(line)
 
-    @on(Button.Pressed, "#rollback")
-    def _rollback(self) -> None:
+    def _on_selected_edit(self, command: str, doing: str) -> None:
         chosen = self.query_one(EditsPanel).selected()
         if chosen is None:
-            self.notify("no edit to roll back", severity="warning")
+            self.notify(f"no edit to {doing}", severity="warning")
             return
-        self.run_line(f"/rollback {chosen}")
+        self.run_line(f"{command} {chosen}")
+
+    @on(Button.Pressed, "#rollback")
+    def _rollback(self) -> None:
+        self._on_selected_edit("/rollback", "roll back")
 
     @on(Button.Pressed, "#undo")
     def _undo(self) -> None:
@@ -542,11 +544,7 @@ class KeditApp(App[None]):
 
     @on(Button.Pressed, "#reprobe")
     def _reprobe(self) -> None:
-        chosen = self.query_one(EditsPanel).selected()
-        if chosen is None:
-            self.notify("no edit to probe", severity="warning")
-            return
-        self.run_line(f"/probe {chosen}")
+        self._on_selected_edit("/probe", "probe")
 
     @on(Switch.Changed, ".steer-on")
     def _toggle(self, event: Switch.Changed) -> None:
@@ -560,10 +558,10 @@ class KeditApp(App[None]):
         if isinstance(row, SteerRow):
             self.run_line(f"/steer set {quote(row.vector_name)} {event.value:g}")
 
-    def _path(self) -> str | None:
-        path = self.query_one("#steer-path", Input).value.strip()
+    def _path(self, box: str = "#steer-path", what: str = "a file path") -> str | None:
+        path = self.query_one(box, Input).value.strip()
         if not path:
-            self.notify("type a file path in the box first", severity="warning")
+            self.notify(f"type {what} in the box first", severity="warning")
             return None
         return path
 
@@ -609,9 +607,8 @@ class KeditApp(App[None]):
 
     @on(Button.Pressed, "#eval-run")
     def _eval(self) -> None:
-        path = self.query_one("#eval-path", Input).value.strip()
-        if not path:
-            self.notify("type the eval file's path in the box first", severity="warning")
+        path = self._path("#eval-path", "the eval file's path")
+        if path is None:
             return
         panel = self.query_one(ProbesPanel)
         self.run_line(f"/eval {quote(path)}", on_event=lambda e: panel.show(e) if isinstance(e, ev.Table) else None)

@@ -168,7 +168,6 @@ def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, 
     from kedit.engine.commands import quote
     from kedit.engine.export import export_model
     from kedit.engine.persist import save_session
-    from kedit.tui.render import event_text
 
     session = open_session(model, quant, dtype, device)
     line = f"/edit {quote(prompt)} -> {quote(target)}"
@@ -177,7 +176,7 @@ def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, 
     for event in session.run(line):
         if isinstance(event, ev.Error):
             raise click.ClickException(event.message)
-        if not as_json and (text := event_text(event)) is not None:
+        if not as_json and (text := ev.event_text(event)) is not None:
             click.echo(text)
     edit = session.edits[-1]
     try:

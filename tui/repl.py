@@ -21,7 +21,6 @@ from prompt_toolkit.key_binding import KeyBindings
 from kedit.engine import events as ev
 from kedit.engine.paths import data_dir
 from kedit.engine.session import Session
-from kedit.tui.render import event_text
 
 
 def render(events: Iterable[ev.Event], session: Session, out: TextIO, err: TextIO) -> bool:
@@ -60,7 +59,7 @@ def render(events: Iterable[ev.Event], session: Session, out: TextIO, err: TextI
         elif isinstance(event, ev.Quit):
             return False
         else:
-            text = event_text(event)
+            text = ev.event_text(event)
             if text is not None:
                 target = err if isinstance(event, ev.Error) else out
                 target.write(text + "\n")
