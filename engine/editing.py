@@ -111,8 +111,12 @@ def _compute(session: Session, method: str, request: EditRequest, hp: Any, edit_
 def make_edit(session: Session, prompt: str, target: str, *, subject: str | None = None,
               method: str | None = None, layer: int | None = None, paraphrases: list[str] | None = None,
               stats_corpus: Path | None = None, identity_c: bool = False,
-              progress: Progress | None = None) -> Edit:
-    """Apply one edit; the model is bit-identical to before if anything fails."""
+              params: dict[str, Any] | None = None, progress: Progress | None = None) -> Edit:
+    """Apply one edit; the model is bit-identical to before if anything fails.
+
+    ``params`` overrides the method's hyperparameters from kedit.toml for this edit.
+    ``info["timings"]`` gets the seconds spent computing the edit and probing it.
+    """
     method = method or default_method(session)
     if method not in METHODS:
         raise KeditError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -124,16 +128,25 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
         paraphrases = session.fact_world().paraphrases(subj.text, clean)
     request = EditRequest(clean, subj.text, target_text, tuple(paraphrases or ()))
     extra = {"identity_c": identity_c or None} if method == "rome" else {}
-    hp = method_params(session, method, layer=layer, **extra)
+    try:
+        hp = method_params(session, method, **(params or {})).with_(layer=layer, **extra)
+    except TypeError as exc:
+        raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with session.lock:
         loc = session.locality(exclude={subj.text})
         from kedit.engine.probes import probe, snapshot
 
+        started_loc = time.perf_counter()
         before = snapshot(session.handle, loc)
+        locality_seconds = time.perf_counter() - started_loc
         edit_id = session.ledger.next_id()
         try:
+            computing = time.perf_counter()
             patch, chosen, info = _compute(session, method, request, hp, edit_id, stats_corpus, progress)
+            timings = info.setdefault("timings", {})
+            timings["compute"] = time.perf_counter() - computing
+            timings["locality"] = locality_seconds
         except torch.cuda.OutOfMemoryError:
             raise KeditError("the GPU ran out of memory computing the edit; the model is unchanged. "
                              "Try --quant 4bit or fewer ROME contexts (rome.n_contexts)") from None
@@ -143,7 +156,9 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
         patch.apply()
         try:
             _check_finite(session, clean)
+            probing = time.perf_counter()
             result = probe(session.handle, clean, target_text, list(request.paraphrases), loc, before)
+            timings["probe"] = time.perf_counter() - probing
         except BaseException:
             patch.revert()
             raise

@@ -243,17 +243,18 @@ class Session:
 
     def edit(self, prompt: str, target: str, *, subject: str | None = None, method: str | None = None,
              layer: int | None = None, paraphrases: list[str] | None = None,
-             stats_corpus: Path | None = None, identity_c: bool = False,
+             stats_corpus: Path | None = None, identity_c: bool = False, params: dict[str, Any] | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> Edit:
         """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing).
 
         ``method`` is "rome", "grace" or "wise"; None takes [edit] method from kedit.toml.
+        ``params`` overrides that method's kedit.toml settings for this edit only.
         """
         from kedit.engine.editing import make_edit
 
         return make_edit(self, prompt, target, subject=subject, method=method, layer=layer,
                          paraphrases=paraphrases, stats_corpus=stats_corpus, identity_c=identity_c,
-                         progress=progress)
+                         params=params, progress=progress)
 
     def rollback(self, edit_id: str) -> Edit:
         """Take any edit out, in any order."""

@@ -50,6 +50,25 @@ def model_options(fn: Any) -> Any:
     return fn
 
 
+def progress_on_stderr(label: str, done: int, total: int) -> None:
+    """A one-line counter for long steps, on a terminal only (stdout keeps the data)."""
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[K{label}: {done}/{total}", err=True, nl=False)
+        if done >= total:
+            click.echo("\r\033[K", err=True, nl=False)
+
+
+def int_list(text: str, what: str) -> tuple[int, ...]:
+    """'10,100' as (10, 100); an empty text is ()."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{what} takes whole numbers separated by commas, e.g. 10,100") from None
+    if any(v < 0 for v in values):
+        raise click.BadParameter(f"{what} takes numbers of zero or more")
+    return values
+
+
 def open_session(model: str | None, quant: str | None, dtype: str | None, device: str | None):
     from kedit.engine.session import Session
 
@@ -218,12 +237,8 @@ def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int 
         if as_json:
             click.echo(json.dumps(row))
 
-    def progress(label: str, done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            click.echo(f"\r{label}: {done}/{total}", err=True, nl=done == total)
-
     try:
-        rows = edit_and_measure(session, cases, method, bool(sequential), progress, record)
+        rows = edit_and_measure(session, cases, method, bool(sequential), progress_on_stderr, record)
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     mean = averages(rows)
@@ -399,9 +414,62 @@ def steer_merge(vectors: tuple[str, ...], out: str, mode: str, weights: str | No
               as_json=as_json)
 
 
-@main.group()
-def bench() -> None:
-    """Speed figures, as ratios measured in one run (benchmarks, not tests)."""
+@main.group(invoke_without_command=True)
+@click.option("--shape", default=None,
+              help="A random-weight model of this kedit.toml [shapes] entry (qwen2.5-7b, llama-3-8b, mistral-7b, "
+                   "bench-small) instead of --model.")
+@click.option("--layers", "n_layers", default=None, type=int, help="With --shape: keep only this many layers.")
+@click.option("--methods", default="rome,grace,wise", show_default=True, help="Edit methods to time.")
+@click.option("--edit-repeats", default=3, show_default=True, help="Timed edits of each method (median).")
+@click.option("--vectors", default="1,3", show_default=True, help="Steering vectors racked on every layer.")
+@click.option("--active", default="10,100", show_default=True, help="Active edits of each method while generating.")
+@click.option("--fill", default="synthetic", show_default=True, type=click.Choice(["synthetic", "real"]),
+              help="Active edits: each method's patches with random contents, or real edits.")
+@click.option("--tokens", default=64, show_default=True, help="New tokens per timed generation.")
+@click.option("--prompt-tokens", default=64, show_default=True, help="Prompt length for generation.")
+@click.option("--repeats", default=3, show_default=True, help="Timed generations of each kind (median).")
+@click.option("--stats-samples", default=None, type=int, help="ROME's key statistics from this many texts.")
+@click.option("--layer", default=None, type=int, help="Edit this layer with every method.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for CI artefacts).")
+@model_options
+@click.pass_context
+def bench(ctx: click.Context, shape: str | None, n_layers: int | None, methods: str, edit_repeats: int,
+          vectors: str, active: str, fill: str, tokens: int, prompt_tokens: int, repeats: int,
+          stats_samples: int | None, layer: int | None, as_json: bool, model: str | None, quant: str | None,
+          dtype: str | None, device: str | None) -> None:
+    """Speed and memory, as ratios measured in one run (benchmarks, not tests).
+
+    Without a subcommand: edit time per method (ROME split into key, value and update,
+    its key statistics apart), rollback time, tokens/s and time to first token with
+    steering vectors and with active edits against plain generation, and peak memory.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from kedit.engine.bench import BenchPlan, report_text, run_bench, shape_session
+    from kedit.engine.config import Config
+
+    if shape and model:
+        raise click.UsageError("give --model or --shape, not both")
+    if min(edit_repeats, tokens, prompt_tokens, repeats) < 1 or tokens < 2:
+        raise click.BadParameter("--edit-repeats, --prompt-tokens and --repeats take 1 or more, --tokens 2 or more")
+    plan = BenchPlan(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), edit_repeats=edit_repeats,
+                     vectors=tuple(v for v in int_list(vectors, "--vectors") if v), active=tuple(
+                         a for a in int_list(active, "--active") if a), fill=fill, new_tokens=tokens,
+                     prompt_tokens=prompt_tokens, repeats=repeats, stats_samples=stats_samples, layer=layer)
+    if shape:
+        _quiet_libraries()
+        try:
+            session = shape_session(Config.load(), shape, n_layers=n_layers, dtype=dtype, device=device, quant=quant,
+                                    progress=progress_on_stderr)
+        except KeditError as exc:
+            raise click.ClickException(exc.message) from None
+    else:
+        session = open_session(model, quant, dtype, device)
+    try:
+        report = run_bench(session, plan, progress_on_stderr)
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
 
 
 @bench.command("steering")
@@ -417,16 +485,17 @@ def bench_steering(shapes: tuple[str, ...], random_layers: int | None, n_vectors
                    as_json: bool, model: str | None, quant: str | None, dtype: str | None,
                    device: str | None) -> None:
     """Tokens/s unsteered vs N vectors on every layer: the loaded model, then random-weight ones."""
-    from kedit.engine.bench import random_model, steering_throughput
+    from kedit.engine.bench import random_model, shape_dims, steering_throughput
+    from kedit.engine.config import Config
 
+    try:
+        dims = {shape: shape_dims(Config.load(), shape) for shape in shapes}
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
     session = open_session(model, quant, dtype, device)
-    table = session.config.table("shapes")
-    missing = [s for s in shapes if s not in table]
-    if missing:
-        raise click.ClickException(f"no shape {', '.join(missing)} in kedit.toml [shapes]; known: {', '.join(table)}")
     results = [steering_throughput(session.model, session.handle.name, n_vectors, tokens, repeats=repeats)]
     for shape in shapes:
-        m = random_model(table[shape], random_layers, dtype="float32" if session.handle.device == "cpu" else "bfloat16",
+        m = random_model(dims[shape], random_layers, dtype="float32" if session.handle.device == "cpu" else "bfloat16",
                          device=session.handle.device)
         results.append(steering_throughput(m, f"random {shape}", n_vectors, tokens, repeats=repeats))
         del m

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch import nn
 from kedit.engine.methods import EditRequest, MethodParams
 from kedit.engine.metrics import encode_pair
 from kedit.engine.methods.rome.value import frozen
+from kedit.engine.methods.upper import from_layer
 from kedit.engine.patches import TogglePatch, all_attached, attached
 
 
@@ -185,15 +187,19 @@ def _key_and_output(model, tokenizer, module, prompt: str) -> tuple[torch.Tensor
 
 
 def train_value(model, tokenizer, module, prompt: str, target: str, init: torch.Tensor,
-                hp: GraceParams, progress: Callable[[int, float], None] | None = None
-                ) -> tuple[torch.Tensor, float, float, int]:
-    """A value that, put out at the prompt's last token, makes the model say ``target``."""
+                hp: GraceParams, progress: Callable[[int, float], None] | None = None, *, adapter=None,
+                layer: int = 0) -> tuple[torch.Tensor, float, float, int]:
+    """A value that, put out at the prompt's last token, makes the model say ``target``.
+
+    With ``adapter`` and ``layer`` (the block of ``module``), passes after the first skip the
+    blocks below it (kedit.engine.methods.upper).
+    """
     device = next(model.parameters()).device
     prompt_ids, target_ids = encode_pair(tokenizer, prompt, target)
     ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
     pos = len(prompt_ids) - 1
     tgt = torch.tensor(target_ids, device=device)
-    tgt_pos = torch.arange(pos, pos + len(target_ids), device=device)
+    at = torch.arange(len(target_ids), device=device)  # the target's places among the kept logits
     value = init.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([value], lr=hp.lr)
 
@@ -204,12 +210,13 @@ def train_value(model, tokenizer, module, prompt: str, target: str, init: torch.
 
     first = nll = float("nan")
     steps = 0
-    with frozen(model):
+    with frozen(model), from_layer(adapter, layer) if adapter is not None else nullcontext():
         handle = module.register_forward_hook(hook)
         try:
             for step in range(hp.n_iter + 1):
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-                loss = -logp[tgt_pos, tgt].mean()
+                # the target's positions are the last len(target) ones: logits there only
+                logits = model(input_ids=ids, logits_to_keep=len(target_ids)).logits[0].float()
+                loss = -torch.log_softmax(logits, dim=-1)[at, tgt].mean()
                 nll = float(loss.detach())
                 first = nll if step == 0 else first
                 if progress:
@@ -244,7 +251,8 @@ def apply_grace(handle, request: EditRequest, hp: GraceParams, layer: int, edit_
     info: dict[str, Any] = {"layer": layer, "module": name, "key_distance": d}
 
     def value() -> torch.Tensor:
-        v, first, nll, steps = train_value(model, tok, module, request.prompt, request.target, out, hp, tick)
+        v, first, nll, steps = train_value(model, tok, module, request.prompt, request.target, out, hp, tick,
+                                            adapter=adapter, layer=layer)
         info.update(nll_before=first, nll_after=nll, value_steps=steps)
         return v
 

@@ -52,6 +52,7 @@ from kedit.engine.methods import EditRequest, MethodParams
 from kedit.engine.merging import ties_merge
 from kedit.engine.metrics import encode_pair, pad_right
 from kedit.engine.methods.rome.value import frozen
+from kedit.engine.methods.upper import from_layer
 from kedit.engine.patches import TogglePatch, all_attached, attached
 
 
@@ -311,6 +312,7 @@ def apply_wise(handle, request: EditRequest, hp: WiseParams, layer: int, edit_id
     start = len(prompt_ids) - 1
     edit_pos = torch.arange(start, start + len(target_ids), device=device)
     tgt = torch.tensor(target_ids, device=device)
+    at = torch.arange(len(target_ids), device=device)  # the target's places among the kept logits
 
     with torch.no_grad(), capture_io(module) as seen:
         model(input_ids=ids)
@@ -346,12 +348,13 @@ def apply_wise(handle, request: EditRequest, hp: WiseParams, layer: int, edit_id
 
     first = nll = margin = float("nan")
     steps = 0
-    with frozen(model), mem.bypassed():
+    with frozen(model), mem.bypassed(), from_layer(adapter, layer):
         handle_ = module.register_forward_hook(hook)
         try:
             for step in range(hp.n_iter + 1):
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-                loss_nll = -logp[edit_pos, tgt].mean()
+                # the edit's positions are the last len(target) ones: logits there only
+                logits = model(input_ids=ids, logits_to_keep=len(target_ids)).logits[0].float()
+                loss_nll = -torch.log_softmax(logits, dim=-1)[at, tgt].mean()
                 d = side_weight()
                 s_edit = torch.linalg.vector_norm(x_edit @ d.T, dim=-1)
                 s_irr = torch.linalg.vector_norm(x_irr @ d.T, dim=-1)

@@ -65,7 +65,7 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
             progress("optimising the value", step, hp.v_steps)
 
     value = compute_value(model, tok, module, request.prompt, request.subject, request.target,
-                          contexts, v_cur, direction, hp, tick)
+                          contexts, v_cur, direction, hp, tick, adapter=adapter, layer=layer)
     timings["value"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -120,15 +120,15 @@ def second_moment(handle, layer: int, texts: list[str], max_tokens: int,
 
 
 def key_stats(handle, layer: int, n_samples: int, tokens: int, corpus: Path | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> KeyStats:
-    """C for ``layer``, from the disk cache when it was computed before."""
+              progress: Callable[[str, int, int], None] | None = None, refresh: bool = False) -> KeyStats:
+    """C for ``layer``, from the disk cache when it was computed before (unless ``refresh``)."""
     import time
 
     from safetensors.torch import load_file, save_file
 
     tag = "file-" + hashlib.sha256(str(Path(corpus).resolve()).encode()).hexdigest()[:8] if corpus else "auto"
     path = paths.cache_dir() / "stats" / handle.cache_key / f"layer{layer}-n{n_samples}-t{tokens}-{tag}.safetensors"
-    if path.is_file():
+    if path.is_file() and not refresh:
         data = load_file(str(path))
         meta = _read_meta(path)
         return KeyStats(data["c"], int(meta.get("tokens", 0)), meta.get("source", "cache"),

@@ -23,12 +23,13 @@ an edit that converged here holds after the update.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from kedit.engine.methods.rome.hparams import RomeParams
+from kedit.engine.methods.upper import from_layer
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
@@ -71,12 +72,15 @@ def add_along(module: torch.nn.Module, direction: torch.Tensor, delta: torch.Ten
 
 def compute_value(model, tokenizer, module, prompt: str, subject: str, target: str,
                   contexts: Sequence[str], v: torch.Tensor, direction: torch.Tensor, hp: RomeParams,
-                  progress: Callable[[int, float], None] | None = None) -> ValueResult:
+                  progress: Callable[[int, float], None] | None = None, *, adapter=None,
+                  layer: int = 0) -> ValueResult:
     """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
 
     ``v`` is the module's mean output at the subject (from compute_key): δ has its width,
     and ‖v‖ scales the clamp and the weight decay. ``direction`` is C⁻¹k* / (k*ᵀC⁻¹k*),
-    which sets how much of δ the update adds at each position.
+    which sets how much of δ the update adds at each position. With ``adapter`` and
+    ``layer`` (the block of ``module``), passes after the first skip the blocks below it
+    (kedit.engine.methods.upper).
     """
     v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
@@ -100,6 +104,10 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
                for t in range(subject_last_token(tokenizer, text, subject), prompt_lens[i] - 1)]
     w_rows = torch.tensor([i for i, _ in wording], dtype=torch.long, device=device)
     w_pos = torch.tensor([t for _, t in wording], dtype=torch.long, device=device)
+    # logits only where the loss reads them: the vocabulary projection is the widest matmul
+    keep = torch.unique(torch.cat([tgt_pos.flatten(), torch.tensor([kl_pos], device=device), w_pos]))
+    slot = torch.full((ids.shape[1],), -1, dtype=torch.long, device=device)
+    slot[keep] = torch.arange(len(keep), device=device)
 
     delta = torch.zeros(v.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -107,15 +115,15 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     kl_before: torch.Tensor | None = None
     nll_first = nll = float("nan")
     steps = 0
-    with frozen(model):
+    with frozen(model), from_layer(adapter, layer) if adapter is not None else nullcontext():
         for step in range(hp.v_steps + 1):
             with add_along(module, direction, delta):
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            tok_logp = logp[rows[:, None], tgt_pos, tgt[None, :]]  # (n, len(target))
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)  # (rows, len(keep), vocab)
+            tok_logp = logp[rows[:, None], slot[tgt_pos], tgt[None, :]]  # (n, len(target))
             nll_t = -tok_logp.mean(1).mean()
-            kl_now = logp[n, kl_pos]
-            w_now = logp[w_rows, w_pos]
+            kl_now = logp[n, slot[kl_pos]]
+            w_now = logp[w_rows, slot[w_pos]]
             if kl_before is None:
                 kl_before, w_before = kl_now.detach(), w_now.detach()
             nll = float(nll_t.detach())
