@@ -83,18 +83,29 @@ class WiseParams(MethodParams):
 
 
 class Shard:
+    """A shard's edits and τ, their sum: always summed from zero in the order the edits came, so
+    adding an edit (one addition) and removing one (summing the rest again) give the same bits
+    as summing the remaining edits from scratch."""
+
     def __init__(self, mask: torch.Tensor) -> None:
         self.mask = mask  # bool (out, in)
         self.changes: OrderedDict[str, torch.Tensor] = OrderedDict()  # edit id -> values at mask
         self.tau = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
 
-    def resum(self) -> None:
-        self.tau = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device)
-        if self.changes:
-            total = torch.zeros_like(next(iter(self.changes.values())))
-            for values in self.changes.values():
-                total = total + values.to(total.device)
-            self.tau[self.mask] = total
+    def add(self, edit_id: str, values: torch.Tensor) -> None:
+        self.changes[edit_id] = values
+        values = values.to(self.tau.device)
+        base = self.tau[self.mask] if len(self.changes) > 1 else torch.zeros_like(values)
+        self.tau[self.mask] = base + values
+
+    def remove(self, edit_id: str) -> bool:
+        if self.changes.pop(edit_id, None) is None:
+            return False
+        total = torch.zeros(int(self.mask.sum()), dtype=torch.float32, device=self.tau.device)
+        for values in self.changes.values():
+            total = total + values.to(total.device)
+        self.tau[self.mask] = total
+        return True
 
 
 class Bank:
@@ -123,9 +134,8 @@ class Bank:
         """‖D x‖ for each row of x (..., in)."""
         return torch.linalg.vector_norm(x.float() @ self.d.T, dim=-1)
 
-    def rebuild(self) -> None:
-        for shard in self.shards:
-            shard.resum()
+    def merge(self) -> None:
+        """D from the shards' τ."""
         if not self.scores:
             self.d.zero_()
             self.d_compute, self.threshold = None, float("inf")
@@ -136,10 +146,10 @@ class Bank:
     def add(self, edit_id: str, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor,
             score: float | None = None) -> None:
         """Add an edit; its score is measured now unless given (a loaded session's record)."""
-        self.shards[shard].changes[edit_id] = values
+        self.shards[shard].add(edit_id, values)
         self.scores[edit_id] = float("inf")
         self.inputs[edit_id] = edit_inputs
-        self.rebuild()
+        self.merge()
         self.scores[edit_id] = float(self.score(edit_inputs).min()) if score is None else score
         self.threshold = self.hp.act_ratio * min(self.scores.values())
 
@@ -147,9 +157,9 @@ class Bank:
         if edit_id not in self.scores:
             return False
         for shard in self.shards:
-            shard.changes.pop(edit_id, None)
+            shard.remove(edit_id)
         del self.scores[edit_id], self.inputs[edit_id]
-        self.rebuild()
+        self.merge()
         if self.scores:
             self.threshold = self.hp.act_ratio * min(self.scores.values())
         return True
