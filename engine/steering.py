@@ -233,6 +233,7 @@ class SteeringRack:
         self._position_hook: Any = None
         self._past = 0  # positions already in the KV cache at the current forward call
         self._prompt_length: int | None = None
+        self.version = 0  # counts rebuilds: a new value means the model's outputs may differ
 
     def add(self, name: str, vector: SteeringVector, strength: float, *, relative: bool = False,
             layers: Sequence[int] | None = None, where: str = "all") -> None:
@@ -303,6 +304,7 @@ class SteeringRack:
             self._prompt_length = None
 
     def _rebuild(self) -> None:
+        self.version += 1  # anything cached about the model's outputs is stale
         sums: dict[str, dict[int, torch.Tensor]] = {w: {} for w in WHERE}
         for slot in self.slots.values():
             if not slot.on or slot.strength == 0.0:

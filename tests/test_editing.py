@@ -137,3 +137,26 @@ def test_rollback_in_any_order_restores_the_model(llama: Session, edits, order) 
         llama.rollback(edit_id)
     assert llama.edits == [] and last.id not in ids
     assert all(torch.equal(a, b) for a, b in zip([_logits(llama, p) for p in PROMPTS], original))
+
+
+def test_locality_answers_are_kept_until_the_model_changes(tiny: Session) -> None:
+    """The model's own answers to the locality prompts cost a generation each: asked again with
+    the model unchanged they are not recomputed; an edit or a steering change recomputes them."""
+    from kedit.engine.bench import random_vectors
+
+    calls = []
+    hook = tiny.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = tiny.locality({"Ada Novak"})
+        n = len(calls)
+        assert n > 0 and tiny.locality({"Ada Novak"}) is first and len(calls) == n
+        edit = tiny.edit(PROMPT, TARGET, layer=1, identity_c=True)
+        assert tiny.locality({"Ada Novak"}) is not first
+        tiny.rollback(edit.id)
+        again = tiny.locality({"Ada Novak"})
+        assert again is not first and again.answers == first.answers  # same model, same answers
+        tiny.steering.add("v", random_vectors(tiny.handle.adapter, 1)[0], 1.0)
+        assert tiny.locality({"Ada Novak"}) is not again
+        tiny.steering.remove("v")
+    finally:
+        hook.remove()
