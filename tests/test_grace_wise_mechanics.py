@@ -152,3 +152,34 @@ def test_bank_scores_are_norms_of_d_x() -> None:
     bank.add("e1", 0, torch.arange(6, dtype=torch.float32), torch.ones(1, 3))
     assert torch.equal(bank.d, torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert float(bank.score(torch.ones(1, 3))) == float(torch.tensor([3.0, 12.0]).norm())
+
+
+def test_several_side_memories_route_each_position_to_the_newest_that_claims_it() -> None:
+    """With one side memory per edit (WISE-Retrieve), all memories are computed in one product;
+    each position still gets exactly the newest claiming memory's output, as a loop gives it."""
+    from torch import nn
+
+    from kedit.engine.methods.wise import WiseMemory, WiseParams
+
+    torch.manual_seed(0)
+    module = nn.Linear(8, 6)
+    mem = WiseMemory(module, "m", (6, 8), torch.device("cpu"), torch.float32, WiseParams(edits_per_memory=1))
+    inputs = [torch.randn(2, 8) * 3 for _ in range(3)]
+    for i, x in enumerate(inputs):
+        mask = mem.bank(i).shards[0].mask
+        mem.add(f"e{i}", i, 0, torch.randn(int(mask.sum())), x)
+    assert len(mem.banks) == 3 and mem._handle is not None
+    x = torch.cat([torch.cat(inputs), torch.randn(4, 8) * 0.01])[None]  # edits' inputs, then quiet ones
+    with torch.no_grad():
+        got = module(x)
+        plain = x @ module.weight.T + module.bias
+        want, free, claimed = plain.clone(), torch.ones(x.shape[:-1], dtype=torch.bool), 0
+        for bank in reversed(mem.banks):
+            side = x @ bank.d.T
+            claim = (side.norm(dim=-1) > bank.threshold) & free
+            want[claim] += side[claim]
+            free &= ~claim
+            claimed += int(claim.sum())
+    assert claimed >= 6 and bool(free[0, -4:].all())  # every edit input is claimed, quiet ones are not
+    assert torch.allclose(got, want, atol=1e-5)
+    assert mem.routed == claimed and mem.positions == x.shape[1]

@@ -39,6 +39,7 @@ given. With no edits left the hook is removed and the module is exactly as loade
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -108,6 +109,9 @@ class Shard:
         return True
 
 
+_MERGES = itertools.count()  # numbers every merge of every side memory: a stacked copy knows it is stale
+
+
 class Bank:
     """One side memory: its shards, their merge D, and the edits it holds."""
 
@@ -121,6 +125,7 @@ class Bank:
         self.scores: OrderedDict[str, float] = OrderedDict()  # each edit's own score when made
         self.inputs: OrderedDict[str, torch.Tensor] = OrderedDict()  # each edit's module inputs
         self.threshold = float("inf")
+        self.version = next(_MERGES)
 
     @property
     def full(self) -> bool:
@@ -136,6 +141,7 @@ class Bank:
 
     def merge(self) -> None:
         """D from the shards' τ."""
+        self.version = next(_MERGES)
         if not self.scores:
             self.d.zero_()
             self.d_compute, self.threshold = None, float("inf")
@@ -183,6 +189,7 @@ class WiseMemory:
         self.banks: list[Bank] = []
         self._handle: Any = None
         self._bypass = False
+        self._stack: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self.positions = 0
         self.routed = 0
 
@@ -217,20 +224,37 @@ class WiseMemory:
         if self._bypass or not live:
             return output
         x = args[0]
-        out = output
-        free = None  # positions no newer side memory has claimed
-        for bank in reversed(live):
+        if len(live) == 1:
+            bank = live[0]
             side = x.to(bank.d_compute.dtype) @ bank.d_compute.T
             claim = torch.linalg.vector_norm(side.float(), dim=-1) > bank.threshold
-            if free is not None:
-                claim = claim & free
             n = int(claim.sum())
-            if n:
-                out = out + (side * claim[..., None]).to(output.dtype)
-                self.routed += n
-            free = ~claim if free is None else free & ~claim
-        self.positions += free.numel()
-        return out
+            self.positions += claim.numel()
+            self.routed += n
+            return output + (side * claim[..., None]).to(output.dtype) if n else output
+        # several side memories: every one's output in one product, then the newest that
+        # claims a position answers there
+        stack, thresholds = self._stacked(live)
+        k, out_dim = len(live), stack.shape[0] // len(live)
+        side = (x.to(stack.dtype) @ stack.T).unflatten(-1, (k, out_dim))  # (..., k, out)
+        claim = torch.linalg.vector_norm(side.float(), dim=-1) > thresholds  # (..., k)
+        newest = k - 1 - claim.flip(-1).int().argmax(-1)  # (...,): the newest claiming memory
+        routed = claim.any(-1)
+        n = int(routed.sum())
+        self.positions += routed.numel()
+        self.routed += n
+        if not n:
+            return output
+        chosen = torch.gather(side, -2, newest[..., None, None].expand(*newest.shape, 1, out_dim)).squeeze(-2)
+        return output + (chosen * routed[..., None]).to(output.dtype)
+
+    def _stacked(self, live: list[Bank]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live side memories' D stacked (k·out, in), and their thresholds; rebuilt on change."""
+        key = tuple((b.version, b.threshold) for b in live)
+        if self._stack is None or self._stack[0] != key:
+            thresholds = torch.tensor([b.threshold for b in live], device=live[0].d_compute.device)
+            self._stack = (key, torch.cat([b.d_compute for b in live]), thresholds)
+        return self._stack[1], self._stack[2]
 
     def _sync_hook(self) -> None:
         while self.banks and not self.banks[-1].scores:
