@@ -528,14 +528,18 @@ class BenchPlan:
 
 def _edit_layer_params(session: Any, method: str, plan: BenchPlan) -> dict[str, Any]:
     """Settings for the bench's edits: the plan's layer, and on a random shape with no configured
-    ROME layer one a fifth of the way up (tracing a random model finds nothing)."""
+    ROME layer, or one its --layers cut off, one a fifth of the way up (tracing a random model
+    finds nothing)."""
     from kedit.engine.editing import method_params
 
     params: dict[str, Any] = {}
+    n = session.handle.adapter.n_layers
     if plan.layer is not None:
         params["layer"] = plan.layer
-    elif method == "rome" and session.handle.source.kind == "shape" and method_params(session, "rome").layer is None:
-        params["layer"] = round(0.2 * (session.handle.adapter.n_layers - 1))
+    elif method == "rome" and session.handle.source.kind == "shape":
+        configured = method_params(session, "rome").layer
+        if configured is None or configured >= n:
+            params["layer"] = round(0.2 * (n - 1))
     if method == "rome" and plan.stats_samples is not None:
         params["stats_samples"] = plan.stats_samples
     return params

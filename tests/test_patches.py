@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,26 @@ def test_rank_one_update_moves_the_key_by_delta_exactly() -> None:
     u_i, v_i = rank_one(delta, update_direction(k_star, c_inverse_k(None, k_star, 0.0)), torch.float32)
     assert torch.allclose(v_i[:, 0], k_star / k_star.pow(2).sum())
 
+
+
+def test_c_inverse_k_factors_c_once_and_solves_every_key_with_it() -> None:
+    from kedit.engine.methods.rome import update
+
+    torch.manual_seed(1)
+    keys = torch.randn(400, 24)
+    c = keys.T @ keys / 400
+    first, second = torch.randn(24), torch.randn(24)
+    x = c_inverse_k(c, first, ridge=0.1)
+    factor = update._FACTOR["latest"][2]
+    y = c_inverse_k(c, second, ridge=0.1)
+    assert update._FACTOR["latest"][2] is factor  # the same C and ridge: no second factoring
+    shrunk = c.double() + 0.1 * c.diagonal().mean().double() * torch.eye(24, dtype=torch.float64)
+    for k, got in ((first, x), (second, y)):
+        assert torch.allclose(got.double(), torch.linalg.solve(shrunk, k.double()), atol=1e-6)
+    c_inverse_k(c, first, ridge=0.2)
+    assert update._FACTOR["latest"][2] is not factor  # another ridge is another matrix
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        c_inverse_k(-torch.eye(24), first, ridge=0.0)
 
 def test_sidecar_adds_u_v_x_and_removal_restores_bit_for_bit() -> None:
     model, layer = _layer()

@@ -119,6 +119,10 @@ def second_moment(handle, layer: int, texts: list[str], max_tokens: int,
     return (c / max(count, 1)).float().cpu(), count
 
 
+# The C last read from disk, so that a run of edits on one layer reads it (and factors it) once.
+_LOADED: dict[Path, tuple[int, KeyStats]] = {}
+
+
 def key_stats(handle, layer: int, n_samples: int, tokens: int, corpus: Path | None = None,
               progress: Callable[[str, int, int], None] | None = None, refresh: bool = False) -> KeyStats:
     """C for ``layer``, from the disk cache when it was computed before (unless ``refresh``)."""
@@ -129,10 +133,15 @@ def key_stats(handle, layer: int, n_samples: int, tokens: int, corpus: Path | No
     tag = "file-" + hashlib.sha256(str(Path(corpus).resolve()).encode()).hexdigest()[:8] if corpus else "auto"
     path = paths.cache_dir() / "stats" / handle.cache_key / f"layer{layer}-n{n_samples}-t{tokens}-{tag}.safetensors"
     if path.is_file() and not refresh:
+        held = _LOADED.get(path)
+        if held is not None and held[0] == path.stat().st_mtime_ns:
+            return held[1]
         data = load_file(str(path))
         meta = _read_meta(path)
-        return KeyStats(data["c"], int(meta.get("tokens", 0)), meta.get("source", "cache"),
-                        cached=True)
+        stats = KeyStats(data["c"], int(meta.get("tokens", 0)), meta.get("source", "cache"), cached=True)
+        _LOADED.clear()  # one C in memory at a time: a 7B model's is 1.4 GB
+        _LOADED[path] = (path.stat().st_mtime_ns, stats)
+        return stats
     started = time.perf_counter()
     texts, source = corpus_texts(handle, n_samples, tokens, corpus, progress)
     c, count = second_moment(handle, layer, texts, tokens, progress)
