@@ -70,8 +70,9 @@ class ProbeResult:
                 "rows": [vars(r) for r in self.rows]}
 
 
-def locality_set(handle, config, exclude_subjects: set[str]) -> LocalitySet:
-    """The fact world's other facts, else kedit.toml's [probes] locality prompts."""
+def locality_set(handle, config, exclude_subjects: set[str], known: dict[str, str] | None = None) -> LocalitySet:
+    """The fact world's other facts, else kedit.toml's [probes] locality prompts with the model's
+    own answers (``known`` holds answers already found for this state of the model)."""
     n = int(config.get("probes.n_locality", 24))
     if handle.source.kind == "fact-world":
         from kedit.engine.factworld.build import BuildSettings
@@ -82,19 +83,22 @@ def locality_set(handle, config, exclude_subjects: set[str]) -> LocalitySet:
         return LocalitySet([f.prompt(0) for f in picked], [f.target for f in picked])
     prompts = list(config.get("probes.locality", DEFAULT_LOCALITY))
     prompts = [p for p in prompts if not any(s in p for s in exclude_subjects)][:n]
-    return LocalitySet(prompts, own_answers(handle, prompts))
+    return LocalitySet(prompts, own_answers(handle, prompts, known=known))
 
 
 @torch.no_grad()
-def own_answers(handle, prompts: list[str], tokens: int = 3) -> list[str]:
-    """The model's greedy continuation of each prompt: what locality should keep."""
-    out = []
+def own_answers(handle, prompts: list[str], tokens: int = 3, known: dict[str, str] | None = None) -> list[str]:
+    """The model's greedy continuation of each prompt: what locality should keep. Answers
+    found are added to ``known``, and prompts already in it are not generated again."""
+    known = {} if known is None else known
     for p in prompts:
+        if p in known:
+            continue
         ids = handle.tokenizer(p, return_tensors="pt")["input_ids"].to(next(handle.model.parameters()).device)
         gen = handle.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                     do_sample=False, pad_token_id=handle.tokenizer.pad_token_id)
-        out.append(handle.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) or " .")
-    return out
+        known[p] = handle.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) or " ."
+    return [known[p] for p in prompts]
 
 
 def snapshot(handle, loc: LocalitySet) -> list[Scored]:

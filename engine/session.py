@@ -64,7 +64,7 @@ class Session:
         self.ledger = Ledger()
         self._contexts: dict[tuple[int, int], list[str]] = {}
         self._rack: Any = None
-        self._locality: tuple[tuple, Any] | None = None  # (what the model was, its locality set)
+        self._answers: tuple[tuple, dict[str, str]] = ((), {})  # (the model's state, its locality answers)
         self.recorder: Any = None  # a kedit.engine.recipes.Recorder while /record runs
 
     @classmethod
@@ -275,16 +275,16 @@ class Session:
         return BuildSettings.from_config(self.config.table("fact_world")).world()
 
     def locality(self, exclude: set[str] | None = None):
-        """The locality prompts and the model's own answers to them, kept until the model
-        changes (another model, an edit in or out, the steering rack rebuilt): on a real
-        model the answers cost a short generation per prompt."""
+        """The locality prompts and the model's own answers to them. On a real model each answer
+        costs a short generation, so answers are kept until the model changes (another model,
+        an edit in or out, the steering rack rebuilt)."""
         from kedit.engine.probes import locality_set
 
         rack = self._rack.version if self._rack is not None and self._rack.model is self.model else -1
-        key = (id(self.model), frozenset(exclude or ()), tuple(e.id for e in self.ledger), rack)
-        if self._locality is None or self._locality[0] != key:
-            self._locality = (key, locality_set(self.handle, self.config, exclude or set()))
-        return self._locality[1]
+        state = (id(self.model), tuple(e.id for e in self.ledger), rack)
+        if self._answers[0] != state:
+            self._answers = (state, {})
+        return locality_set(self.handle, self.config, exclude or set(), known=self._answers[1])
 
     @property
     def steering(self):
