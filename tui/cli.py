@@ -450,6 +450,8 @@ def bench(ctx: click.Context, shape: str | None, n_layers: int | None, methods: 
 
     if shape and model:
         raise click.UsageError("give --model or --shape, not both")
+    if n_layers is not None and (not shape or n_layers < 1):
+        raise click.BadParameter("--layers takes 1 or more, and goes with --shape")
     if min(edit_repeats, tokens, prompt_tokens, repeats) < 1 or tokens < 2:
         raise click.BadParameter("--edit-repeats, --prompt-tokens and --repeats take 1 or more, --tokens 2 or more")
     plan = BenchPlan(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), edit_repeats=edit_repeats,
@@ -465,10 +467,15 @@ def bench(ctx: click.Context, shape: str | None, n_layers: int | None, methods: 
             raise click.ClickException(exc.message) from None
     else:
         session = open_session(model, quant, dtype, device)
+    import torch
+
     try:
         report = run_bench(session, plan, progress_on_stderr)
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
+    except torch.cuda.OutOfMemoryError:
+        raise click.ClickException("the GPU ran out of memory during the bench; try --quant 4bit, fewer "
+                                   "--active edits, or --layers with --shape") from None
     click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
 
 
