@@ -396,10 +396,11 @@ def steering_throughput(model: torch.nn.Module, label: str, n_vectors: int = 3, 
 # -- active edits ----------------------------------------------------------------------------
 
 
-def _synthetic_patch(session: Any, method: str, layer: int, key: str, g: torch.Generator) -> Any:
-    """One patch of ``method``'s own kind with random contents, on ``layer``."""
+def _synthetic_patch(session: Any, method: str, layer: int, i: int, g: torch.Generator) -> Any:
+    """Patch ``i`` of ``method``'s own kind with random contents, on ``layer``."""
     from kedit.engine.editing import method_params
 
+    key = f"bench-{method}-{i}"
     h = session.handle
     module, name = h.adapter.mlp_out(layer), h.adapter.mlp_out_name(layer)
     device = next(h.model.parameters()).device
@@ -416,7 +417,7 @@ def _synthetic_patch(session: Any, method: str, layer: int, key: str, g: torch.G
         hp = method_params(session, "grace")
         # a random key is far (about √d_in) from every real input: unrelated text never hits it
         entry = Entry(torch.randn(d_in, generator=g).to(device))
-        layer_ = Layer(key, hp.eps_init, torch.randn(d_out, generator=g).to(device), (int(key.split("-")[-1]),))
+        layer_ = Layer(key, hp.eps_init, torch.randn(d_out, generator=g).to(device), (i,))
         return GracePatch(codebook(h.model, module, name), key, [(entry, layer_)])
     from kedit.engine.methods.wise import WisePatch, memory
 
@@ -430,44 +431,37 @@ def _synthetic_patch(session: Any, method: str, layer: int, key: str, g: torch.G
     return WisePatch(mem, key, bank_i, shard, values, inputs)
 
 
-def active_patches(session: Any, method: str, n: int, fill: str, layer: int | None, params: dict[str, Any],
+def active_patches(session: Any, method: str, n: int, fill: str, params: dict[str, Any],
                    progress: Progress | None = None) -> list[Any]:
     """n patches of ``method``, made in order on the model and then all reverted (kept for reuse).
 
     ``fill`` "real" computes real edits through Session.edit; "synthetic" builds each
     method's patch objects with random contents (see the module docstring).
     """
-    from kedit.engine.editing import edit_layer, method_params, share_layer
+    from kedit.engine.editing import method_layer, method_params
 
     patches: list[Any] = []
-    try:
-        if fill == "real":
+    if fill == "real":
+        try:
             for i, (prompt, subject, target) in enumerate(bench_requests(session, n)):
-                edit = session.edit(prompt, target, subject=subject, method=method, params=params)
-                patches.append(edit.patch)
+                patches.append(session.edit(prompt, target, subject=subject, method=method, params=params).patch)
                 if progress:
                     progress(f"{method}: {n} real edits", i + 1, n)
-            for edit in reversed(session.edits[-len(patches):]):
-                session.rollback(edit.id)
-            return patches
-        hp = method_params(session, method, **params)
-        where = layer if layer is not None else edit_layer(session, hp) if method == "rome" else share_layer(session, hp)
-        g = torch.Generator().manual_seed(0)
-        for i in range(n):
-            patch = _synthetic_patch(session, method, where, f"bench-{method}-{i}", g)
-            patch.apply()  # WISE places each edit by the ones before it
-            patches.append(patch)
-        for patch in reversed(patches):
-            patch.revert()
-        return patches
-    except BaseException:
-        if fill == "real":
+        finally:
             for edit in reversed(session.edits[-len(patches):] if patches else []):
                 session.rollback(edit.id)
-        else:
-            for patch in reversed(patches):
-                patch.revert()
-        raise
+        return patches
+    layer = method_layer(session, method, method_params(session, method, **params))
+    g = torch.Generator().manual_seed(0)
+    try:
+        for i in range(n):
+            patch = _synthetic_patch(session, method, layer, i, g)
+            patch.apply()  # WISE places each edit by the ones before it
+            patches.append(patch)
+    finally:
+        for patch in reversed(patches):
+            patch.revert()
+    return patches
 
 
 def applied(patches: Sequence[Any], label: str) -> Condition:
@@ -599,7 +593,7 @@ def run_bench(session: Any, plan: BenchPlan = BenchPlan(), progress: Progress | 
     for method in plan.methods if plan.active else ():
         params = _edit_layer_params(session, method, plan)
         before = meter.held()
-        patches = active_patches(session, method, max(plan.active), plan.fill, params.get("layer"), params, progress)
+        patches = active_patches(session, method, max(plan.active), plan.fill, params, progress)
         for n in plan.active:
             conditions.append(applied(patches[:n], f"{method} × {n}"))
         for p in patches:

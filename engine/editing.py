@@ -85,17 +85,21 @@ def share_layer(session: Session, hp: Any) -> int:
     return layer
 
 
+def method_layer(session: Session, method: str, hp: Any) -> int:
+    """The layer ``method`` edits with settings ``hp``."""
+    return edit_layer(session, hp) if method == "rome" else share_layer(session, hp)
+
+
 def _compute(session: Session, method: str, request: EditRequest, hp: Any, edit_id: str,
              stats_corpus: Path | None, progress: Progress | None) -> tuple[Any, int, dict]:
     """(patch, layer, info) of one edit, computed with the model left as it is."""
+    chosen = method_layer(session, method, hp)
     if method == "rome":
         from kedit.engine.methods.rome.method import apply_rome
 
-        chosen = edit_layer(session, hp)
         outcome = apply_rome(session.handle, request, hp, chosen,
                              session.contexts(hp.n_contexts, hp.context_tokens), edit_id, stats_corpus, progress)
         return outcome.patch, chosen, outcome.info
-    chosen = share_layer(session, hp)
     if method == "grace":
         from kedit.engine.methods.grace import apply_grace
 
@@ -134,10 +138,10 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
         raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with session.lock:
-        loc = session.locality(exclude={subj.text})
         from kedit.engine.probes import probe, snapshot
 
         started_loc = time.perf_counter()
+        loc = session.locality(exclude={subj.text})
         before = snapshot(session.handle, loc)
         locality_seconds = time.perf_counter() - started_loc
         edit_id = session.ledger.next_id()

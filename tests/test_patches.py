@@ -20,10 +20,15 @@ def _layer(seed: int = 0) -> tuple[nn.Module, nn.Linear]:
     return model, model[2]
 
 
+def _second_moment(seed: int, n: int, d: int) -> torch.Tensor:
+    """C = E[k kᵀ] of n random d-wide keys."""
+    torch.manual_seed(seed)
+    keys = torch.randn(n, d)
+    return keys.T @ keys / n
+
+
 def test_rank_one_update_moves_the_key_by_delta_exactly() -> None:
-    torch.manual_seed(0)
-    keys = torch.randn(500, 16)
-    c = keys.T @ keys / 500
+    c = _second_moment(0, 500, 16)
     k_star, delta = torch.randn(16), torch.randn(8)
     cinv_k = c_inverse_k(c, k_star, ridge=0.0)
     u, v = rank_one(delta, update_direction(k_star, cinv_k), torch.float32)
@@ -35,13 +40,10 @@ def test_rank_one_update_moves_the_key_by_delta_exactly() -> None:
     assert torch.allclose(v_i[:, 0], k_star / k_star.pow(2).sum())
 
 
-
 def test_c_inverse_k_factors_c_once_and_solves_every_key_with_it() -> None:
     from kedit.engine.methods.rome import update
 
-    torch.manual_seed(1)
-    keys = torch.randn(400, 24)
-    c = keys.T @ keys / 400
+    c = _second_moment(1, 400, 24)
     first, second = torch.randn(24), torch.randn(24)
     x = c_inverse_k(c, first, ridge=0.1)
     factor = update._FACTOR["latest"][2]
@@ -54,6 +56,7 @@ def test_c_inverse_k_factors_c_once_and_solves_every_key_with_it() -> None:
     assert update._FACTOR["latest"][2] is not factor  # another ridge is another matrix
     with pytest.raises(FloatingPointError, match="not positive definite"):
         c_inverse_k(-torch.eye(24), first, ridge=0.0)
+
 
 def test_sidecar_adds_u_v_x_and_removal_restores_bit_for_bit() -> None:
     model, layer = _layer()

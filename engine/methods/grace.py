@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -210,7 +209,7 @@ def train_value(model, tokenizer, module, prompt: str, target: str, init: torch.
 
     first = nll = float("nan")
     steps = 0
-    with frozen(model), from_layer(adapter, layer) if adapter is not None else nullcontext():
+    with frozen(model), from_layer(adapter, layer):
         handle = module.register_forward_hook(hook)
         try:
             for step in range(hp.n_iter + 1):

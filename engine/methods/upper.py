@@ -51,9 +51,10 @@ class _Replay(nn.Module):
 def from_layer(adapter: Any, layer: int) -> Iterator[None]:
     """While open, forward passes after the first recompute only blocks ``layer`` and up.
 
-    Every pass inside must use the same input ids and mask.
+    Every pass inside must use the same input ids and mask. With no ``adapter`` every pass
+    runs whole.
     """
-    if layer <= 0:
+    if adapter is None or layer <= 0:
         yield
         return
     blocks = adapter.layers()

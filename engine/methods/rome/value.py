@@ -23,7 +23,7 @@ an edit that converged here holds after the update.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +115,7 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     kl_before: torch.Tensor | None = None
     nll_first = nll = float("nan")
     steps = 0
-    with frozen(model), from_layer(adapter, layer) if adapter is not None else nullcontext():
+    with frozen(model), from_layer(adapter, layer):
         for step in range(hp.v_steps + 1):
             with add_along(module, direction, delta):
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
