@@ -1,8 +1,10 @@
 """ModelHandle: load a model by alias, hub id or local folder, with dtype, device and quantization.
 
 Names resolve in this order: nothing or ``fact-world`` (the embedded default, built on
-first use), an alias from kedit.toml's ``[aliases]``, an existing local folder, then a
-hub id (``org/name``). A model that cannot be had gives a ``ModelNotFound`` whose
+first use), an alias from kedit.toml's ``[aliases]`` (a hub id, or ``package:module/file.gguf``
+for a GGUF shipped in a pip package), a ``.gguf`` file or a folder holding one, an existing
+local folder, then a hub id (``org/name``). A GGUF is converted once to a plain checkpoint and
+cached (``kedit.engine.gguf_files``). A model that cannot be had gives a ``ModelNotFound`` whose
 message says how to get it.
 """
 
@@ -19,6 +21,7 @@ import torch
 from kedit.engine.arch import ArchAdapter
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError, ModelNotFound
+from kedit.engine.gguf_files import PACKAGE_PREFIX, package_file, single_gguf
 
 FACT_WORLD = "fact-world"
 QUANTS = ("4bit", "8bit")
@@ -28,11 +31,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Source:
-    """Where a model name points: the embedded fact world, a local folder or a hub id."""
+    """Where a model name points: the embedded fact world, a local folder, a GGUF file or a hub id."""
 
     name: str  # what the user asked for
-    kind: str  # "fact-world" | "local" | "hub"
-    location: str  # folder path or hub id
+    kind: str  # "fact-world" | "local" | "gguf" | "hub"
+    location: str  # folder path, GGUF file path or hub id
 
 
 def resolve(name: str | None, config: Config) -> Source:
@@ -42,15 +45,23 @@ def resolve(name: str | None, config: Config) -> Source:
         return Source(name, "fact-world", "")
     aliases = config.table("aliases")
     if name in aliases:
-        return Source(name, "hub", str(aliases[name]))
+        target = str(aliases[name])
+        if target.startswith(PACKAGE_PREFIX):
+            return Source(name, "gguf", str(package_file(target)))
+        return Source(name, "hub", target)
     path = Path(name).expanduser()
     if path.is_dir():
+        inside = single_gguf(path)
+        if inside is not None:
+            return Source(name, "gguf", str(inside.resolve()))
         return Source(name, "local", str(path.resolve()))
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(name, "gguf", str(path.resolve()))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
     if looks_like_path or path.suffix in (".safetensors", ".bin", ".gguf"):
         raise ModelNotFound(
-            f"No model folder at {path}. Give --model a folder holding config.json and the "
-            f"weights, a hub id such as Qwen/Qwen2.5-7B-Instruct, or an alias "
+            f"No model folder or GGUF file at {path}. Give --model a folder holding config.json and "
+            f"the weights, a .gguf file, a hub id such as Qwen/Qwen2.5-7B-Instruct, or an alias "
             f"({', '.join(sorted(aliases)[:6])}, ...)."
         )
     if "/" not in name:
@@ -145,10 +156,15 @@ class ModelHandle:
         import hashlib
 
         where = self.source.location or self.source.name
-        if self.source.kind == "fact-world":
-            where = f"fact-world:{Path(self.model.name_or_path).name}"
+        if self.source.kind in ("fact-world", "gguf"):  # the cache folder's name is a content hash
+            where = f"{self.source.kind}:{Path(self.model.name_or_path).name}"
         blob = f"{self.source.kind}:{where}:{self.model.config.to_json_string()}:{self.quant}"
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The GGUF file this model was loaded from, if it was."""
+        return Path(self.source.location) if self.source.kind == "gguf" else None
 
     @property
     def is_chat(self) -> bool:
@@ -180,6 +196,10 @@ class ModelHandle:
             location = str(ensure_built(BuildSettings.from_config(config.table("fact_world")),
                                         show_progress=show_progress))
         trust = bool(config.get("model.trust_remote_code", False))
+        if source.kind == "gguf":
+            from kedit.engine.gguf_files import converted
+
+            location = str(converted(Path(source.location), trust, show_progress)[0])
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust}
         if qconfig is not None:
             kwargs["quantization_config"] = qconfig
