@@ -114,9 +114,12 @@ def _compute(session: Session, method: str, request: EditRequest, hp: Any, edit_
 
 def make_edit(session: Session, prompt: str, target: str, *, subject: str | None = None,
               method: str | None = None, layer: int | None = None, paraphrases: list[str] | None = None,
-              stats_corpus: Path | None = None, identity_c: bool = False,
+              question: str | None = None, stats_corpus: Path | None = None, identity_c: bool = False,
               params: dict[str, Any] | None = None, progress: Progress | None = None) -> Edit:
     """Apply one edit; the model is bit-identical to before if anything fails.
+
+    ``question`` is the fact asked in chat, for the generation-based probe (default: the
+    prompt itself sent as a chat turn; on the fact world, the fact's own question).
 
     ``params`` overrides the method's hyperparameters from kedit.toml for this edit.
     ``info["timings"]`` gets the seconds spent computing the edit and probing it.
@@ -128,8 +131,10 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
     if not target.strip():
         raise KeditError("the target is empty: say what the model should answer")
     target_text = as_continuation(clean, target)
-    if paraphrases is None and session.handle.source.kind == "fact-world":
-        paraphrases = session.fact_world().paraphrases(subj.text, clean)
+    if session.handle.source.kind == "fact-world":
+        world = session.fact_world()
+        paraphrases = world.paraphrases(subj.text, clean) if paraphrases is None else paraphrases
+        question = question or world.question(subj.text, clean)
     request = EditRequest(clean, subj.text, target_text, tuple(paraphrases or ()))
     extra = {"identity_c": identity_c or None} if method == "rome" else {}
     try:
@@ -138,11 +143,13 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
         raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with session.lock:
-        from kedit.engine.probes import probe, snapshot
+        from kedit.engine.probes import GenSettings, locality_generations, probe, snapshot
 
         started_loc = time.perf_counter()
+        settings = GenSettings.from_config(session.config)
         loc = session.locality(exclude={subj.text})
         before = snapshot(session.handle, loc)
+        loc_before = locality_generations(session.handle, loc, settings)
         locality_seconds = time.perf_counter() - started_loc
         edit_id = session.ledger.next_id()
         try:
@@ -161,14 +168,15 @@ def make_edit(session: Session, prompt: str, target: str, *, subject: str | None
         try:
             _check_finite(session, clean)
             probing = time.perf_counter()
-            result = probe(session.handle, clean, target_text, list(request.paraphrases), loc, before)
+            result = probe(session.handle, clean, target_text, list(request.paraphrases), loc, before,
+                           subject=subj.text, question=question, settings=settings, loc_before=loc_before)
             timings["probe"] = time.perf_counter() - probing
         except BaseException:
             patch.revert()
             raise
         edit = Edit(edit_id, method, clean, subj.text, target_text, patch, chosen, subj.how,
                     hp.as_dict() | {"layer": chosen}, info, result, list(request.paraphrases),
-                    seconds=time.perf_counter() - started)
+                    seconds=time.perf_counter() - started, question=question)
         session.ledger.add(edit)
         return edit
 

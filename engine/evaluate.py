@@ -11,11 +11,22 @@ KnowEdit's datasets use:
   ``portability: {New Question, New Answer}``.
 
 A ground truth given as a list (of answers, or of lists of aliases) counts its first answer.
+A record may carry ``question``, the fact asked in chat. The shared real-facts format (``subject``,
+``prompt``, ``question``, ``paraphrase``, ``true``, ``new``, ``paraphrase_known``) is read too: ``new``
+is the target, and in a file of such records the other records' facts are each one's locality.
 
-The metrics are EasyEdit's, by teacher forcing: the share of the answer's tokens that are
-the argmax after the prompt and the answer's earlier tokens. Rel is on the target, Gen on
-the paraphrases, Loc and Port on the files' ground truths. On the unedited model Rel is how
-often it already says the new target; after edits it is how well they took.
+Two protocols, each figure named by its own (``kedit.engine.probes``):
+
+- teacher-forced (EasyEdit's): the share of the answer's tokens that are the argmax after the
+  prompt and the answer's earlier tokens; ``tf_rel`` on the target, ``tf_gen`` on the
+  paraphrases, ``tf_loc`` and ``tf_port`` on the files' ground truths.
+- generation-based: greedy generation to the model's stop or a small cap, a hit when the target
+  appears; ``gen_rel`` on the prompt, ``gen_para`` on the paraphrases (on real-facts records,
+  only where the unedited model completed the paraphrase right), ``gen_chat`` on the question
+  under the chat template (the answer must name the subject too), ``gen_loc`` the locality
+  prompts that still generate the ground truth they generated before.
+
+`/eval` scores the model as it is; `kedit eval` edits each record and measures it.
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ class EvalCase:
     rephrase: list[str] = field(default_factory=list)
     locality: list[tuple[str, str]] = field(default_factory=list)
     portability: list[tuple[str, str]] = field(default_factory=list)
+    question: str | None = None  # the fact asked in chat
+    true: str | None = None  # what the unedited model says (real-facts records)
+    paraphrase_known: bool | None = None  # whether the unedited model completes the paraphrase right
 
 
 @dataclass
@@ -54,7 +68,8 @@ class EvalResult:
         def f(x: float | None) -> str:
             return "—" if x is None else f"{x:.2f}"
 
-        return f"{self.n} case(s): Rel {f(self.rel)} · Gen {f(self.gen)} · Loc {f(self.loc)} · Port {f(self.port)}"
+        return (f"{self.n} case(s), teacher-forced: Rel {f(self.rel)} · Gen {f(self.gen)} · Loc {f(self.loc)} · "
+                f"Port {f(self.port)}")
 
 
 def _answer(value: Any) -> str | None:
@@ -93,10 +108,11 @@ def _case(record: Any, where: str) -> EvalCase:
     if not isinstance(record, dict):
         raise KeditError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
     prompt = record.get("prompt", record.get("src"))
-    target = _answer(record.get("target_new", record.get("alt")))
+    target = _answer(record.get("target_new", record.get("alt", record.get("new"))))
     if not prompt or not target:
-        raise KeditError(f"{where}: a record needs 'prompt' (or 'src') and 'target_new' (or 'alt')")
-    rephrase = record.get("rephrase_prompt", record.get("rephrase", record.get("rephrase_prompts", [])))
+        raise KeditError(f"{where}: a record needs 'prompt' (or 'src') and 'target_new' (or 'alt', or 'new')")
+    rephrase = record.get("rephrase_prompt", record.get("rephrase", record.get("rephrase_prompts",
+                                                                               record.get("paraphrase", []))))
     rephrase = [str(r) for r in (rephrase if isinstance(rephrase, list) else [rephrase]) if r]
     locality = _pairs(record.get("locality", {}))
     for p_key, a_key in (("locality_prompt", "locality_ground_truth"), ("loc", "loc_ans")):
@@ -104,8 +120,18 @@ def _case(record: Any, where: str) -> EvalCase:
         if record.get(p_key) and answer:
             locality.append((str(record[p_key]), answer))
     subject = record.get("subject")
+    known = record.get("paraphrase_known")
     return EvalCase(str(prompt), target, str(subject) if subject else None, rephrase, locality,
-                    _pairs(record.get("portability", {})))
+                    _pairs(record.get("portability", {})), str(record["question"]) if record.get("question") else None,
+                    _answer(record.get("true")), bool(known) if known is not None else None)
+
+
+def _real_facts_locality(cases: list[EvalCase]) -> None:
+    """Real-facts records carry no locality of their own: each gets the other records' facts."""
+    if not all(c.true and not c.locality for c in cases):
+        return
+    for c in cases:
+        c.locality = [(o.prompt, o.true) for o in cases if o is not c and o.subject != c.subject and o.true]
 
 
 def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
@@ -129,6 +155,7 @@ def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
     if not records:
         raise KeditError(f"{path} holds no records")
     cases = [_case(r, w) for r, w in zip(records, where)]
+    _real_facts_locality(cases)
     return cases[:limit] if limit else cases
 
 
@@ -167,37 +194,64 @@ def evaluate(handle, cases: Sequence[EvalCase],
 # -- editing, then measuring: `kedit eval` ------------------------------------------------
 
 
-def _measure(handle, case: EvalCase, loc, before) -> dict[str, Any]:
-    """EasyEdit's four figures for one case with its edit in force: the probe's own code for
-    Rel, Gen and Loc (unchanged argmax share against ``before``), and Port."""
-    from kedit.engine.probes import probe
+PROTOCOLS = ("both", "tf", "gen")
 
-    result = probe(handle, case.prompt, as_continuation(case.prompt, case.target), case.rephrase, loc, before)
-    return {"rel": result.rel, "gen": result.gen, "loc": result.loc if loc.prompts else None,
-            "port": _score(handle.model, handle.tokenizer, case.portability)}
+
+def _measure(handle, case: EvalCase, subject: str, loc, before, loc_before: list[str] | None, protocol: str,
+             settings) -> dict[str, Any]:
+    """One case's figures with its edit in force, by the chosen protocols, with the probes' own code:
+    teacher-forced Rel, Gen and Loc (unchanged argmax share against ``before``) and Port; and by
+    generation Rel, Para, Chat and Loc (against ``loc_before``, the unedited model's generations)."""
+    from kedit.engine.probes import by_generation, probe
+
+    target = as_continuation(case.prompt, case.target)
+    row: dict[str, Any] = {}
+    if protocol in ("both", "gen"):
+        g = by_generation(handle, case.prompt, target, case.rephrase, subject, case.question, settings,
+                          loc if loc.prompts else None, loc_before)
+        para = g.para if case.paraphrase_known is not False else None  # not counted: unknown before
+        row.update(gen_rel=g.rel, gen_para=para, gen_chat=g.chat, gen_loc=g.loc, outputs=g.outputs)
+    if protocol in ("both", "tf"):
+        result = probe(handle, case.prompt, target, case.rephrase, loc, before)
+        row.update(tf_rel=result.rel, tf_gen=result.gen, tf_loc=result.loc if loc.prompts else None,
+                   tf_port=_score(handle.model, handle.tokenizer, case.portability))
+    return row
 
 
 def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, sequential: bool,
                      progress: Callable[[str, int, int], None] | None = None,
-                     on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Edit each case and measure it, EasyEdit's way. Single mode: each edit is measured and
-    rolled back before the next. Sequential: every edit is made, then all are measured after
-    the last, then all are rolled back. The model ends as it began."""
-    from kedit.engine.probes import LocalitySet, snapshot
+                     on_record: Callable[[dict[str, Any]], None] | None = None,
+                     protocol: str = "both") -> list[dict[str, Any]]:
+    """Edit each case and measure it, EasyEdit's way, by ``protocol`` ("tf", "gen" or "both").
+    Single mode: each edit is measured and rolled back before the next. Sequential: every edit
+    is made, then all are measured after the last, then all are rolled back. The model ends as
+    it began."""
+    from kedit.engine.probes import GenSettings, LocalitySet, snapshot
+    from kedit.engine.metrics import greedy
 
+    if protocol not in PROTOCOLS:
+        raise KeditError(f"unknown protocol {protocol!r}; use tf, gen or both")
     handle = session.handle
+    settings = GenSettings.from_config(session.config)
     locs = [LocalitySet([p for p, _ in c.locality], [as_continuation(p, a) for p, a in c.locality]) for c in cases]
     befores = [snapshot(handle, loc) for loc in locs]  # the unedited model's predictions
+    generated: dict[str, str] = {}  # the unedited model's generation after each locality prompt
+    if protocol != "tf":
+        prompts = list(dict.fromkeys(p for loc in locs for p in loc.prompts))
+        generated = dict(zip(prompts, greedy(handle.model, handle.tokenizer, prompts, settings.locality_tokens)))
+    loc_befores = [[generated[p] for p in loc.prompts] if generated else None for loc in locs]
     rows: list[dict[str, Any]] = []
     made = []
     try:
         for i, case in enumerate(cases):
-            edit = session.edit(case.prompt, case.target, subject=case.subject, method=method)
+            edit = session.edit(case.prompt, case.target, subject=case.subject, method=method,
+                                paraphrases=case.rephrase, question=case.question)
             made.append(edit)
-            row = {"case": i, "prompt": case.prompt, "target": case.target, "method": edit.method,
-                   "seconds": edit.seconds}
+            row = {"case": i, "prompt": case.prompt, "target": case.target, "subject": edit.subject,
+                   "method": edit.method, "seconds": edit.seconds}
             if not sequential:
-                row.update(_measure(handle, case, locs[i], befores[i]))
+                row.update(_measure(handle, case, edit.subject, locs[i], befores[i], loc_befores[i], protocol,
+                                    settings))
                 session.rollback(made.pop().id)
                 if on_record:
                     on_record(row)
@@ -206,7 +260,8 @@ def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, seq
                 progress(f"{'sequential' if sequential else 'single'} edits", i + 1, len(cases))
         if sequential:
             for i, case in enumerate(cases):
-                rows[i].update(_measure(handle, case, locs[i], befores[i]))
+                rows[i].update(_measure(handle, case, rows[i]["subject"], locs[i], befores[i], loc_befores[i],
+                                        protocol, settings))
                 if on_record:
                     on_record(rows[i])
     finally:
@@ -215,9 +270,15 @@ def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, seq
     return rows
 
 
+FIGURES = ("gen_rel", "gen_para", "gen_chat", "gen_loc", "tf_rel", "tf_gen", "tf_loc", "tf_port")
+
+
 def averages(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean of each figure over the records that have it (None where none has)."""
     out: dict[str, float | None] = {}
-    for key in ("rel", "gen", "loc", "port"):
+    for key in FIGURES:
+        if not any(key in r for r in rows):
+            continue
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     return out

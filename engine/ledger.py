@@ -29,12 +29,13 @@ class Edit:
     paraphrases: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     seconds: float = 0.0
+    question: str | None = None  # the fact asked in chat, for the generation-based probe
 
     def record(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-ready data."""
         return {"id": self.id, "method": self.method, "prompt": self.prompt, "subject": self.subject,
                 "target": self.target, "layer": self.layer, "subject_how": self.subject_how,
-                "hparams": self.hparams, "info": self.info, "paraphrases": self.paraphrases,
+                "hparams": self.hparams, "info": self.info, "paraphrases": self.paraphrases, "question": self.question,
                 "probe": self.probe.as_dict() if self.probe else None, "created": self.created,
                 "seconds": self.seconds}
 

@@ -1,12 +1,18 @@
 """The one implementation of kedit's metrics, shared by probes, eval, bench and the fact world.
 
-Definitions follow EasyEdit: rewrite/rephrase accuracy is teacher-forced token
-accuracy (the share of target tokens that are the argmax given the prompt and the
-target tokens before them); locality is the share of argmax tokens left unchanged.
+Two protocols, and every figure says which it follows:
+
+- **teacher-forced** (EasyEdit's definitions): rewrite/rephrase accuracy is the share of target
+  tokens that are the argmax given the prompt and the target tokens before them; locality is
+  the share of argmax tokens left unchanged.
+- **generation-based** (what a user sees): the model generates greedily, to its own stop or a
+  small token cap, and success means the target appears in what it wrote (``mentions``).
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -137,3 +143,67 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_si
         total += float(nll[keep].sum())
         count += int(keep.sum())
     return float(torch.exp(torch.tensor(total / count)))
+
+
+# -- generation-based ----------------------------------------------------------------------
+
+
+def _folded(text: str) -> str:
+    """Lower case, accents and punctuation dropped, words separated by single spaces."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+def mentions(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` appears in ``text`` as whole words, ignoring case, accents and punctuation."""
+    needle = _folded(phrase)
+    return bool(needle) and f" {needle} " in f" {_folded(text)} "
+
+
+def chat_text(tokenizer, question: str) -> str:
+    """``question`` as the first user turn under the tokenizer's chat template, ready for the reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+           special: bool = True, batch_size: int = 32) -> list[str]:
+    """Each prompt's greedy continuation, to the model's own stop (EOS) or ``max_new_tokens``.
+
+    Prompts are left-padded into batches (a batch of one has no padding, so it is exactly
+    what a chat turn generates); ``special`` as in ``encode_pair``.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = _device(model)
+    rows = [list(tokenizer(p, add_special_tokens=special)["input_ids"]) for p in prompts]
+    out: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=pad)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return out
+
+
+def hit_share(texts: Sequence[str], phrase: str, also: str | None = None) -> float | None:
+    """The share of ``texts`` that mention ``phrase`` (and ``also``, when given); None for none."""
+    if not texts:
+        return None
+    hits = [mentions(t, phrase) and (also is None or mentions(t, also)) for t in texts]
+    return sum(hits) / len(hits)
+
+
+def kept_share(answers: Sequence[str], before: Sequence[str], after: Sequence[str]) -> float | None:
+    """Locality by generation: of the prompts whose generation mentioned their answer before,
+    the share that still mention it now. None when none did before."""
+    held = [(a, now) for a, was, now in zip(answers, before, after, strict=True) if mentions(was, a)]
+    return sum(mentions(now, a) for a, now in held) / len(held) if held else None

@@ -19,7 +19,7 @@ from kedit.engine.paths import atomic_path
 from kedit.engine.methods.grace import Entry, GracePatch, Layer, codebook
 from kedit.engine.methods.wise import WisePatch, WiseParams, memory
 from kedit.engine.patches import LowRankPatch, sidecar
-from kedit.engine.probes import ProbeResult, ProbeRow
+from kedit.engine.probes import ProbeResult
 
 if TYPE_CHECKING:
     from kedit.engine.session import Session
@@ -90,7 +90,7 @@ def load_session(session: Session, path: Path) -> list[Edit]:
             patch = _load_patch(session, e, modules[e["module"]], tensors, grace_entries)
             edit = Edit(e["id"], e["method"], e["prompt"], e["subject"], e["target"], patch, e["layer"],
                         e["subject_how"], e["hparams"], e["info"], _probe(e.get("probe")),
-                        e.get("paraphrases", []), e["created"], e["seconds"])
+                        e.get("paraphrases", []), e["created"], e["seconds"], e.get("question"))
             session.ledger.add(edit)
             loaded.append(edit)
         for name, entries in grace_entries.items():
@@ -157,7 +157,4 @@ def _load_patch(session: Session, e: dict[str, Any], module: Any, tensors: dict[
 
 
 def _probe(data: dict[str, Any] | None) -> ProbeResult | None:
-    if not data:
-        return None
-    rows = [ProbeRow(**r) for r in data.get("rows", [])]
-    return ProbeResult(data["rel"], data["gen"], data["loc"], data["agree"], data["kl"], rows)
+    return ProbeResult.from_dict(data) if data else None

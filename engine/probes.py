@@ -1,9 +1,15 @@
-"""The locality probe run after every edit: what the edit changed, and what it left alone.
+"""The probe run after every edit: what the edit changed, and what it left alone, by two protocols.
 
-Definitions are EasyEdit's (one implementation, ``kedit.engine.metrics``): Rel and Gen are
-teacher-forced token accuracy of the target after the prompt and after its paraphrases;
-Loc is the share of argmax tokens on unrelated prompts' answers left unchanged. Next-token
-agreement and KL compare the distribution right after each unrelated prompt.
+Generation-based (what a user sees; shown first): the model generates greedily to its own stop or
+a small cap, and a hit means the target appears in what it wrote. Rel on the edit's prompt, Para
+on its paraphrases, Chat on a question under the chat template (chat models; the answer must
+name the subject too, so an answer about another subject does not count), and Loc: of the
+unrelated prompts whose generation held its answer before the edit, the share that still do.
+
+Teacher-forced (EasyEdit's definitions): Rel and Gen are token accuracy of the target after the
+prompt and after its paraphrases; Loc is the share of argmax tokens on unrelated prompts'
+answers left unchanged. Next-token agreement and KL compare the distribution right after each
+unrelated prompt. One implementation of both: ``kedit.engine.metrics``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from typing import Any
 
 import torch
 
-from kedit.engine.metrics import Scored, kl_next, mean_accuracy, teacher_forced, unchanged_share
+from kedit.engine.metrics import (Scored, chat_text, greedy, hit_share, kept_share, kl_next, mean_accuracy,
+                                  teacher_forced, unchanged_share)
 
 DEFAULT_LOCALITY = [
     "The capital of France is", "The Eiffel Tower is located in", "Water is made of hydrogen and",
@@ -27,10 +34,40 @@ DEFAULT_LOCALITY = [
 
 @dataclass
 class LocalitySet:
-    """Unrelated prompts and the answers to teacher-force (the model's own when not given)."""
+    """Unrelated prompts and the answers to teacher-force (the model's own when not given).
+
+    ``known`` keeps what was generated for this state of the model (answers, generations), so
+    successive probes from one state do not generate them again."""
 
     prompts: list[str]
     answers: list[str]
+    known: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Token caps of the generation-based protocol ([probes] in kedit.toml)."""
+
+    tokens: int = 16  # a completion of the edit's prompt or a paraphrase
+    chat_tokens: int = 48  # a chat answer
+    locality_tokens: int = 10  # an unrelated prompt's answer
+
+    @classmethod
+    def from_config(cls, config) -> GenSettings:
+        return cls(int(config.get("probes.gen_tokens", cls.tokens)),
+                   int(config.get("probes.chat_tokens", cls.chat_tokens)),
+                   int(config.get("probes.locality_gen_tokens", cls.locality_tokens)))
+
+
+@dataclass
+class GenResult:
+    """The generation-based figures of one edit, and what the model wrote."""
+
+    rel: float | None  # the prompt's completion mentions the target
+    para: float | None  # share of paraphrase completions that do
+    chat: float | None  # the chat answer mentions the target and the subject
+    loc: float | None  # unrelated prompts that still generate the answer they generated before
+    outputs: dict[str, str] = field(default_factory=dict)  # prompt or question -> what was generated
 
 
 @dataclass
@@ -49,56 +86,116 @@ class LocalityResult:
     agree: float  # share of unchanged top next tokens
     kl: float  # mean KL(before ‖ after) of the next token
     rows: list[ProbeRow] = field(default_factory=list)
+    gen_loc: float | None = None  # by generation: answers held before and still generated
+
+
+def _f(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
 
 
 @dataclass
 class ProbeResult:
+    """An edit's figures: teacher-forced (rel, gen, loc, agree, kl) and generation-based (``by_gen``)."""
+
     rel: float
     gen: float | None
     loc: float
     agree: float
     kl: float
     rows: list[ProbeRow] = field(default_factory=list)
+    by_gen: GenResult | None = None
 
     def summary(self) -> str:
-        gen = "—" if self.gen is None else f"{self.gen:.2f}"
-        return (f"Rel {self.rel:.2f} · Gen {gen} · Loc {self.loc:.2f} · "
+        text = ""
+        if self.by_gen is not None:
+            g = self.by_gen
+            text = (f"by generation: Rel {_f(g.rel)} · Para {_f(g.para)} · Chat {_f(g.chat)} · "
+                    f"Loc {_f(g.loc)} | ")
+        return (text + f"teacher-forced: Rel {self.rel:.2f} · Gen {_f(self.gen)} · Loc {self.loc:.2f} · "
                 f"next-token agree {self.agree:.2f} · KL {self.kl:.4f}")
 
+    def metrics(self) -> dict[str, float | None]:
+        """Every figure by its name, the protocol in the name: ``gen_*`` by generation, ``tf_*``
+        teacher-forced (``rel``, ``gen``, ``loc`` are the teacher-forced ones, EasyEdit's names)."""
+        g = self.by_gen or GenResult(None, None, None, None)
+        return {"gen_rel": g.rel, "gen_para": g.para, "gen_chat": g.chat, "gen_loc": g.loc,
+                "tf_rel": self.rel, "tf_gen": self.gen, "tf_loc": self.loc,
+                "rel": self.rel, "gen": self.gen, "loc": self.loc, "agree": self.agree, "kl": self.kl}
+
     def as_dict(self) -> dict[str, Any]:
-        return {"rel": self.rel, "gen": self.gen, "loc": self.loc, "agree": self.agree, "kl": self.kl,
-                "rows": [vars(r) for r in self.rows]}
+        return {**self.metrics(), "rows": [vars(r) for r in self.rows],
+                "outputs": dict(self.by_gen.outputs) if self.by_gen else {}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        rows = [ProbeRow(**r) for r in data.get("rows", [])]
+        by_gen = None
+        if any(data.get(k) is not None for k in ("gen_rel", "gen_para", "gen_chat", "gen_loc")):
+            by_gen = GenResult(data.get("gen_rel"), data.get("gen_para"), data.get("gen_chat"),
+                               data.get("gen_loc"), dict(data.get("outputs", {})))
+        return cls(data["rel"], data["gen"], data["loc"], data["agree"], data["kl"], rows, by_gen)
 
 
-def locality_set(handle, config, exclude_subjects: set[str], known: dict[str, str] | None = None) -> LocalitySet:
+def locality_set(handle, config, exclude_subjects: set[str],
+                 known: dict[tuple[str, str], str] | None = None) -> LocalitySet:
     """The fact world's other facts, else kedit.toml's [probes] locality prompts with the model's
-    own answers (``known`` holds answers already found for this state of the model)."""
+    own answers (``known`` holds what was already generated for this state of the model)."""
     n = int(config.get("probes.n_locality", 24))
+    known = {} if known is None else known
     if handle.source.kind == "fact-world":
         from kedit.engine.factworld.build import BuildSettings
 
         world = BuildSettings.from_config(config.table("fact_world")).world()
         facts = [f for f in world.facts if f.subject not in exclude_subjects]
         picked = random.Random(0).sample(facts, min(n, len(facts)))  # every relation, fixed draw
-        return LocalitySet([f.prompt(0) for f in picked], [f.target for f in picked])
+        return LocalitySet([f.prompt(0) for f in picked], [f.target for f in picked], known)
     prompts = list(config.get("probes.locality", DEFAULT_LOCALITY))
     prompts = [p for p in prompts if not any(s in p for s in exclude_subjects)][:n]
-    return LocalitySet(prompts, own_answers(handle, prompts, known=known))
+    return LocalitySet(prompts, own_answers(handle, prompts, known=known), known)
 
 
-@torch.no_grad()
-def own_answers(handle, prompts: list[str], tokens: int = 3, known: dict[str, str] | None = None) -> list[str]:
-    """The model's greedy continuation of each prompt: what locality should keep. Answers
-    found are added to ``known``, and prompts already in it are not generated again."""
+def _generated(handle, prompts: list[str], tokens: int, kind: str,
+               known: dict[tuple[str, str], str] | None) -> list[str]:
+    """Greedy continuations, taken from ``known`` where this state of the model already wrote them."""
     known = {} if known is None else known
-    for p in prompts:
-        if p in known:
-            continue
-        ids = handle.tokenizer(p, return_tensors="pt")["input_ids"].to(next(handle.model.parameters()).device)
-        gen = handle.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                                    do_sample=False, pad_token_id=handle.tokenizer.pad_token_id)
-        known[p] = handle.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) or " ."
-    return [known[p] for p in prompts]
+    missing = [p for p in dict.fromkeys(prompts) if (kind, p) not in known]
+    for p, text in zip(missing, greedy(handle.model, handle.tokenizer, missing, tokens)):
+        known[(kind, p)] = text
+    return [known[(kind, p)] for p in prompts]
+
+
+def own_answers(handle, prompts: list[str], tokens: int = 3,
+                known: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """The model's greedy continuation of each prompt: what locality should keep."""
+    return [a or " ." for a in _generated(handle, prompts, tokens, f"own{tokens}", known)]
+
+
+def locality_generations(handle, loc: LocalitySet, settings: GenSettings) -> list[str]:
+    """What the model generates after each locality prompt now (cached for this state)."""
+    return _generated(handle, loc.prompts, settings.locality_tokens, f"gen{settings.locality_tokens}", loc.known)
+
+
+def by_generation(handle, prompt: str, target: str, paraphrases: list[str], subject: str,
+                  question: str | None, settings: GenSettings, loc: LocalitySet | None = None,
+                  loc_before: list[str] | None = None) -> GenResult:
+    """The generation-based figures of an edit in force. ``question`` defaults to the prompt sent
+    as a chat turn (for chat models); ``loc_before`` are the locality generations before the edit."""
+    model, tok = handle.model, handle.tokenizer
+    outputs: dict[str, str] = {}
+    for text, out in zip([prompt, *paraphrases], greedy(model, tok, [prompt, *paraphrases], settings.tokens,
+                                                           batch_size=1)):
+        outputs[text] = out
+    chat = None
+    if handle.is_chat:
+        ask = question or prompt
+        answer = greedy(model, tok, [chat_text(tok, ask)], settings.chat_tokens, special=False)[0]
+        outputs[f"chat: {ask}"] = answer
+        chat = hit_share([answer], target, also=subject)
+    kept = None
+    if loc is not None and loc_before is not None and loc.prompts:
+        kept = kept_share(loc.answers, loc_before, greedy(model, tok, loc.prompts, settings.locality_tokens))
+    return GenResult(hit_share([outputs[prompt]], target), hit_share([outputs[p] for p in paraphrases], target),
+                     chat, kept, outputs)
 
 
 def snapshot(handle, loc: LocalitySet) -> list[Scored]:
@@ -121,43 +218,60 @@ def locality(handle, loc: LocalitySet, before: list[Scored]) -> LocalityResult:
 
 
 def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: LocalitySet,
-          before: list[Scored]) -> ProbeResult:
-    """Measure an edit now in effect: its target, its paraphrases, and the locality snapshot."""
+          before: list[Scored], *, subject: str | None = None, question: str | None = None,
+          settings: GenSettings | None = None, loc_before: list[str] | None = None) -> ProbeResult:
+    """Measure an edit now in effect: its target, its paraphrases, and the locality snapshot,
+    teacher-forced; and, given ``subject``, by generation as well."""
     model, tok = handle.model, handle.tokenizer
     rel = mean_accuracy(teacher_forced(model, tok, [prompt], [target]))
     gen = mean_accuracy(teacher_forced(model, tok, paraphrases, [target] * len(paraphrases))) if paraphrases else None
     moved = locality(handle, loc, before)
-    return ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows)
+    by_gen = None
+    if subject is not None:
+        by_gen = by_generation(handle, prompt, target, paraphrases, subject, question,
+                               settings or GenSettings(), loc, loc_before)
+    return ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)
 
 
 def probe_against_unedited(session) -> LocalityResult:
-    """Loc, agreement and KL of the model now against the same model with no edits.
+    """Loc (teacher-forced and by generation), agreement and KL of the model now against the
+    same model with no edits.
 
     Edits are taken out newest first and put back oldest first, which restores the
     model bit for bit.
     """
+    settings = GenSettings.from_config(session.config)
+    handle = session.handle
     with session.lock:
         loc = session.locality(exclude={e.subject for e in session.edits})
         patches = [e.patch for e in session.edits]
         for patch in reversed(patches):
             patch.revert()
         try:
-            before = snapshot(session.handle, loc)
+            before = snapshot(handle, loc)
+            generated_before = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens)
         finally:
             for patch in patches:
                 patch.apply()
-        return locality(session.handle, loc, before)
+        moved = locality(handle, loc, before)
+        moved.gen_loc = kept_share(loc.answers, generated_before, locality_generations(handle, loc, settings))
+        return moved
 
 
 def reprobe(session, edit_id: str) -> ProbeResult:
-    """Measure an edit in force again: its target and paraphrases now, and locality of the
-    model now against the unedited one. The result replaces the edit's stored probe."""
+    """Measure an edit in force again, by both protocols: its target, paraphrases and question
+    now, and locality of the model now against the unedited one. The result replaces the
+    edit's stored probe."""
     edit = session.ledger.get(edit_id)
+    settings = GenSettings.from_config(session.config)
     with session.lock:
         model, tok = session.model, session.tokenizer
         rel = mean_accuracy(teacher_forced(model, tok, [edit.prompt], [edit.target]))
         paras = list(edit.paraphrases)
         gen = mean_accuracy(teacher_forced(model, tok, paras, [edit.target] * len(paras))) if paras else None
+        by_gen = by_generation(session.handle, edit.prompt, edit.target, paras, edit.subject, edit.question,
+                               settings)
         moved = probe_against_unedited(session)
-    edit.probe = ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows)
+    by_gen.loc = moved.gen_loc
+    edit.probe = ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)
     return edit.probe

@@ -7,13 +7,17 @@ A recipe::
 
     [[step]]
     run = '/edit "Watts Humphrey attended" -> "University of Michigan" --method rome'
-    expect_metrics = ["rel >= 0.9", "loc >= 0.95"]   # the new edit's probe: rel gen loc agree kl
+    expect_metrics = ["gen_rel >= 0.9", "tf_loc >= 0.95"]   # the new edit's probe (names below)
 
     [[step]]
     run = "Where did Watts Humphrey study?"           # a chat turn
     expect_contains = "Michigan"                      # a string or a list of strings
     expect_not_contains = ["Illinois"]
     expect_regex = "University of \\\\w+"
+
+``expect_metrics`` reads the new edit's probe: by generation ``gen_rel``, ``gen_para``,
+``gen_chat``, ``gen_loc``; teacher-forced ``tf_rel``, ``tf_gen``, ``tf_loc`` (also spelled ``rel``,
+``gen``, ``loc``, EasyEdit's names), ``agree`` and ``kl``.
 
 A step's text is everything it printed: the reply, messages and tables. A step that ends in
 an error fails, unless ``expect_error`` names a part of the message (or is true). Recipes
@@ -40,7 +44,9 @@ except ModuleNotFoundError:  # Python < 3.11
 
 MODEL_KEYS = ("name", "quant", "dtype", "device")
 STEP_KEYS = ("run", "expect_contains", "expect_not_contains", "expect_regex", "expect_metrics", "expect_error")
-METRICS = ("rel", "gen", "loc", "agree", "kl")
+# gen_*: by greedy generation; tf_*: teacher-forced (rel, gen, loc: the same, EasyEdit's names)
+METRICS = ("gen_rel", "gen_para", "gen_chat", "gen_loc", "tf_rel", "tf_gen", "tf_loc", "rel", "gen", "loc",
+           "agree", "kl")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _METRIC = re.compile(r"^\s*(\w+)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 
@@ -191,7 +197,7 @@ def run_step(session, step: Step) -> StepResult:
         made = [e for e in session.edits if e.id not in before]
         probe = made[-1].probe if made else None
         for name, op, bound in step.metrics:
-            value = getattr(probe, name, None) if probe is not None else None
+            value = probe.metrics().get(name) if probe is not None else None
             ok = value is not None and COMPARE[op](value, bound)
             shown = "no probe" if value is None else f"{value:.3f}"
             checks.append(Check(f"{name} {op} {bound:g} ({shown})", ok))

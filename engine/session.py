@@ -64,7 +64,7 @@ class Session:
         self.ledger = Ledger()
         self._contexts: dict[tuple[int, int], list[str]] = {}
         self._rack: Any = None
-        self._answers: tuple[tuple, dict[str, str]] = ((), {})  # (the model's state, its locality answers)
+        self._answers: tuple[tuple, dict[tuple[str, str], str]] = ((), {})  # (the model's state, what it generated)
         self.recorder: Any = None  # a kedit.engine.recipes.Recorder while /record runs
 
     @classmethod
@@ -243,7 +243,7 @@ class Session:
         return list(self.ledger)
 
     def edit(self, prompt: str, target: str, *, subject: str | None = None, method: str | None = None,
-             layer: int | None = None, paraphrases: list[str] | None = None,
+             layer: int | None = None, paraphrases: list[str] | None = None, question: str | None = None,
              stats_corpus: Path | None = None, identity_c: bool = False, params: dict[str, Any] | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> Edit:
         """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing).
@@ -254,7 +254,8 @@ class Session:
         from kedit.engine.editing import make_edit
 
         return make_edit(self, prompt, target, subject=subject, method=method, layer=layer,
-                         paraphrases=paraphrases, stats_corpus=stats_corpus, identity_c=identity_c,
+                         paraphrases=paraphrases, question=question, stats_corpus=stats_corpus,
+                         identity_c=identity_c,
                          params=params, progress=progress)
 
     def rollback(self, edit_id: str) -> Edit:

@@ -28,8 +28,9 @@ def test_eval_reproduces_the_probe_figures_and_restores_the_model(session) -> No
         edit = session.edit(case.prompt, case.target, subject=case.subject, method="grace",
                             paraphrases=case.rephrase)
         try:
-            assert (row["rel"], row["gen"]) == (edit.probe.rel, edit.probe.gen)
-            assert row["rel"] == 1.0 and row["loc"] == 1.0
+            assert (row["tf_rel"], row["tf_gen"]) == (edit.probe.rel, edit.probe.gen)
+            assert (row["gen_rel"], row["gen_para"]) == (edit.probe.by_gen.rel, edit.probe.by_gen.para)
+            assert row["tf_rel"] == 1.0 and row["tf_loc"] == 1.0 and row["gen_rel"] == 1.0
         finally:
             session.rollback(edit.id)
 
@@ -41,8 +42,9 @@ def test_eval_cli_sequential_json_lines(fact_world_dir) -> None:
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert [r["case"] for r in lines[:-1]] == [0, 1, 2, 3]
     summary = lines[-1]["summary"]
-    assert summary["mode"] == "sequential" and summary["n"] == 4 and summary["rel"] == 1.0
-    assert summary["loc"] == 1.0 and summary["port"] is None
+    assert summary["mode"] == "sequential" and summary["n"] == 4 and summary["tf_rel"] == 1.0
+    assert summary["tf_loc"] == 1.0 and summary["tf_port"] is None and summary["protocol"] == "both"
+    assert summary["gen_rel"] >= 0.75 and summary["gen_loc"] >= 0.9
 
 
 def test_zsre_and_knowedit_records_are_read(tmp_path) -> None:

