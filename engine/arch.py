@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "mistral": "Mistral",
     "gemma": "Gemma",
     "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3",
     "phi3": "Phi-3",
     "gpt2": "GPT-2",
     "gptj": "GPT-J",
@@ -30,7 +31,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 
 # Families whose token embeddings are multiplied by sqrt(hidden_size) before layer 0.
-_SQRT_SCALED_EMBEDDINGS = frozenset({"gemma", "gemma2"})
+_SQRT_SCALED_EMBEDDINGS = frozenset({"gemma", "gemma2", "gemma3_text"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ _LAYOUTS: dict[str, _Layout] = {
     "mistral": _LLAMA_LAYOUT,
     "gemma": _LLAMA_LAYOUT,
     "gemma2": _LLAMA_LAYOUT,
+    # Gemma 3 wraps each sub-block in pre/post norms and q/k norms, but names its MLP like Llama.
+    "gemma3_text": _LLAMA_LAYOUT,
     "phi3": replace(_LLAMA_LAYOUT, mlp_in=("gate_up_proj",)),
     "gpt2": _Layout(
         base="transformer", layers="h", mlp_in=("c_fc",), mlp_out="c_proj", embed="wte", final_norm="ln_f",
@@ -121,11 +124,12 @@ class ArchAdapter:
         for name in layout.mlp_in:
             _checked_submodule(model, model_type, f"{block}.{name}")
         out_proj = _checked_submodule(model, model_type, f"{block}.{layout.mlp_out}")
+        config: Any = model.config
         return cls(
             model_type=model_type,
             family=SUPPORTED_FAMILIES[model_type],
             n_layers=len(layers),
-            hidden_size=int(model.config.hidden_size),
+            hidden_size=int(config.hidden_size),
             mlp_hidden_size=_in_features(out_proj),
             out_proj_conv1d=isinstance(out_proj, Conv1D),
             model=model,
@@ -140,7 +144,7 @@ class ArchAdapter:
 
     def layers(self) -> nn.ModuleList:
         """The decoder blocks, in order."""
-        return self.model.get_submodule(f"{self._layout.base}.{self._layout.layers}")
+        return cast(nn.ModuleList, self.model.get_submodule(f"{self._layout.base}.{self._layout.layers}"))
 
     def layer_name(self, i: int) -> str:
         """Full dotted module path of decoder block i, e.g. "model.layers.3"."""
@@ -199,7 +203,7 @@ class ArchAdapter:
         embed = self.embed()
         scale = getattr(embed, "embed_scale", None)
         if isinstance(scale, torch.Tensor):
-            return float(scale.to(embed.weight.dtype))
+            return float(scale.to(cast(torch.Tensor, embed.weight).dtype))
         return 1.0 if scale is None else float(scale)
 
     def embed_scale(self) -> float:
@@ -209,7 +213,7 @@ class ArchAdapter:
         return math.sqrt(self.hidden_size)  # older layouts scale in the model's forward instead
 
     def logit_softcap(self) -> float | None:
-        """Cap c of the model's logits = c * tanh(lm_head(h) / c) (Gemma2), or None: needed to redo logits."""
+        """Cap c of the model's logits = c * tanh(lm_head(h) / c) (Gemma2; Gemma3 if set), or None: to redo logits."""
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return None if cap is None else float(cap)
 

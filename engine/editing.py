@@ -73,7 +73,7 @@ def method_params(session: Session, method: str, **overrides: Any) -> Any:
 
     cls = {"rome": RomeParams, "grace": GraceParams, "wise": WiseParams}[method]
     h = session.handle
-    return cls.from_config(session.config, h.adapter.model_type, h.source.location or h.source.name).with_(**overrides)
+    return cls.from_config(session.config, h.adapter.model_type, h.model_id).with_(**overrides)
 
 
 def share_layer(session: Session, hp: Any) -> int:

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -25,9 +26,11 @@ from pathlib import Path
 
 from kedit.engine import paths
 from kedit.engine.errors import KeditError, ModelNotFound
+from kedit.engine.gguf_fixups import pin_tokenizer_class, repair_config
 
 PACKAGE_PREFIX = "package:"  # an alias value naming a file inside an installed Python package
 MARKER = "kedit_gguf.json"  # written last into a finished cache folder
+FORMAT = 2  # the conversion's own version: a change to it converts every file again
 Progress = Callable[[str, int, int], None]
 
 
@@ -75,7 +78,7 @@ def content_hash(path: Path, progress: Progress | None = None) -> str:
 
 
 def cache_folder(digest: str) -> Path:
-    return paths.cache_dir() / "gguf" / digest
+    return paths.cache_dir() / "gguf" / f"{digest}-v{FORMAT}"
 
 
 def converted(path: Path, trust_remote_code: bool = False, show_progress: bool = True,
@@ -121,7 +124,8 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
                                                          dtype=torch.float32,
                                                          trust_remote_code=trust_remote_code)
             bar.update(1)
-    except (ValueError, KeyError, NotImplementedError, RuntimeError, TypeError) as exc:
+    except (ValueError, KeyError, NotImplementedError, RuntimeError, TypeError, IndexError, EOFError, OSError,
+            struct.error) as exc:  # the last four: a truncated or damaged file
         raise unreadable(path, exc) from None
     finally:
         hf_logging.set_verbosity(quiet)
@@ -133,6 +137,7 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+    repaired = repair_config(path, model.config)  # RoPE facts transformers' reader skipped
     n_params = sum(p.numel() for p in model.parameters())
     if n_params >= 1_000_000_000:
         model = model.to(torch.bfloat16)
@@ -141,8 +146,9 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        pin_tokenizer_class(tmp)  # reload the tokenizer as built from the file
         (tmp / MARKER).write_text(json.dumps({"gguf": str(path), "sha256_16": digest,
-                                              "parameters": n_params}, indent=2))
+                                              "parameters": n_params, "repaired": repaired}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -154,8 +160,11 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
 
 def unreadable(path: Path, exc: BaseException) -> KeditError:
     """A clear message for a GGUF transformers cannot read (architecture or quant type)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     arch, types = _describe(path)
+    if types == "unknown":  # gguf itself cannot parse it: not a GGUF, or cut short
+        return KeditError(f"cannot read {path.name}: {arch.removeprefix('not a readable GGUF file: ').rstrip('.')}. "
+                          f"The file is truncated, damaged or not a GGUF file; download or convert it again.")
     return KeditError(
         f"transformers cannot read {path.name} ({arch}; tensor types {types}): {text}. "
         f"transformers' GGUF loader reads the architectures and quantization types listed in its "

@@ -156,10 +156,20 @@ class ModelHandle:
         import hashlib
 
         where = self.source.location or self.source.name
-        if self.source.kind in ("fact-world", "gguf"):  # the cache folder's name is a content hash
-            where = f"{self.source.kind}:{Path(self.model.name_or_path).name}"
+        if self.source.kind == "fact-world":
+            where = f"fact-world:{Path(self.model.name_or_path).name}"
+        elif self.source.kind == "gguf":  # the converted folder is named <content hash>-v<format>
+            where = f"gguf:{Path(self.model.name_or_path).name.split('-v')[0]}"
         blob = f"{self.source.kind}:{where}:{self.model.config.to_json_string()}:{self.quant}"
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def model_id(self) -> str:
+        """The name kedit.toml's per-model tables use: the hub id or folder path, a GGUF's file
+        name (``SmolLM2-135M-Instruct.Q4_1.gguf``, wherever it lies), or ``fact-world``."""
+        if self.source.kind == "gguf":
+            return Path(self.source.location).name
+        return self.source.location or self.source.name
 
     @property
     def gguf_path(self) -> Path | None:

@@ -1,11 +1,12 @@
-"""ArchAdapter finds the right modules in every supported family, plain and bnb-quantized."""
+"""ArchAdapter finds the right modules in every supported family (and in model lines with their own
+config: Llama 3.x, Phi-4-mini), plain and bnb-quantized, and edits hooked there revert exactly."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -18,12 +19,31 @@ from transformers.utils import logging as hf_logging
 
 from kedit.engine.arch import SUPPORTED_FAMILIES, ArchAdapter
 from kedit.engine.errors import KeditError, UnsupportedArchitecture
-from tiny_models import HIDDEN, INTERMEDIATE, LAYERS, VOCAB, build_tiny, make_tiny, tiny_config
+from kedit.engine.methods.grace import Entry, GracePatch, Layer
+from kedit.engine.patches import LowRankPatch
+from tiny_models import (
+    GEMMA3_LAYER_TYPES,
+    HEAD_DIM,
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    LLAMA3_ROPE,
+    PHI4_ROTARY_FRACTION,
+    POSITIONS,
+    SLIDING_WINDOW,
+    VARIANTS,
+    VOCAB,
+    build_tiny,
+    make_tiny,
+    model_type_of,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
 hf_logging.disable_progress_bar()
 
 FAMILIES = list(SUPPORTED_FAMILIES)
+CASES = FAMILIES + list(VARIANTS)  # every family, plus model lines that differ only in their config
 IDS = torch.tensor([[5, 17, 42, 99, 3, 64], [120, 7, 7, 31, 88, 11]])
 
 # Expected dotted paths of block 1 and its MLP output projection, read from transformers 5.x.
@@ -34,6 +54,7 @@ EXPECTED_NAMES = {
     "mistral": ("model.layers.1", "model.layers.1.mlp.down_proj"),
     "gemma": ("model.layers.1", "model.layers.1.mlp.down_proj"),
     "gemma2": ("model.layers.1", "model.layers.1.mlp.down_proj"),
+    "gemma3_text": ("model.layers.1", "model.layers.1.mlp.down_proj"),
     "phi3": ("model.layers.1", "model.layers.1.mlp.down_proj"),
     "gpt2": ("transformer.h.1", "transformer.h.1.mlp.c_proj"),
     "gptj": ("transformer.h.1", "transformer.h.1.mlp.fc_out"),
@@ -41,10 +62,10 @@ EXPECTED_NAMES = {
 }
 
 
-@lru_cache(maxsize=None)
-def tiny(model_type: str) -> nn.Module:
-    """One shared full-precision tiny model per family (tests remove their hooks)."""
-    return build_tiny(model_type)
+@cache
+def tiny(name: str) -> nn.Module:
+    """One shared full-precision tiny model per family or variant (tests remove their hooks)."""
+    return build_tiny(name)
 
 
 @contextmanager
@@ -82,14 +103,17 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 def test_every_family_has_a_tiny_config() -> None:
     assert set(EXPECTED_NAMES) == set(SUPPORTED_FAMILIES)
-    for model_type in FAMILIES:
-        assert tiny_config(model_type).model_type == model_type
+    for name in CASES:
+        assert tiny_config(name).model_type == model_type_of(name)
+    assert set(VARIANTS.values()) <= set(SUPPORTED_FAMILIES)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_module_paths(model_type: str) -> None:
-    model = tiny(model_type)
+@pytest.mark.parametrize("name", CASES)
+def test_module_paths(name: str) -> None:
+    model = tiny(name)
+    model_type = model_type_of(name)
     arch = ArchAdapter.for_model(model)
+    assert arch.model_type == model_type
     layer_name, out_name = EXPECTED_NAMES[model_type]
     assert arch.family == SUPPORTED_FAMILIES[model_type]
     assert arch.layer_name(1) == layer_name
@@ -106,9 +130,10 @@ def test_module_paths(model_type: str) -> None:
     assert arch.final_norm().weight.shape == (HIDDEN,)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_dimensions(model_type: str) -> None:
-    model = tiny(model_type)
+@pytest.mark.parametrize("name", CASES)
+def test_dimensions(name: str) -> None:
+    model = tiny(name)
+    model_type = model_type_of(name)
     arch = ArchAdapter.for_model(model)
     assert arch.n_layers == model.config.num_hidden_layers == LAYERS
     assert arch.hidden_size == HIDDEN
@@ -125,9 +150,9 @@ def test_dimensions(model_type: str) -> None:
     assert widths == [HIDDEN] * len(ins)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_mlp_out_hook_widths(model_type: str) -> None:
-    model = tiny(model_type)
+@pytest.mark.parametrize("name", CASES)
+def test_mlp_out_hook_widths(name: str) -> None:
+    model = tiny(name)
     arch = ArchAdapter.for_model(model)
     seen: dict[int, tuple[int, int]] = {}
     for i in range(arch.n_layers):
@@ -139,9 +164,9 @@ def test_mlp_out_hook_widths(model_type: str) -> None:
     assert seen == {i: (arch.mlp_hidden_size, arch.hidden_size) for i in range(arch.n_layers)}
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_residual_matches_hidden_states(model_type: str) -> None:
-    model = tiny(model_type)
+@pytest.mark.parametrize("name", CASES)
+def test_residual_matches_hidden_states(name: str) -> None:
+    model = tiny(name)
     arch = ArchAdapter.for_model(model)
     captured: dict[int, torch.Tensor] = {}
     handles = [
@@ -165,16 +190,16 @@ def test_residual_matches_hidden_states(model_type: str) -> None:
         normed = arch.final_norm()(captured[arch.n_layers - 1])
         logits = arch.lm_head()(normed)
     cap = arch.logit_softcap()
-    assert cap == (30.0 if model_type == "gemma2" else None)
+    assert cap == (30.0 if model_type_of(name) == "gemma2" else None)
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     torch.testing.assert_close(normed, out.hidden_states[-1])
     torch.testing.assert_close(logits, out.logits)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_replace_residual(model_type: str) -> None:
-    model = tiny(model_type)
+@pytest.mark.parametrize("name", CASES)
+def test_replace_residual(name: str) -> None:
+    model = tiny(name)
     arch = ArchAdapter.for_model(model)
     with torch.no_grad():
         base = model(IDS).logits
@@ -191,17 +216,21 @@ def test_replace_residual(model_type: str) -> None:
         assert torch.equal(model(IDS).logits, base)
     with forward_hook(arch.layer(1), shifted), torch.no_grad():
         assert not torch.allclose(model(IDS).logits, base)
-    # transformers 5.x blocks return a bare tensor, except GPT-J's (hidden, attn_weights) tuple.
-    assert isinstance(outputs[0], tuple) == (model_type == "gptj")
-    replaced = arch.replace_residual(outputs[0], torch.zeros(1))
-    assert type(replaced) is type(outputs[0])
+    # transformers 5.24 blocks all return a bare tensor (GPT-J's returned a tuple in earlier 5.x).
+    assert isinstance(outputs[0], torch.Tensor)
+    zero = torch.zeros(1)
+    for output in (outputs[0], (outputs[0], None), [outputs[0], None]):
+        replaced = arch.replace_residual(output, zero)
+        assert type(replaced) is type(output)
+        assert arch.residual(replaced) is zero
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_embedding_scale(model_type: str) -> None:
-    model = tiny(model_type)
+@pytest.mark.parametrize("name", CASES)
+def test_embedding_scale(name: str) -> None:
+    model = tiny(name)
+    model_type = model_type_of(name)
     arch = ArchAdapter.for_model(model)
-    scaled = model_type in ("gemma", "gemma2")
+    scaled = model_type in ("gemma", "gemma2", "gemma3_text")
     # transformers 5.x Gemma multiplies inside its embedding module, so nothing is left for the caller.
     assert arch.embed_scale() == 1.0
     assert arch.embed_weight_scale() == (math.sqrt(HIDDEN) if scaled else 1.0)
@@ -214,6 +243,137 @@ def test_embedding_scale(model_type: str) -> None:
             embedded, rows = embedded + positions, rows + positions
     torch.testing.assert_close(embedded, first, rtol=0, atol=0)
     torch.testing.assert_close(rows, first)
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _mlp_out_input(model: nn.Module, arch: ArchAdapter, i: int) -> torch.Tensor:
+    """What block i's MLP output projection reads on IDS: (batch, seq, mlp_hidden_size)."""
+    seen: list[torch.Tensor] = []
+    with forward_hook(arch.mlp_out(i), lambda m, args, out: seen.append(args[0].detach().clone())):
+        _logits(model)
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rank_one_edit_at_mlp_out_reverts_bit_for_bit(name: str) -> None:
+    """A ROME-style rank-one delta (W + u vᵀ) beside the MLP output projection moves the logits
+    everywhere the key direction is read, and reverting it restores them exactly."""
+    from kedit.engine.patches import LowRankSidecar
+
+    model = tiny(name)
+    arch = ArchAdapter.for_model(model)
+    module = arch.mlp_out(1)
+    base = _logits(model)
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(arch.hidden_size, 1, generator=gen)  # value direction, residual width
+    v = torch.randn(arch.mlp_hidden_size, 1, generator=gen)  # key direction, MLP width
+    patch = LowRankPatch(LowRankSidecar(module, arch.mlp_out_name(1)), "e1", u, v)
+    patch.apply()
+    try:
+        edited = _logits(model)
+    finally:
+        patch.revert()
+    assert (edited - base).abs().amax() > 1e-3
+    assert torch.equal(_logits(model), base)
+    assert not module._forward_hooks
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_codebook_edit_at_mlp_out_changes_only_its_key(name: str) -> None:
+    """A GRACE-style codebook entry on the MLP output replaces the output only where its key is read:
+    earlier positions and the other sequence keep their logits bit for bit; reverting restores all."""
+    from kedit.engine.methods.grace import GraceCodebook
+
+    model = tiny(name)
+    arch = ArchAdapter.for_model(model)
+    module = arch.mlp_out(1)
+    base = _logits(model)
+    key = _mlp_out_input(model, arch, 1)[0, 3].float()
+    book = GraceCodebook(module, arch.mlp_out_name(1))
+    value = torch.full((arch.hidden_size,), 3.0)
+    patch = GracePatch(book, "g1", [(Entry(key=key), Layer("g1", 1e-3 * float(key.norm()), value, (0,)))])
+    patch.apply()
+    try:
+        edited = _logits(model)
+    finally:
+        patch.revert()
+    assert book.replaced == 1  # one position of one sequence came from the codebook
+    assert torch.equal(edited[1], base[1])
+    assert torch.equal(edited[0, :3], base[0, :3])
+    assert (edited[0, 3:] - base[0, 3:]).abs().amax() > 1e-3
+    assert torch.equal(_logits(model), base)
+    assert not module._forward_hooks
+
+
+def test_gemma3_local_and_global_layers() -> None:
+    """Gemma 3: windowed and global attention layers in the configured pattern, four norms per block
+    plus q/k norms, and a sliding window that really limits what a position sees."""
+    model = tiny("gemma3_text")
+    arch = ArchAdapter.for_model(model)
+    assert arch.family == "Gemma3" and arch.logit_softcap() is None
+    assert model.config.layer_types == [arch.layer(i).self_attn.layer_type for i in range(LAYERS)] == GEMMA3_LAYER_TYPES
+    assert [arch.layer(i).self_attn.sliding_window for i in range(LAYERS)] == [SLIDING_WINDOW, None, SLIDING_WINDOW]
+    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"):
+        assert arch.layer(0).get_submodule(norm).weight.shape == (HIDDEN,)
+    assert arch.layer(0).self_attn.q_norm.weight.shape == (HEAD_DIM,)
+    # The same weights with a window as long as the context: positions inside the window agree, later ones not.
+    wide = build_tiny("gemma3_text", sliding_window=POSITIONS)
+    assert torch.equal(wide.model.layers[0].mlp.down_proj.weight, arch.mlp_out(0).weight)
+    base, unwindowed = _logits(model), _logits(wide)
+    torch.testing.assert_close(base[:, :SLIDING_WINDOW], unwindowed[:, :SLIDING_WINDOW])
+    assert (base[:, SLIDING_WINDOW:] - unwindowed[:, SLIDING_WINDOW:]).abs().amax() > 1e-4
+
+
+def _llama3_inv_freq(head_dim: int, rope: dict[str, float]) -> torch.Tensor:
+    """Llama 3.1's rescaled RoPE frequencies, written out from the paper's recipe (Meta's reference)."""
+    inv = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    old = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
+    out = []
+    for f in inv.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / rope["factor"])
+        else:
+            smooth = (old / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+            out.append((1 - smooth) * f / rope["factor"] + smooth * f)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def test_llama3_rope_scaling_is_in_force() -> None:
+    """Llama 3.x loads as the llama family with its rescaled RoPE (not the plain one) and tied lm_head."""
+    model = tiny("llama3")
+    arch = ArchAdapter.for_model(model)
+    assert arch.family == "Llama"
+    inv_freq = model.model.rotary_emb.inv_freq
+    want = _llama3_inv_freq(HEAD_DIM, LLAMA3_ROPE)
+    torch.testing.assert_close(inv_freq, want)
+    plain = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+    ratio = (plain / inv_freq).tolist()  # fast frequencies kept, slow ones divided by 8, one blended
+    assert ratio[:4] == pytest.approx([1.0] * 4) and ratio[5:] == pytest.approx([8.0] * 3)
+    assert 1.5 < ratio[4] < 7.5
+    assert arch.lm_head().weight is arch.embed().weight
+    assert not torch.allclose(_logits(model), _logits(build_tiny("llama3", rope_parameters={
+        "rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]})))
+
+
+def test_phi4_mini_partial_rotary_and_longrope() -> None:
+    """Phi-4-mini is a phi3 model rotating 3/4 of each head with LongRoPE; the adapter sees Phi-3."""
+    model = tiny("phi4-mini")
+    arch = ArchAdapter.for_model(model)
+    assert arch.family == "Phi-3" and arch.mlp_in(0)[0].out_features == 2 * INTERMEDIATE  # fused gate+up
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.shape == (int(HEAD_DIM * PHI4_ROTARY_FRACTION) // 2,)
+    factor = POSITIONS / (POSITIONS // 2)
+    assert rotary.attention_scaling == pytest.approx(math.sqrt(1 + math.log(factor) / math.log(POSITIONS // 2)))
+    assert arch.lm_head().weight is arch.embed().weight
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from kedit.engine.arch import SUPPORTED_FAMILIES
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError, ModelNotFound, UnsupportedArchitecture
 from kedit.engine.model import ModelHandle, resolve
-from tiny_models import make_tiny_with_tokenizer, tiny_config
+from tiny_models import VARIANTS, make_tiny_with_tokenizer, model_type_of, tiny_config
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt2", "gptj", "gpt_neox"]
+FAMILIES = list(SUPPORTED_FAMILIES)
+CASES = FAMILIES + list(VARIANTS)  # Llama 3.x and Phi-4-mini load as llama and phi3 with their own configs
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny")
-    return {f: make_tiny_with_tokenizer(f, base / f) for f in FAMILIES}
+    return {name: make_tiny_with_tokenizer(name, base / name) for name in CASES}
 
 
 def test_resolve_alias_hub_id_and_folder(tmp_path: Path) -> None:
@@ -34,11 +36,16 @@ def test_resolve_alias_hub_id_and_folder(tmp_path: Path) -> None:
         resolve(str(tmp_path / "missing" / "model"), cfg)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CASES)
 def test_load_each_family_from_a_folder(family: str, folders: dict[str, Path]) -> None:
     handle = ModelHandle.load(str(folders[family]), Config.load(env={}), show_progress=False)
-    assert handle.adapter.model_type == family
+    assert handle.adapter.model_type == model_type_of(family)
+    assert handle.adapter.family in handle.describe()
     assert handle.adapter.n_layers == tiny_config(family).num_hidden_layers
+    # what makes a variant a variant survives save_pretrained and loading: its rope and tying
+    want = tiny_config(family)
+    assert getattr(handle.model.config, "rope_parameters", None) == getattr(want, "rope_parameters", None)
+    assert handle.model.config.tie_word_embeddings == want.tie_word_embeddings
     assert handle.dtype == torch.float32 and handle.device == "cpu"
     assert not handle.is_chat  # a base model: plain completion
     ids = handle.tokenizer("hello", return_tensors="pt")["input_ids"]
@@ -92,7 +99,7 @@ def test_unsupported_architecture_lists_the_families(tmp_path: Path) -> None:
     make_tiny_with_tokenizer("opt", tmp_path / "opt")
     with pytest.raises(UnsupportedArchitecture) as info:
         ModelHandle.load(str(tmp_path / "opt"), Config.load(env={}), show_progress=False)
-    for family in ("Llama", "Qwen2", "GPT-2", "GPT-NeoX", "Gemma2", "Phi-3"):
+    for family in ("Llama", "Qwen2", "GPT-2", "GPT-NeoX", "Gemma2", "Gemma3", "Phi-3"):
         assert family in info.value.message
 
 
