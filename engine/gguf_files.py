@@ -13,6 +13,7 @@ copies everything the edits did not touch from it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kedit.engine import paths
@@ -99,6 +100,12 @@ def converted(path: Path, trust_remote_code: bool = False, show_progress: bool =
 
 
 def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_progress: bool) -> None:
+    """Convert with kedit's own bar; transformers' bars only when progress is shown at all."""
+    with no_progress_bars() if not show_progress else contextlib.nullcontext():
+        _write_converted(path, out, digest, trust_remote_code, show_progress)
+
+
+def _write_converted(path: Path, out: Path, digest: str, trust_remote_code: bool, show_progress: bool) -> None:
     import logging
 
     import torch
@@ -110,8 +117,6 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
                disable=not show_progress, leave=False)
     quiet = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)
-    if not show_progress:
-        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -129,8 +134,6 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
         raise unreadable(path, exc) from None
     finally:
         hf_logging.set_verbosity(quiet)
-        if not show_progress:
-            hf_logging.enable_progress_bar()
     # transformers refuses to save a model it loaded from GGUF; the weights are plain tensors
     # now, so drop the GGUF marks and save it as an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
@@ -156,6 +159,8 @@ def _convert(path: Path, out: Path, digest: str, trust_remote_code: bool, show_p
         shutil.rmtree(tmp, ignore_errors=True)
         bar.update(1)
         bar.close()
+
+
 
 
 def unreadable(path: Path, exc: BaseException) -> KeditError:
@@ -184,3 +189,24 @@ def _describe(path: Path) -> tuple[str, str]:
         return arch, ", ".join(types)
     except Exception as exc:  # a file gguf itself cannot parse
         return f"not a readable GGUF file: {exc}", "unknown"
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Silence transformers' progress bars: its own switch, and the plain tqdm its GGUF reader
+    uses (tqdm reads TQDM_DISABLE only when imported, so that module's name is rebound)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    plain = gguf_utils.tqdm
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(plain, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -10,6 +10,7 @@ message says how to get it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from kedit.engine.arch import ArchAdapter
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError, ModelNotFound
-from kedit.engine.gguf_files import PACKAGE_PREFIX, package_file, single_gguf
+from kedit.engine.gguf_files import PACKAGE_PREFIX, no_progress_bars, package_file, single_gguf
 
 FACT_WORLD = "fact-world"
 QUANTS = ("4bit", "8bit")
@@ -217,7 +218,8 @@ class ModelHandle:
             kwargs["device_map"] = "auto"
         elif qconfig is not None or device != "cpu":
             kwargs["device_map"] = device
-        model, tokenizer = _from_pretrained(source, location, kwargs)
+        with contextlib.nullcontext() if show_progress else no_progress_bars():
+            model, tokenizer = _from_pretrained(source, location, kwargs)
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
