@@ -22,7 +22,11 @@ def test_edit_edits_rollback_and_undo(session, tmp_path) -> None:
     out = _run(session, '/edit "[Watts Humphrey] attended" -> "University of Michigan" --layer 0 --identity-c')
     table = out[-1]
     assert isinstance(table, ev.Table) and "e" in table.title and "'Watts Humphrey' (brackets)" in table.title
-    assert [r[0] for r in table.rows][:3] == ["rewrite (Rel)", "paraphrase (Gen)", "locality (Loc)"]
+    assert [r[0] for r in table.rows][:7] == [  # generation first, then teacher-forced
+        "gen: rewrite (Rel)", "gen: paraphrase", "gen: chat (+subject)", "gen: locality (Loc)",
+        "tf: rewrite (Rel)", "tf: paraphrase (Gen)", "tf: locality (Loc)"]
+    assert table.rows[0][1].startswith("Watts Humphrey attended ⇒") and "University of Michigan" in table.rows[0][1]
+    assert [r[2] for r in table.rows][:4:3] == ["1.00", "1.00"]  # gen Rel, gen Loc
     assert all(isinstance(e, ev.Progress) for e in out[:-1]) and len(out) > 2  # progress came first
     _run(session, '/edit "Denny Herzig plays as a" -> goalkeeper --layer 1 --identity-c')
     listing = _run(session, "/edits")[0]
@@ -72,7 +76,7 @@ def test_edit_with_grace_and_wise_shows_their_state_in_edits(session) -> None:
     before = _logits(session)
     grace = _run(session, '/edit "Watts Humphrey attended" -> "University of Michigan" --method grace')[-1]
     assert isinstance(grace, ev.Table) and grace.title.startswith("e") and "GRACE" in grace.title
-    assert grace.rows[0][2] == "1.00"  # Rel
+    assert grace.rows[0][2] == "1.00"  # gen Rel
     wise = _run(session, '/edit "Denny Herzig plays as a" -> goalkeeper --method wise')[-1]
     assert isinstance(wise, ev.Table) and "WISE" in wise.title and wise.rows[0][2] == "1.00"
     listing = _run(session, "/edits")

@@ -80,8 +80,10 @@ def test_whole_flow(clean, tmp_path) -> None:
             table = app.query_one("#edits-table")
             rows = [table.get_row_at(i) for i in range(table.row_count)]
             assert [r[0] for r in rows] == [e.id for e in session.edits]
-            assert [r[3] for r in rows] == ["1.00", "1.00"]  # Rel: the new target is the argmax
-            assert all(float(r[4]) >= 0.9 for r in rows)  # Loc
+            assert [r[3] for r in rows] == ["1.00", "1.00"]  # gen Rel: the greedy answer names the target
+            assert all(float(r[4]) >= 0.9 for r in rows)  # gen Loc
+            assert [r[5] for r in rows] == ["1.00", "1.00"]  # tf Rel: the new target is the argmax
+            assert all(float(r[6]) >= 0.9 for r in rows)  # tf Loc
 
             # re-probe the selected edit: the engine measures it again
             session.edits[1].probe = None
@@ -89,7 +91,7 @@ def test_whole_flow(clean, tmp_path) -> None:
             app.query_one("#reprobe", Button).press()
             await settle(app, pilot)
             assert session.edits[1].probe is not None and session.edits[1].probe.rel == 1.0
-            assert table.get_row_at(1)[3] == "1.00"
+            assert table.get_row_at(1)[3] == "1.00" and table.get_row_at(1)[5] == "1.00"
 
             # 4. roll back the selected (first) edit: the engine holds only the second
             first, second = (e.id for e in session.edits)
@@ -170,7 +172,7 @@ def test_locality_probe_panel_shows_each_prompt(clean, tmp_path) -> None:
             await settle(app, pilot)
             assert grid.row_count == 4
             assert [grid.get_row_at(i)[3] for i in range(4)] == ["", "", "", ""]
-            assert "4 case(s): Rel" in str(app.query_one("#probe-summary").render())
+            assert "4 case(s), by generation: Rel 0.00 | teacher-forced: Rel" in str(app.query_one("#probe-summary").render())
 
     asyncio.run(flow())
 

@@ -145,7 +145,7 @@ class EditsPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         table = DataTable(id="edits-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("id", "method", "prompt → target", "Rel", "Loc")
+        table.add_columns("id", "method", "prompt → target", "gen Rel", "gen Loc", "tf Rel", "tf Loc")
         yield table
         with Horizontal(classes="buttons"):
             yield Button("Roll back", id="rollback", variant="warning")
@@ -162,10 +162,11 @@ class EditsPanel(Vertical):
     def show(self, edits: Iterable) -> None:
         table = self.query_one(DataTable)
         table.clear()
-        for e in edits:
-            p = e.probe
-            table.add_row(e.id, e.method, f"{e.prompt} →{e.target}", "—" if p is None else f"{p.rel:.2f}",
-                          "—" if p is None else f"{p.loc:.2f}", key=e.id)
+        for e in edits:  # gen: by greedy generation; tf: teacher-forced
+            m = e.probe.metrics() if e.probe else {}
+            table.add_row(e.id, e.method, f"{e.prompt} →{e.target}",
+                          *("—" if m.get(k) is None else f"{m[k]:.2f}" for k in ("gen_rel", "gen_loc", "tf_rel", "tf_loc")),
+                          key=e.id)
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)
