@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,8 +11,9 @@ from kedit.engine import events as ev
 from kedit.engine.background import with_progress
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.errors import KeditError
-from kedit.engine.steering import (MERGE_MODES, METHODS, WHERE, Pair, merge_vectors, parse_floats, parse_layers,
-                                   parse_read, read_pairs, read_texts, sweep, train_vector)
+from kedit.engine.steering import (MERGE_MODES, METHODS, NEUTRAL_TEXT, WHERE, Pair, SteeringVector, merge_vectors,
+                                   parse_floats, parse_layers, parse_read, read_pairs, read_texts,
+                                   recommend_strength, sweep, train_vector)
 from kedit.engine.vector_io import export_gguf, load_vector, vector_name
 
 if TYPE_CHECKING:
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 ACTIONS = ("train", "add", "set", "on", "off", "remove", "list", "save", "merge", "sweep")
 DEFAULT_STRENGTHS = "0,1,2,3,4"
+DEFAULT_LIMIT = 1.2  # neutral perplexity / unsteered, when kedit.toml's [steering] says nothing
 
 
 def _names(session: Session | None, prefix: str) -> list[str]:
@@ -36,6 +39,44 @@ def _need(value: str | None, what: str, usage: str) -> str:
     if value is None:
         raise KeditError(f"say {what}: {usage}")
     return value
+
+
+def perplexity_limit(session: Session) -> float:
+    """[steering] max_perplexity_ratio: how much a recommended strength may raise neutral perplexity."""
+    value = session.config.get("steering.max_perplexity_ratio", DEFAULT_LIMIT)
+    try:
+        limit = float(value)
+    except (TypeError, ValueError):
+        limit = float("nan")
+    if not limit > 1:
+        raise KeditError(f"[steering] max_perplexity_ratio in kedit.toml is a ratio above 1, e.g. 1.2, not {value!r}")
+    return limit
+
+
+def calibration_texts(session: Session, path: str | None) -> tuple[list[str], str]:
+    """Neutral text for the recommended strength, and where it came from: --neutral, else
+    [steering] neutral in kedit.toml, else plain text of the model's own kind (the fact
+    world's plain facts on the fact world, whose perplexity on English means nothing;
+    kedit's built-in English sentences on any other model)."""
+    path = path or session.config.get("steering.neutral") or None
+    if path:
+        return read_texts(Path(path)), str(path)
+    if session.handle.source.kind == "fact-world":
+        facts = session.fact_world().facts
+        picked = random.Random(0).sample(facts, min(len(NEUTRAL_TEXT) * 2, len(facts)))  # every relation, fixed
+        return [f.sentence(0) for f in picked], "the fact world's facts"
+    return list(NEUTRAL_TEXT), "built-in"
+
+
+def sweep_strengths(vector: SteeringVector, text: str | None) -> list[float]:
+    """--strengths, else around the recommended strength (0, ½, 1, 2, 4 ×), else 0,1,2,3,4."""
+    if text is None and vector.recommended is not None and vector.recommended.strength > 0:
+        return [0.0] + [float(f"{k * vector.recommended.strength:.3g}") for k in (0.5, 1, 2, 4)]
+    return parse_floats(text or DEFAULT_STRENGTHS, "strengths")
+
+
+def _with_recommendation(vector: SteeringVector) -> str:
+    return f"; {vector.recommended.describe()}" if vector.recommended is not None else ""
 
 
 def neutral_texts(session: Session, path: str | None) -> list[str]:
@@ -67,26 +108,31 @@ def neutral_texts(session: Session, path: str | None) -> list[str]:
           required=False),
     Param("negative", "train from one pair: the negative completion", kind="option", required=False),
     Param("pairs", "held-out pairs (JSONL) for /steer sweep", kind="option", required=False),
-    Param("neutral", "neutral text, one per line, for /steer sweep's perplexity", kind="option", required=False),
-    Param("strengths", "strengths /steer sweep tries", kind="option", required=False, default=DEFAULT_STRENGTHS),
+    Param("neutral", "neutral text, one per line, for the perplexity of /steer train and sweep", kind="option",
+          required=False),
+    Param("strengths", "strengths /steer sweep tries (default: around the recommended one, else 0,1,2,3,4)",
+          kind="option", required=False),
     details=(
         "/steer train PAIRS.jsonl NAME [--method mean_diff|pca] [--layers 2-4] [--read answer|-1]: "
-        "train from JSONL lines {prompt, positive, negative} and rack it at strength 1\n"
+        "train from JSONL lines {prompt, positive, negative}, find the largest strength that keeps neutral "
+        "perplexity within [steering] max_perplexity_ratio (default 1.2×) of the unsteered model's, "
+        "and rack it at that\n"
         "/steer train \"PROMPT\" NAME --positive \" happy\" --negative \" sad\": a quick one-pair vector\n"
         "/steer add FILE [STRENGTH] [--layers ..] [--relative] [--where all|generated]: "
-        "kedit .safetensors, llama.cpp/repeng .gguf, or an EasyEdit2 layer_L.pt folder\n"
+        "kedit .safetensors, llama.cpp/repeng .gguf, or an EasyEdit2 layer_L.pt folder; without STRENGTH, "
+        "the strength it was saved at (after /steer train, the recommended one)\n"
         "/steer set NAME STRENGTH; /steer on|off|remove NAME; /steer list\n"
         "/steer save NAME PATH: .gguf writes a llama.cpp control vector, anything else safetensors\n"
         "/steer merge A B [C ...] [--weights 1,0.5] [--mode linear|ties|orthogonal] -> NAME: "
         "racks the merge and turns A, B ... off\n"
-        "/steer sweep NAME --pairs HELDOUT.jsonl [--neutral TEXT.txt] [--strengths 0,1,2,3,4]: "
+        "/steer sweep NAME --pairs HELDOUT.jsonl [--neutral TEXT.txt] [--strengths 0,0.1,0.2]: "
         "log-prob margin and perplexity at each strength"
     ),
 )
 def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more: str | None, into: str | None,
               layers: str | None, relative: bool, where: str, method: str, read: str, mode: str,
               weights: str | None, density: float, positive: str | None, negative: str | None,
-              pairs: str | None, neutral: str | None, strengths: str) -> Iterator[ev.Event]:
+              pairs: str | None, neutral: str | None, strengths: str | None) -> Iterator[ev.Event]:
     rack = session.steering
     if more and action != "merge":
         raise KeditError(f"unexpected {more!r}; only /steer merge takes more than two names")
@@ -95,7 +141,8 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
             yield ev.Info("no steering vectors loaded; /steer add FILE or /steer train PAIRS NAME")
             return
         yield ev.Table(f"{len(rack.slots)} steering vector(s)",
-                       ("name", "state", "strength", "layers", "positions", "method"), tuple(rack.rows()))
+                       ("name", "state", "strength", "recommended", "layers", "positions", "method"),
+                       tuple(rack.rows()))
         return
     if action == "train":
         usage = "/steer train PAIRS.jsonl NAME, or /steer train \"PROMPT\" NAME --positive P --negative N"
@@ -109,19 +156,25 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
         if name in rack.slots:
             raise KeditError(f"a vector named {name!r} is already in the rack; pick another name")
         chosen, how = parse_layers(layers), parse_read(read)
+        limit, (texts, source) = perplexity_limit(session), calibration_texts(session, neutral)
         result: list = []
 
         def work(progress):
-            with session.lock, rack.bypassed():  # trained on the model as it is, unsteered
-                return train_vector(session.handle, train_pairs, method, chosen, how, progress=progress)
+            with session.lock, rack.bypassed():  # trained and measured on the model as it is, unsteered
+                trained = train_vector(session.handle, train_pairs, method, chosen, how, progress=progress)
+                trained.recommended = recommend_strength(session.handle, trained, texts, limit, source, progress)
+                trained.strength = trained.recommended.strength
+                return trained
 
         yield from with_progress(work, result)
         vector = result[0]
+        strength = 1.0 if relative else vector.strength  # the recommendation is an absolute strength
         with session.lock:
-            rack.add(name, vector, vector.strength, relative=relative, where=where)
-        n = len(train_pairs)
-        yield ev.Info(f"trained {name!r} ({method}, {n} pair{'s' if n != 1 else ''}, layers "
-                      f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {vector.strength:g}; "
+            rack.add(name, vector, strength, relative=relative, where=where)
+        count = len(train_pairs)
+        yield ev.Info(f"trained {name!r} ({method}, {count} pair{'s' if count != 1 else ''}, layers "
+                      f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {strength:g}"
+                      f"{' × norm' if relative else ''}{_with_recommendation(vector)}; "
                       f"/steer save {name} PATH keeps it")
         return
     if action == "add":
@@ -133,7 +186,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
         with session.lock:
             rack.add(name, vector, strength, relative=relative, layers=parse_layers(layers), where=where)
         yield ev.Info(f"added {name!r} at strength {strength:g}{' × norm' if relative else ''}"
-                      f"{', generated tokens only' if where == 'generated' else ''}")
+                      f"{', generated tokens only' if where == 'generated' else ''}{_with_recommendation(vector)}")
         return
     if action == "merge":
         usage = "/steer merge A B [C ...] -> NAME"
@@ -153,8 +206,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
     name = _need(a, "the vector's name", f"/steer {action} NAME")
     if action == "sweep":
         held = read_pairs(Path(_need(pairs, "held-out pairs with --pairs FILE", "/steer sweep NAME --pairs FILE")))
-        rack.vector(name)
-        levels = parse_floats(strengths, "strengths")
+        levels = sweep_strengths(rack.vector(name), strengths)
         texts = neutral_texts(session, neutral)
         result = []
 
@@ -181,7 +233,8 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
                 note = " (layer 0 left out: llama.cpp cannot steer it)" if dropped else ""
                 yield ev.Info(f"saved {name!r} as a llama.cpp control vector to {path}{note}")
             else:
-                yield ev.Info(f"saved {name!r} to {vector.save(path)} (recommended strength {vector.strength:g})")
+                yield ev.Info(f"saved {name!r} to {vector.save(path)} (added at strength {vector.strength:g} "
+                              f"when no strength is given{_with_recommendation(vector)})")
             return
         if action == "set":
             rack.set(name, _strength(_need(b, "the strength", "/steer set NAME STRENGTH")))

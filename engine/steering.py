@@ -4,7 +4,8 @@ in a rack with their own strengths, stored as safetensors.
 A vector holds one direction per decoder layer, indexed as Hugging Face numbers the blocks
 (0-based): direction L is added to the output of block L. Its metadata records the model
 family and hidden size (a vector for another model is refused), how it was trained, and the
-mean norm of the hidden state at each layer, so a strength can be given relative to it.
+mean norm of the hidden state at each layer, so a strength can be given relative to it, and
+the strength measured to be safe on that model (see ``recommend_strength``).
 
 Training reads each layer's output at the answer: the mean over a completion's tokens
 (``read="answer"``) or one token index (``read=-1`` for the last). Rows are padded on the
@@ -22,7 +23,7 @@ import dataclasses
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,42 @@ class Pair:
     negative: str
 
 
+@dataclass(frozen=True)
+class Recommendation:
+    """The largest strength found whose neutral-text perplexity stays within ``limit`` × the
+    unsteered model's, both ways: a magnitude; +strength steers the vector's way, −strength
+    the other."""
+
+    strength: float
+    limit: float  # allowed perplexity / unsteered perplexity
+    ratio: float  # perplexity at +strength / unsteered
+    opposite: float  # perplexity at −strength / unsteered
+    tried: tuple[tuple[float, float], ...]  # (strength, ratio) in the order measured
+    capped: bool = False  # even the search's largest strength stayed within the limit
+    neutral: str = "built-in"  # where the neutral text came from
+
+    def to_json(self) -> dict[str, Any]:
+        return {"strength": self.strength, "limit": self.limit, "ratio": self.ratio, "opposite": self.opposite,
+                "tried": [list(t) for t in self.tried], "capped": self.capped, "neutral": self.neutral}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Recommendation | None:
+        """None for files without one (or with one this kedit cannot read)."""
+        try:
+            return cls(float(data["strength"]), float(data["limit"]), float(data["ratio"]),
+                       float(data["opposite"]), tuple((float(a), float(b)) for a, b in data.get("tried", ())),
+                       bool(data.get("capped", False)), str(data.get("neutral", "")))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def describe(self) -> str:
+        """One line: the strength and what it costs, for /steer train, add and save."""
+        bound = "at least " if self.capped else ""
+        return (f"recommended strength {bound}±{self.strength:g}: neutral perplexity {self.ratio:.2f}× the "
+                f"unsteered model's at +{self.strength:g}, {self.opposite:.2f}× at −{self.strength:g} "
+                f"(limit {self.limit:g}×)")
+
+
 @dataclass
 class SteeringVector:
     directions: dict[int, torch.Tensor]  # decoder block (0-based) -> (hidden,) float32
@@ -51,8 +88,9 @@ class SteeringVector:
     hidden_size: int
     method: str
     norms: dict[int, float]  # mean norm of the block's output at the read positions; {} if unknown
-    strength: float = 1.0  # recommended
+    strength: float = 1.0  # the strength to rack it at: /steer save records the one in use
     meta: dict[str, Any] = field(default_factory=dict)
+    recommended: Recommendation | None = None  # measured on the model at training; None if never measured
 
     @property
     def layers(self) -> list[int]:
@@ -68,6 +106,8 @@ class SteeringVector:
         meta = {"format": FORMAT, "model_type": self.model_type, "hidden_size": self.hidden_size,
                 "method": self.method, "layers": self.layers, "norms": {str(k): v for k, v in self.norms.items()},
                 "strength": self.strength, "meta": self.meta}
+        if self.recommended is not None:
+            meta["recommended"] = self.recommended.to_json()
         with atomic_path(path) as tmp:
             save_file({f"layer.{layer}": d.detach().float().cpu().contiguous() for layer, d in self.directions.items()},
                       tmp, metadata={"kedit": json.dumps(meta)})
@@ -91,7 +131,7 @@ class SteeringVector:
         directions = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("layer.")}
         return cls(directions, meta["model_type"], int(meta["hidden_size"]), meta["method"],
                    {int(k): float(v) for k, v in meta.get("norms", {}).items()}, float(meta.get("strength", 1.0)),
-                   meta.get("meta", {}))
+                   meta.get("meta", {}), Recommendation.from_json(meta.get("recommended")))
 
     def check_fits(self, handle) -> None:
         """Refuse a vector made for another hidden size or model family, saying which."""
@@ -350,7 +390,14 @@ class SteeringRack:
 
     def rows(self) -> list[tuple[str, ...]]:
         return [(name, "on" if s.on else "off", f"{s.strength:g}{' × norm' if s.relative else ''}",
-                 _span(s.layers or s.vector.layers), s.where, s.vector.method) for name, s in self.slots.items()]
+                 _recommended(s.vector), _span(s.layers or s.vector.layers), s.where, s.vector.method)
+                for name, s in self.slots.items()]
+
+
+def _recommended(vector: SteeringVector) -> str:
+    """The /steer list cell: the measured strength, a magnitude ('+': no limit found up to it), or '-'."""
+    rec = vector.recommended
+    return "-" if rec is None else f"±{rec.strength:g}{'+' if rec.capped else ''}"
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -363,6 +410,25 @@ class SweepRow:
     perplexity: float  # on the neutral texts
 
 
+@contextmanager
+def _probing(rack: SteeringRack, name: str) -> Iterator[Callable[[float], None]]:
+    """A setter for the racked vector ``name``'s strength (on, at every position); the slot is
+    put back as it was on exit, whatever happens."""
+    slot = rack._slot(name)
+    saved = (slot.strength, slot.on, slot.where)
+
+    def at(strength: float) -> None:
+        slot.strength = float(strength)
+        rack._rebuild()
+
+    try:
+        slot.on, slot.where = True, "all"
+        yield at
+    finally:
+        slot.strength, slot.on, slot.where = saved
+        rack._rebuild()
+
+
 def sweep(handle, rack: SteeringRack, name: str, strengths: Sequence[float], pairs: Sequence[Pair],
           neutral: Sequence[str], progress: Any = None) -> list[SweepRow]:
     """The racked vector ``name`` at each strength (on, at every position; the others as they
@@ -372,23 +438,103 @@ def sweep(handle, rack: SteeringRack, name: str, strengths: Sequence[float], pai
 
     if not pairs:
         raise KeditError("the sweep needs contrastive pairs to measure the margin on")
-    slot = rack._slot(name)
-    saved = (slot.strength, slot.on, slot.where)
     triples = [(p.prompt, p.positive, p.negative) for p in pairs]
     rows = []
-    try:
-        slot.on, slot.where = True, "all"
+    with _probing(rack, name) as at:
         for strength in strengths:
-            slot.strength = float(strength)
-            rack._rebuild()
+            at(strength)
             rows.append(SweepRow(float(strength), logprob_margin(handle.model, handle.tokenizer, triples),
                                  perplexity(handle.model, handle.tokenizer, neutral)))
             if progress is not None:
                 progress(f"strength {strength:g}", len(rows), len(strengths))
-    finally:
-        slot.strength, slot.on, slot.where = saved
-        rack._rebuild()
     return rows
+
+
+# Plain English with no mood in it: what a steering vector should leave alone. Short, so that
+# finding the recommended strength takes a few forward passes of a few hundred tokens.
+NEUTRAL_TEXT = (
+    "The train to the city leaves every morning at eight and takes about forty minutes.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The library is open from nine to five on weekdays and closed on Sundays.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "To make tea, heat the water, add the leaves and wait for three minutes.",
+    "The report lists the sales figures for each region in the first quarter.",
+    "A week has seven days, and most years have three hundred and sixty-five.",
+    "The committee will meet on Tuesday to discuss the new budget.",
+)
+SEARCH_UP, SEARCH_DOWN, BISECTIONS = 6, 16, 3  # doublings from 1 (to 64), halvings, narrowing steps
+
+
+def _two_digits(x: float) -> float:
+    """``x`` to two significant digits, so that every strength tried reads well."""
+    return float(f"{x:.2g}")
+
+
+@torch.no_grad()
+def recommend_strength(handle, vector: SteeringVector, neutral: Sequence[str] = NEUTRAL_TEXT, limit: float = 1.2,
+                       source: str = "built-in", progress: Any = None) -> Recommendation:
+    """The largest magnitude s whose ``neutral`` perplexity at +s and at −s stays within
+    ``limit`` × the unsteered one (steering away from a mood can cost more than towards it).
+
+    A grid doubling or halving from 1 brackets s, then geometric bisection narrows the
+    bracket to a factor of about 1.09; every strength tried has two significant digits and
+    the one returned was measured both ways. −s is measured only where +s passes. The vector
+    is measured alone, in a rack of its own, on the model as it is (callers bypass their own).
+    """
+    from kedit.engine.metrics import perplexity
+
+    if not limit > 1:
+        raise KeditError(f"the perplexity limit is a ratio above 1 (e.g. 1.2), not {limit:g}")
+    rack = SteeringRack(handle.model, handle.adapter)
+    rack.add("probe", vector, 0.0)
+    tried: list[tuple[float, float]] = []
+    try:
+        with _probing(rack, "probe") as at:
+            base = perplexity(handle.model, handle.tokenizer, neutral)  # strength 0 leaves no hook
+
+            def ratio(strength: float) -> float:
+                at(strength)
+                tried.append((strength, perplexity(handle.model, handle.tokenizer, neutral) / base))
+                if progress is not None:
+                    progress("finding the recommended strength", len(tried), max(len(tried) + 1, 12))
+                return tried[-1][1]
+
+            def within(strength: float) -> bool:
+                return ratio(strength) <= limit and ratio(-strength) <= limit
+
+            good, bad = _bracket(within)
+            for _ in range(BISECTIONS):
+                if not good or bad is None:
+                    break
+                mid = _two_digits((good * bad) ** 0.5)
+                if not good < mid < bad:
+                    break
+                good, bad = (mid, bad) if within(mid) else (good, mid)
+    except ValueError as exc:  # perplexity of texts too short to have a next token
+        raise KeditError(f"the neutral text cannot be scored: {exc}") from None
+    finally:
+        rack.remove("probe")
+    measured = dict(tried)
+    return Recommendation(good, limit, measured.get(good, 1.0), measured.get(-good, 1.0), tuple(tried),
+                          bad is None, source)
+
+
+def _bracket(within: Callable[[float], bool]) -> tuple[float, float | None]:
+    """(largest strength within the limit, smallest beyond it) on a grid of powers of 2 from 1;
+    (0, s) if even the smallest tried is beyond it, (s, None) if even the largest is within."""
+    strength = 1.0
+    if within(strength):
+        for _ in range(SEARCH_UP):
+            if not within(strength * 2):
+                return strength, strength * 2
+            strength *= 2
+        return strength, None
+    for _ in range(SEARCH_DOWN):
+        lower = _two_digits(strength / 2)
+        if within(lower):
+            return lower, strength
+        strength = lower
+    return 0.0, strength
 
 
 # -- merging --------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ import torch
 
 from kedit.engine.errors import KeditError
 from kedit.engine.paths import atomic_path
-from kedit.engine.steering import SteeringVector
+from kedit.engine.steering import Recommendation, SteeringVector
 
 ARCH = "controlvector"
-_META_KEY = "kedit.vector"  # kedit's own metadata (method, norms, strength); llama.cpp ignores it
+_META_KEY = "kedit.vector"  # kedit's own metadata (method, norms, strengths); llama.cpp ignores it
 _LAYER_PT = re.compile(r"^layer_(\d+)\.pt$")
 
 
@@ -56,6 +56,8 @@ def export_gguf(vector: SteeringVector, path: Path) -> tuple[Path, list[int]]:
         writer.add_uint32(f"{ARCH}.layer_count", len(layers))
         meta = {"method": vector.method, "hidden_size": vector.hidden_size, "strength": vector.strength,
                 "norms": {str(k): v for k, v in vector.norms.items() if k in layers}, "meta": vector.meta}
+        if vector.recommended is not None and not dropped:  # it was measured with every layer in
+            meta["recommended"] = vector.recommended.to_json()
         writer.add_string(_META_KEY, json.dumps(meta))
         for layer in layers:
             writer.add_tensor(f"direction.{layer}", vector.directions[layer].detach().float().cpu().numpy()
@@ -104,7 +106,7 @@ def import_gguf(path: Path) -> SteeringVector:
         directions, _field_text(reader, f"{ARCH}.model_hint") or "", _one_size(directions, path),
         meta.get("method", "gguf"),
         {int(k): float(v) for k, v in meta.get("norms", {}).items()}, float(meta.get("strength", 1.0)),
-        meta.get("meta", {"source": "gguf"}))
+        meta.get("meta", {"source": "gguf"}), Recommendation.from_json(meta.get("recommended")))
 
 
 def import_easyedit2(path: Path) -> SteeringVector:

@@ -122,8 +122,10 @@ def test_steer_commands_train_list_set_toggle_save(session, rack, tmp_path: Path
     pairs.write_text("\n".join(json.dumps(vars(p)) for p in _pairs(session, 6)) + "\n", encoding="utf-8")
     out = list(session.run(f"/steer train {pairs} defend --layers 2-3"))
     assert isinstance(out[-1], ev.Info) and "'defend'" in out[-1].text
+    rec = rack.vector("defend").recommended
     listing = list(session.run("/steer list"))[0]
-    assert listing.rows == (("defend", "on", "1", "2-3", "all", "mean_diff"),)
+    shown = f"{rec.strength:g}"
+    assert listing.rows == (("defend", "on", shown, f"±{shown}", "2-3", "all", "mean_diff"),)
     assert "strength 2.5" in list(session.run("/steer set defend 2.5"))[0].text
     assert "off" in list(session.run("/steer off defend"))[0].text
     assert rack.added(2) is None
@@ -336,3 +338,25 @@ def test_sweep_reports_margin_and_perplexity_and_puts_the_slot_back(session, rac
     assert all(float(r[2]) > 1 for r in table.rows)
     slot = rack.slots["v"]
     assert (slot.strength, slot.on) == (0.25, False) and rack.added(2) is None
+
+
+def test_train_recommends_the_largest_strength_within_the_perplexity_limit(session, rack, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(vars(p)) for p in _pairs(session, 12)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(session, "config", session.config.with_overrides({"steering.max_perplexity_ratio": 1.1}))
+    out = list(session.run(f"/steer train {pairs} defend --layers 2-3 --read -1"))
+    assert any(isinstance(e, ev.Progress) and "recommended strength" in e.label for e in out)
+    rec = rack.vector("defend").recommended
+    assert rec.limit == 1.1 and rec.neutral == "the fact world's facts"
+    assert rack.slots["defend"].strength == rec.strength
+    assert f"recommended strength ±{rec.strength:g}" in out[-1].text
+    assert rec.strength > 0 and max(rec.ratio, rec.opposite) <= 1.1, rec
+    assert any(rec.strength < abs(s) <= 1.25 * rec.strength and r > 1.1 for s, r in rec.tried), rec.tried
+    assert all(float(f"{abs(s):.2g}") == abs(s) for s, _ in rec.tried)  # every strength tried reads well
+    # a vector without a recommendation (the shipped ones) is added at its file's strength, shown as '-'
+    assert "at strength 0.5" in list(session.run("/steer add vectors/fact-world-mood.safetensors"))[-1].text
+    assert list(session.run("/steer list"))[0].rows[-1][2:4] == ("0.5", "-")
+    monkeypatch.setattr(session, "config", session.config.with_overrides({"steering.max_perplexity_ratio": 1}))
+    assert "above 1" in list(session.run(f"/steer train {pairs} other --layers 2-3"))[-1].message
+    assert "other" not in rack.slots
