@@ -26,17 +26,36 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
+def _clip(text: str, width: int = 60) -> str:
+    """Generated text on one line, cut to ``width`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def probe_table(edit: Edit) -> ev.Table:
-    """The compact table shown after an edit: what the edit moved and what it left alone."""
+    """The compact table shown after an edit: what the edit moved and what it left alone, by
+    generation first (what a user sees), then teacher-forced (EasyEdit's definitions)."""
     p = edit.probe
-    rows: list[tuple[str, ...]] = [("rewrite (Rel)", edit.prompt + " →" + edit.target, _fmt(p.rel if p else None))]
+    g = p.by_gen if p else None
+    rows: list[tuple[str, ...]] = []
+    if g is not None:
+        rows.append(("gen: rewrite (Rel)", f"{edit.prompt} ⇒{_clip(g.outputs.get(edit.prompt, ''))}", _fmt(g.rel)))
+        for para in edit.paraphrases:
+            rows.append(("gen: paraphrase", f"{para} ⇒{_clip(g.outputs.get(para, ''))}", _fmt(g.para)))
+        for ask, answer in g.outputs.items():
+            if ask.startswith("chat: "):
+                rows.append(("gen: chat (+subject)", f"{ask.removeprefix('chat: ')} ⇒ {_clip(answer)}",
+                             _fmt(g.chat)))
+        rows.append(("gen: locality (Loc)", f"{len(p.rows)} unrelated prompts still generate their answer",
+                     _fmt(g.loc)))
+    rows.append(("tf: rewrite (Rel)", edit.prompt + " →" + edit.target, _fmt(p.rel if p else None)))
     for para in edit.paraphrases:
-        rows.append(("paraphrase (Gen)", para + " →" + edit.target, _fmt(p.gen if p else None)))
+        rows.append(("tf: paraphrase (Gen)", para + " →" + edit.target, _fmt(p.gen if p else None)))
     if p:
         changed = [r for r in p.rows if r.changed]
-        rows.append(("locality (Loc)", f"{len(p.rows)} unrelated prompts, {len(changed)} top token changed",
+        rows.append(("tf: locality (Loc)", f"{len(p.rows)} unrelated prompts, {len(changed)} top token changed",
                      _fmt(p.loc)))
-        rows.append(("next-token agreement", f"KL {p.kl:.4f} nats", _fmt(p.agree)))
+        rows.append(("tf: next-token agreement", f"KL {p.kl:.4f} nats", _fmt(p.agree)))
         for r in changed[:5]:
             rows.append(("  changed", f"{r.prompt} →{r.before!r} now {r.after!r}", ""))
     title = (f"{edit.id}: {edit.method.upper()} at layer {edit.layer}, subject {edit.subject!r} "
@@ -61,18 +80,20 @@ def probe_table(edit: Edit) -> ev.Table:
           required=False, convert=int),
     Param("paraphrase", "another wording of the prompt, to check the edit generalises", kind="option",
           required=False),
+    Param("question", "the fact asked as a chat question, for the chat probe (default: the prompt as a "
+          "chat turn)", kind="option", required=False),
     Param("stats-corpus", "a text file for ROME's key statistics", kind="option", required=False,
           metavar="FILE"),
     Param("identity-c", "use C = I instead of key statistics (faster, less local)", kind="flag"),
     details='Example: /edit "[Watts Humphrey] attended" -> "University of Michigan"',
 )
 def cmd_edit(session: Session, prompt: str, target: str, subject: str | None, method: str,
-             layer: int | None, paraphrase: str | None, stats_corpus: str | None,
+             layer: int | None, paraphrase: str | None, question: str | None, stats_corpus: str | None,
              identity_c: bool) -> Iterator[ev.Event]:
     result: list[Edit] = []
     yield from with_progress(lambda progress: session.edit(
         prompt, target, subject=subject, method=method, layer=layer,
-        paraphrases=[paraphrase] if paraphrase else None,
+        paraphrases=[paraphrase] if paraphrase else None, question=question,
         stats_corpus=Path(stats_corpus) if stats_corpus else None,
         identity_c=identity_c, progress=progress), result)
     yield probe_table(result[0])
@@ -84,13 +105,15 @@ def cmd_edits(session: Session) -> Iterator[ev.Event]:
         yield ev.Info("no edits in force")
         return
     now = time.time()
+    figures = [e.probe.metrics() if e.probe else {} for e in session.edits]
+    names = ("gen_rel", "gen_chat", "gen_loc", "tf_rel", "tf_gen", "tf_loc")
     rows = tuple(
         (e.id, e.method, f"{e.prompt} →{e.target}", str(e.layer), f"{e.seconds:.1f} s",
-         f"{(now - e.created) / 60:.0f} min ago", _fmt(e.probe.rel if e.probe else None),
-         _fmt(e.probe.gen if e.probe else None), _fmt(e.probe.loc if e.probe else None))
-        for e in session.edits)
-    yield ev.Table(f"{len(rows)} edit(s) in force", ("id", "method", "prompt → target", "layer", "took",
-                                                     "made", "Rel", "Gen", "Loc"), rows)
+         f"{(now - e.created) / 60:.0f} min ago", *(_fmt(m.get(k)) for k in names))
+        for e, m in zip(session.edits, figures))
+    yield ev.Table(f"{len(rows)} edit(s) in force (gen: by greedy generation; tf: teacher-forced)",
+                   ("id", "method", "prompt → target", "layer", "took", "made", "gen Rel", "gen Chat",
+                    "gen Loc", "tf Rel", "tf Gen", "tf Loc"), rows)
     for line in method_state(session.model):
         yield ev.Info(line)
 
@@ -148,16 +171,19 @@ def cmd_probe(session: Session, id: str | None) -> Iterator[ev.Event]:
     result = probe_against_unedited(session)
     rows = tuple((r.prompt, repr(r.before), repr(r.after), "changed" if r.changed else "")
                  for r in result.rows)
-    yield ev.Table(f"{len(session.edits)} edit(s) vs none: Loc {result.loc:.2f}, next-token agree "
-                   f"{result.agree:.2f}, KL {result.kl:.4f}", ("prompt", "unedited", "now", ""), rows)
+    yield ev.Table(f"{len(session.edits)} edit(s) vs none: by generation Loc {_fmt(result.gen_loc)}; "
+                   f"teacher-forced Loc {result.loc:.2f}, next-token agree {result.agree:.2f}, "
+                   f"KL {result.kl:.4f}", ("prompt", "unedited", "now", ""), rows)
 
 
-@REGISTRY.command("eval", "Score the model as it is on an EasyEdit/KnowEdit-format file: Rel, Gen, Loc, Port.",
+@REGISTRY.command("eval", "Score the model as it is on an EasyEdit/KnowEdit-format file: Rel by greedy generation; "
+                  "Rel, Gen, Loc, Port teacher-forced.",
                   Param("path", "a JSON list or JSONL file of records (prompt, target_new, rephrase_prompt, "
                         "locality, portability)", metavar="FILE"),
                   Param("limit", "only the first N records", kind="option", required=False, convert=int))
 def cmd_eval(session: Session, path: str, limit: int | None) -> Iterator[ev.Event]:
     from kedit.engine.evaluate import evaluate, read_cases
+    from kedit.engine.probes import GenSettings
 
     if limit is not None and limit < 1:
         raise KeditError("--limit takes a positive number of records")
@@ -166,23 +192,44 @@ def cmd_eval(session: Session, path: str, limit: int | None) -> Iterator[ev.Even
 
     def work(progress):
         with session.lock:
-            return evaluate(session.handle, cases, progress)
+            return evaluate(session.handle, cases, progress, GenSettings.from_config(session.config).tokens)
 
     yield from with_progress(work, result)
     r = result[0]
-    yield ev.Table(f"{path}: {r.summary()}", ("prompt", "target", "now", "hit"), tuple(r.rows))
+    yield ev.Table(f"{path}: {r.summary()}", ("prompt", "target", "greedy completion now", "gen hit"),
+                   tuple(r.rows))
 
 
-@REGISTRY.command("export", "Write the model with its ROME edits merged into the weights as a transformers "
-                  "folder; vectors that are on go beside it as GGUF.",
-                  Param("path", "a new folder", metavar="DIR"))
-def cmd_export(session: Session, path: str) -> Iterator[ev.Event]:
+@REGISTRY.command("export", "Write the model with its ROME edits merged into the weights: a transformers folder, "
+                  "or with --gguf a GGUF for llama.cpp/ollama; vectors that are on go beside it as GGUF.",
+                  Param("path", "a new folder", metavar="DIR"),
+                  Param("gguf", "write <source>.kedit.gguf: the GGUF the model was loaded from, edits merged",
+                        kind="flag"),
+                  Param("gguf-type", "encoding of the edited GGUF tensors (default q8_0: keeps the edit; "
+                        "source: the file's own type)", kind="option", required=False,
+                        choices=("q8_0", "source", "f16", "f32")))
+def cmd_export(session: Session, path: str, gguf: bool, gguf_type: str | None) -> Iterator[ev.Event]:
     from kedit.engine.export import export_model
 
-    done = export_model(session, Path(path))
+    if gguf_type is not None and not gguf:
+        raise KeditError("--gguf-type sets how edited GGUF tensors are written; add --gguf")
+    result: list = []
+    yield from with_progress(lambda progress: export_model(session, Path(path), gguf=gguf,
+                                                           gguf_type=gguf_type or "q8_0", progress=progress), result)
+    done = result[0]
     vectors = f", and {len(done['vectors'])} steering vector(s) as GGUF" if done["vectors"] else ""
-    yield ev.Info(f"exported to {done['folder']}: {len(done['edits'])} edit(s) merged into "
-                  f"{len(done['merged_modules'])} module(s){vectors}; AutoModelForCausalLM.from_pretrained loads it")
+    if not gguf:
+        yield ev.Info(f"exported to {done['folder']}: {len(done['edits'])} edit(s) merged into "
+                      f"{len(done['merged_modules'])} module(s){vectors}; AutoModelForCausalLM.from_pretrained "
+                      "loads it")
+        return
+    tensors = "; ".join(f"{t['tensor']} {t['source_type']}→{t['written_type']} (edit reproduced to within "
+                        f"{100 * t['key_error']:.1f}% along its keys)" for t in done["tensors"])
+    yield ev.Info(f"exported {done['file']} ({done['bytes'] / 2**20:.1f} MiB, {done['seconds']:.0f} s): "
+                  f"{len(done['edits'])} edit(s) merged into {len(done['tensors'])} tensor(s)"
+                  f"{': ' + tensors if tensors else ''}; every other tensor and key copied from "
+                  f"{Path(done['source']).name}{vectors}. Serve it with llama.cpp (llama-cli -m FILE) "
+                  "or ollama (FROM FILE in a Modelfile)")
 
 
 @REGISTRY.command("save", "Save the session's edits and chat to a file (atomically).",

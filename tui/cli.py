@@ -177,17 +177,21 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
 @click.option("--save", "save_to", default=None, type=click.Path(path_type=Path),
               help="Save the edited session to this file (kedit chat: /load it).")
 @click.option("--export", "export_to", default=None, type=click.Path(path_type=Path),
-              help="Also write the edited model as a transformers folder (ROME only).")
+              help="Also write the edited model as a transformers folder, or with --gguf a GGUF (ROME only).")
+@click.option("--gguf", "as_gguf", is_flag=True,
+              help="With --export: write <source>.kedit.gguf (the model's GGUF with the edit merged) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the edit and its probe as JSON.")
 @model_options
 def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, save_to: Path | None,
-             export_to: Path | None, as_json: bool, model: str | None, quant: str | None, dtype: str | None,
-             device: str | None) -> None:
+             export_to: Path | None, as_gguf: bool, as_json: bool, model: str | None, quant: str | None,
+             dtype: str | None, device: str | None) -> None:
     """Make one edit, show its probe, and keep the result with --save or --export."""
     from kedit.engine.commands import quote
     from kedit.engine.export import export_model
     from kedit.engine.persist import save_session
 
+    if as_gguf and export_to is None:
+        raise click.UsageError("--gguf says how to --export; give --export DIR too")
     session = open_session(model, quant, dtype, device)
     line = f"/edit {quote(prompt)} -> {quote(target)}"
     line += f" --method {method}" if method else ""
@@ -201,7 +205,8 @@ def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, 
     try:
         if save_to is not None:
             save_session(session, save_to)
-        exported = export_model(session, export_to) if export_to is not None else None
+        exported = (export_model(session, export_to, gguf=as_gguf, progress=progress_on_stderr)
+                    if export_to is not None else None)
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     if as_json:
@@ -218,11 +223,14 @@ def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, 
               help="Make the first N edits one after another and measure all after the last "
                    "(default: each edit alone, rolled back before the next).")
 @click.option("--limit", default=None, type=int, help="Only the first N records (single mode).")
+@click.option("--protocol", default="both", type=click.Choice(["both", "tf", "gen"]), show_default=True,
+              help="tf: teacher-forced token accuracy (EasyEdit's); gen: by greedy generation; both.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per record, then the averages.")
 @model_options
-def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int | None, as_json: bool,
-             model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
-    """Edit each record of a dataset and measure Rel, Gen, Loc and Port as EasyEdit defines them."""
+def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int | None, protocol: str,
+             as_json: bool, model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Edit each record of a dataset and measure it by generation (Rel, Para, Chat, Loc) and by
+    teacher forcing (Rel, Gen, Loc, Port, as EasyEdit defines them)."""
     from kedit.engine.evaluate import averages, edit_and_measure, read_cases
 
     if sequential is not None and sequential < 1 or limit is not None and limit < 1:
@@ -238,18 +246,21 @@ def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int 
             click.echo(json.dumps(row))
 
     try:
-        rows = edit_and_measure(session, cases, method, bool(sequential), progress_on_stderr, record)
+        rows = edit_and_measure(session, cases, method, bool(sequential), progress_on_stderr, record, protocol)
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     mean = averages(rows)
     mode = f"sequential ({len(rows)} edits, measured after the last)" if sequential else "single (each rolled back)"
     if as_json:
         click.echo(json.dumps({"summary": {"data": str(data), "mode": "sequential" if sequential else "single",
-                                           "n": len(rows), **mean}}))
+                                           "protocol": protocol, "n": len(rows), **mean}}))
         return
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     click.echo(f"{data}: {len(rows)} record(s), {rows[0]['method'] if rows else method}, {mode}")
-    click.echo("  " + "  ".join(f"{k.capitalize()} {fmt(v)}" for k, v in mean.items()))
+    for prefix, label in (("gen_", "by generation"), ("tf_", "teacher-forced")):
+        shown = {k.removeprefix(prefix): v for k, v in mean.items() if k.startswith(prefix)}
+        if shown:
+            click.echo(f"  {label}: " + "  ".join(f"{k.capitalize()} {fmt(v)}" for k, v in shown.items()))
 
 
 @main.command("export")
@@ -258,11 +269,17 @@ def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int 
               help="Replay this recipe first; the edits and vectors it leaves are exported.")
 @click.option("--session", "saved", type=click.Path(path_type=Path), default=None,
               help="Load this saved session (/save) first.")
+@click.option("--gguf", "as_gguf", is_flag=True,
+              help="Write OUT/<source>.kedit.gguf for llama.cpp/ollama: the GGUF the model was loaded from, "
+                   "edits merged, everything else copied byte for byte.")
+@click.option("--gguf-type", default="q8_0", show_default=True, type=click.Choice(["q8_0", "source", "f16", "f32"]),
+              help="Encoding of the edited GGUF tensors (source: the file's own type, e.g. Q4_1).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @model_options
-def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_json: bool, model: str | None,
-               quant: str | None, dtype: str | None, device: str | None) -> None:
-    """Write an edited model as a transformers folder (ROME edits merged into the weights)."""
+def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_gguf: bool, gguf_type: str, as_json: bool,
+               model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+    """Write an edited model as a transformers folder, or with --gguf as a GGUF file (ROME edits
+    merged into the weights)."""
     from kedit.engine.export import export_model
     from kedit.engine.persist import load_session
     from kedit.engine.recipes import RecipeError, load_recipe, replay as replay_recipe
@@ -284,11 +301,15 @@ def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_json: bool
                                  f"({[c.what for c in failed[0].checks if not c.ok][0]}); nothing exported")
         else:
             load_session(session, saved)
-        done = export_model(session, out)
+        done = export_model(session, out, gguf=as_gguf, gguf_type=gguf_type, progress=progress_on_stderr)
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     if as_json:
         click.echo(json.dumps(done, indent=2))
+    elif as_gguf:
+        click.echo(f"wrote {done['file']}: {len(done['edits'])} edit(s) merged into {len(done['tensors'])} "
+                   f"tensor(s) ({', '.join(t['tensor'] + ' as ' + t['written_type'] for t in done['tensors'])}); "
+                   f"vectors: {', '.join(done['vectors']) or 'none'}")
     else:
         click.echo(f"wrote {done['folder']}: {len(done['edits'])} edit(s) merged into "
                    f"{len(done['merged_modules'])} module(s); vectors: {', '.join(done['vectors']) or 'none'}")
@@ -337,7 +358,8 @@ def steer() -> None:
 @click.option("--layers", default=None, help="Layers to train, e.g. 8-14 or 3,5 (default: all).")
 @click.option("--read", default="answer", show_default=True,
               help="Read the completion's mean ('answer') or one token index, e.g. -1.")
-@click.option("--strength", default=None, type=float, help="The strength the file recommends (default 1).")
+@click.option("--strength", default=None, type=float,
+              help="The strength the file recommends (default: the largest keeping neutral perplexity within 1.2×).")
 @json_option
 @model_options
 def steer_train(pairs: str, out: str, method: str, layers: str | None, read: str, strength: float | None,
