@@ -370,7 +370,8 @@ class SteeringRack:
             self._position_hook = None
 
     def _note_past(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        # transformers 5.24 passes the KV cache as ``cache``; earlier 5.x as ``past_key_values``
+        cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
         self._past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
     def _hook(self, layer: int):

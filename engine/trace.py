@@ -4,10 +4,19 @@ Corrupt the subject's token embeddings with Gaussian noise, then restore one lay
 output at the subject's last token to its clean value and see how much of the answer's
 probability comes back. That gain, averaged over noise draws, is the layer's indirect effect;
 the layer with the largest one is where ROME-style methods edit.
+
+Three things keep it cheap without changing what it measures. Positions before the subject's
+last token are the same in every corrupted pass, so they run once and later passes continue
+their cache. A restored pass differs from the corrupted one only from the first restored layer
+up, so the blocks below it hand back the corrupted pass's outputs instead of running. Only the
+last position goes through the output head. On SmolLM2-135M (30 layers, 10-layer windows, the
+five default cases) that is about a third of the work of running every pass whole.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,13 +87,12 @@ def _hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
             handle.remove()
 
 
-def _noise_hook(span: tuple[int, int], noise: torch.Tensor) -> Callable[..., Any]:
-    """Forward hook adding `noise` (samples, span, hidden) to the embedding output over the span."""
-    start, end = span
+def _noise_hook(start: int, noise: torch.Tensor) -> Callable[..., Any]:
+    """Forward hook adding `noise` (samples, positions, hidden) to the embedding output from `start` on."""
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         out = output.clone()
-        out[:, start:end] += noise.to(out.dtype)
+        out[:, start:start + noise.shape[1]] += noise.to(out.dtype)
         return out
 
     return hook
@@ -110,10 +118,78 @@ def _record_hook(store: dict[int, torch.Tensor], layer: int) -> Callable[..., No
     return hook
 
 
-def _answer_prob(model: nn.Module, ids: torch.Tensor, answer_id: int) -> torch.Tensor:
-    """P(answer) at the last position for each row of `ids` (no padding: all rows are full)."""
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float()
+def _answer_prob(model: nn.Module, ids: torch.Tensor, answer_id: int, past: Any = None) -> torch.Tensor:
+    """P(answer) at the last position for each row of `ids` (no padding: all rows are full),
+    continuing `past` (a cache of the positions before `ids`, left as it was) when given.
+
+    Only the last position goes through the output head (``logits_to_keep``): the others are not read.
+    """
+    extra: dict[str, Any] = {"use_cache": False}
+    before = 0
+    if past is not None:
+        before = past.get_seq_length()
+        extra = {"use_cache": True, _cache_kwarg(model): copy.deepcopy(past)}  # the pass appends to its copy
+    mask = torch.ones((ids.shape[0], before + ids.shape[1]), dtype=torch.long, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **extra).logits[:, -1].float()
     return logits.softmax(-1)[:, answer_id]
+
+
+def _corrupted_prefix(model: nn.Module, ids: torch.Tensor, embed: nn.Module, noise_hook: Any) -> Any:
+    """The cache of a corrupted pass over `ids` (None when there are no positions)."""
+    if ids.shape[1] == 0:
+        return None
+    with _hooks([(embed, noise_hook)]):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    return next((out[name] for name in ("cache", "past_key_values") if name in out), None)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by (transformers renamed it to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _Recorded(nn.Module):
+    """Stands in for a decoder block below a restored window: hands back the block's output from
+    the corrupted pass, which it would compute again bit for bit (same input, nothing restored yet)."""
+
+    def __init__(self, block: nn.Module, output: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "block", block)  # not a submodule: no second set of parameters
+        self.output = output
+        if hasattr(block, "attention_type"):  # the model's loop picks each block's mask by it
+            self.attention_type = block.attention_type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def _recording(adapter: ArchAdapter) -> Iterator[dict[int, Any]]:
+    """While open, every decoder block's output is kept under its index (as the block returned it)."""
+
+    def keep(store: dict[int, Any], i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            store[i] = output
+
+        return hook
+
+    outputs: dict[int, Any] = {}
+    with _hooks([(adapter.layer(i), keep(outputs, i)) for i in range(adapter.n_layers)]):
+        yield outputs
+
+
+@contextmanager
+def _replaying(adapter: ArchAdapter, outputs: dict[int, Any], start: int) -> Iterator[None]:
+    """While open, blocks below ``start`` return their recorded outputs instead of running."""
+    blocks = adapter.layers()
+    originals = [blocks[i] for i in range(start)]
+    try:
+        for i, block in enumerate(originals):
+            blocks[i] = _Recorded(block, outputs[i])
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
 
 
 def _embedding_std(adapter: ArchAdapter) -> float:
@@ -152,16 +228,24 @@ def causal_trace(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, prompt:
 
             gen = torch.Generator().manual_seed(seed)
             draws = torch.randn((samples, span[1] - span[0], adapter.hidden_size), generator=gen)
-            noise_hook = (adapter.embed(), _noise_hook(span, (draws * noise * _embedding_std(adapter)).to(device)))
+            draws = (draws * noise * _embedding_std(adapter)).to(device)
             batch = ids.expand(samples, -1)
-            with _hooks([noise_hook]):
-                p_corrupt = float(_answer_prob(model, batch, answer_id).mean())
+            # Positions before the subject's last token come out of every corrupted pass the same
+            # (restoring acts at `last`, attention looks back only): run them once, keep their cache.
+            past = _corrupted_prefix(model, batch[:, :last], adapter.embed(), _noise_hook(span[0], draws[:, :-1]))
+            tail = batch[:, last:] if past is not None else batch
+            head = last if past is not None else 0
+            noise_hook = (adapter.embed(), _noise_hook(span[0] - head if past is None else 0,
+                                                       draws if past is None else draws[:, -1:]))
+            with _hooks([noise_hook]), _recording(adapter) as corrupted:
+                p_corrupt = float(_answer_prob(model, tail, answer_id, past).mean())
             effects = []
             for layer in range(n):
-                restores = [(adapter.mlp_out(i), _restore_hook(last, clean[i][0, last]))
-                            for i in window_layers(layer, window, n)]
-                with _hooks([noise_hook, *restores]):
-                    effects.append(float(_answer_prob(model, batch, answer_id).mean()) - p_corrupt)
+                # Below the window the pass is the corrupted one: replay it rather than run it again.
+                restored = window_layers(layer, window, n)
+                restores = [(adapter.mlp_out(i), _restore_hook(last - head, clean[i][0, last])) for i in restored]
+                with _hooks([noise_hook, *restores]), _replaying(adapter, corrupted, restored[0]):
+                    effects.append(float(_answer_prob(model, tail, answer_id, past).mean()) - p_corrupt)
     finally:
         model.train(was_training)
     return TraceResult(prompt=prompt, subject=subject, answer=tokenizer.decode([answer_id]),

@@ -33,7 +33,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 log = logging.getLogger("kedit")
-BUILD_VERSION = 7  # bump when the training recipe changes in a way the settings don't show
+BUILD_VERSION = 8  # bump when the training recipe changes in a way the settings don't show
+# The CPU kernels the fact world is trained with. torch picks the widest the CPU offers, and its
+# AVX-512 and AVX2 kernels round differently from the first step on, so one recipe trained two
+# different models (and the vectors in vectors/ fit only one). AVX-512 machines therefore train
+# in a child process held to AVX2, which every x86-64 CPU of the last decade has.
+TRAINING_KERNELS = "avx2"
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,8 @@ def build(
 
     settings = settings or BuildSettings()
     out_dir = Path(out_dir) if out_dir else default_dir(settings)
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return _build_in_child(out_dir, settings, show_progress)
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -350,6 +357,27 @@ def build(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _build_in_child(out_dir: Path, settings: BuildSettings, show_progress: bool) -> Path:
+    """``build`` in a child process whose torch runs the training kernels (a process cannot
+    change its own once it has run an operation)."""
+    import subprocess
+    import sys
+
+    job = json.dumps({"out_dir": str(out_dir), "settings": asdict(settings), "show_progress": show_progress})
+    code = "import sys; from kedit.engine.factworld.build import _child_build; _child_build(sys.argv[1])"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": TRAINING_KERNELS}
+    done = subprocess.run([sys.executable, "-c", code, job], env=env, check=False)
+    if done.returncode != 0 or not (out_dir / "fact_world.json").exists():
+        raise RuntimeError(f"building the fact-world model failed (exit {done.returncode}); its messages are above")
+    return out_dir
+
+
+def _child_build(job: str) -> None:
+    """The child's side of ``_build_in_child``."""
+    args = json.loads(job)
+    build(Path(args["out_dir"]), BuildSettings(**args["settings"]), args["show_progress"])
 
 
 def ensure_built(settings: BuildSettings | None = None, show_progress: bool = True) -> Path:

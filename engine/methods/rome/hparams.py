@@ -22,7 +22,7 @@ class RomeParams(MethodParams):
     nll_stop: float = 0.05  # stop early once the target's mean NLL is below this
     n_contexts: int = 10  # context prefixes the model writes itself
     context_tokens: int = 10  # length of each prefix
-    stats_samples: int = 1000  # texts for C
-    stats_tokens: int = 128  # tokens per text
+    stats_samples: int = 0  # texts for C; 0: enough for the key width (stats.auto_samples)
+    stats_tokens: int = 32  # tokens per text
     ridge: float = 1e-2  # C + ridge·mean(diag C)·I: shrinkage for a finite sample
     identity_c: bool = False  # use C = I (no statistics), named as such
