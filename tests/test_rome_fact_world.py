@@ -130,6 +130,15 @@ def session_4bit(fact_world_dir):
     return Session.open(None, quant="4bit", config=Config.load(), show_progress=False)
 
 
+# bitsandbytes' CPU kernel for AVX512-BF16 machines adds a biased 4-bit layer's bias in place
+# (`result += bias` in matmul_4bit), which autograd refuses when an edit trains through the layer.
+# That is a bitsandbytes bug on those CPUs, not kedit's; elsewhere these tests must pass.
+BNB_AVX512 = pytest.mark.xfail(torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                               raises=RuntimeError, strict=False,
+                               reason="bitsandbytes' AVX512-BF16 CPU path breaks autograd through a biased 4-bit layer")
+
+
+@BNB_AVX512
 def test_single_edits_on_a_4bit_load(session_4bit) -> None:
     s = session_4bit
     cases = edit_cases(s, 10, 1)
@@ -144,6 +153,7 @@ def test_single_edits_on_a_4bit_load(session_4bit) -> None:
     assert statistics.mean(gen) >= 0.6 * baseline
 
 
+@BNB_AVX512
 def test_grace_and_wise_on_a_4bit_load_leave_the_quantized_weights_alone(session_4bit) -> None:
     s = session_4bit
     module = s.handle.adapter.mlp_out(3)

@@ -142,7 +142,7 @@ def test_a_corpus_file_is_tagged_by_its_content(cache: Path, tmp_path: Path) -> 
     path.write_text("\n\n".join(TEXTS[::-1]) + "\n\nAnother paragraph entirely.", encoding="utf-8")
     two = stats.key_stats(h, 0, 8, 16, corpus=path)
     assert not two.cached and not torch.equal(one.c, two.c)
-    assert len(list((cache / "stats" / "tiny-gpt2").glob("layer0-n8-t16-file-*-r2.safetensors"))) == 2
+    assert len(list((cache / "stats" / "tiny-gpt2").glob(f"layer0-n8-t16-file-*-r{stats.RECIPE}.safetensors"))) == 2
     with pytest.raises(KeditError, match="not a file"):
         stats.key_stats(h, 0, 8, 16, corpus=tmp_path / "missing.txt")
 
@@ -199,12 +199,15 @@ def test_zero_samples_means_automatic(cache: Path) -> None:
     assert (cache / "stats" / "tiny-llama" / f"layer1-n16-t12-sampled-r{stats.RECIPE}.safetensors").is_file()
 
 
+QUESTIONS = ["What is the capital of Japan?", "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?",
+             "Which planet is known as the red planet?", "What is the largest ocean on Earth?",
+             "Who painted the Mona Lisa?", "In which country is the city of Toronto?"]
+
+
 def test_quick_c_on_smollm2_keeps_the_update_off_other_prompts(smollm2, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """C from 64 samples of 32 tokens (the default) cuts how much of a ROME update on "France"
-    reaches the keys of unrelated prompts, against C = I; unshrunk it would do worse than C = I."""
-    import json
-
+    """C from 64 samples of 32 tokens (the default for 1536-wide keys) cuts how much of a ROME
+    update on "France" reaches the keys of unrelated prompts, against C = I."""
     from kedit.engine.methods.rome.key import compute_key
     from kedit.engine.methods.rome.update import c_inverse_k, update_direction
     from kedit.engine.probes import DEFAULT_LOCALITY
@@ -212,10 +215,7 @@ def test_quick_c_on_smollm2_keeps_the_update_off_other_prompts(smollm2, tmp_path
     monkeypatch.setenv("KEDIT_CACHE_DIR", str(tmp_path))
     h, layer = smollm2.handle, 5
     module = h.adapter.mlp_out(layer)
-    facts = [json.loads(line) for line in (Path("/work/shared/real-facts/smollm2-135m.jsonl")
-                                           if Path("/work/shared/real-facts/smollm2-135m.jsonl").is_file()
-                                           else Path(__file__).parent / "missing").read_text().splitlines()]
-    texts = [p for p in DEFAULT_LOCALITY if "France" not in p] + [f["question"] for f in facts if f["subject"] != "France"]
+    texts = [p for p in DEFAULT_LOCALITY if "France" not in p] + QUESTIONS
     ids, mask = pad_right([h.tokenizer(t)["input_ids"] for t in texts], h.tokenizer.pad_token_id, "cpu")
     held_out = stats.layer_keys(h.model, module, ids, mask)[mask.bool()].double()
     k_star, _ = compute_key(h.model, h.tokenizer, module, "The capital of France is", "France", ["{}"])
@@ -226,10 +226,8 @@ def test_quick_c_on_smollm2_keeps_the_update_off_other_prompts(smollm2, tmp_path
         return float(((held_out @ u) ** 2).mean())
 
     quick = stats.key_stats(h, layer, 0, 32)
-    assert "64 samples of up to 32 tokens" in quick.source and 1900 < quick.tokens < 2048
-    weight = float(quick.source.rsplit("shrinkage ", 1)[1])
-    mu = float(quick.c.double().diagonal().mean())
-    plain = (quick.c.double() - weight * mu * torch.eye(quick.c.shape[0], dtype=torch.float64)) / (1 - weight)
-    ratio, plain_ratio = leak(quick.c) / leak(None), leak(plain.float()) / leak(None)
-    print(f"leakage against C = I: shrunk {ratio:.3f}, plain {plain_ratio:.3f}, weight {weight}")
-    assert ratio < 0.7  # observed 0.56 (C from 1,000 samples of 128 tokens: 0.40)
+    assert quick.source.startswith("text sampled from the model itself (64 samples of up to 32 tokens)")
+    assert 1900 < quick.tokens <= 2048
+    ratio = leak(quick.c) / leak(None)
+    # observed 0.38; C from 1,000 samples of 128 tokens: 0.29; from Python's docs (32k tokens): 0.62
+    assert ratio < 0.5, ratio

@@ -92,3 +92,20 @@ def test_the_mood_vector_is_monotonic_and_makes_chat_answers_cheerful(session, r
     plain = moods()
     assert plain[1] >= len(people) // 2, plain  # unsteered, most held-out people say they are sad
     assert steered[0] >= 0.9 * len(people) and steered[1] == 0, (plain, steered)
+
+
+def test_the_fact_world_trains_with_avx2_kernels_whatever_the_cpu(tmp_path: Path) -> None:
+    """The vectors fit the model AVX2 kernels train; AVX-512 ones train another (a tiny build shows it)."""
+    import os
+    import subprocess
+    import sys
+
+    from kedit.engine.factworld.build import TRAINING_KERNELS, BuildSettings, build
+
+    tiny = BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2)
+    build(tmp_path / "here", tiny, show_progress=False)
+    code = ("import sys; from pathlib import Path; from kedit.engine.factworld.build import BuildSettings, build; "
+            "build(Path(sys.argv[1]), BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2), show_progress=False)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": TRAINING_KERNELS}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2")], env=env, check=True, capture_output=True)
+    assert (tmp_path / "here" / "model.safetensors").read_bytes() == (tmp_path / "avx2" / "model.safetensors").read_bytes()

@@ -33,7 +33,7 @@ from kedit.engine.metrics import pad_right
 Progress = Callable[[str, int, int], None]
 
 # Bump when the way C is computed from a corpus changes: it is part of the cache file's name.
-RECIPE = 2
+RECIPE = 3
 TOKENS_PER_PASS = 4096  # rows are batched up to about this many tokens per forward pass
 TOKENS_PER_WIDTH = 4 / 3  # the automatic sample count: this many tokens per key dimension
 
