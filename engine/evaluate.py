@@ -189,8 +189,9 @@ def evaluate(handle, cases: Sequence[EvalCase],
     for i, (p, t) in enumerate(rel):
         scored += teacher_forced(model, tok, [p], [as_continuation(p, t)])
         said = greedy(model, tok, [p], gen_tokens)[0]
-        hits += mentions(said, t)
-        rows.append((p, t, " ".join(said.split()), "yes" if mentions(said, t) else ""))
+        hit = mentions(said, t)
+        hits += hit
+        rows.append((p, t, " ".join(said.split()), "yes" if hit else ""))
         if progress:
             progress("scoring the eval file", i + 1, len(rel))
     return EvalResult(len(cases), mean_accuracy(scored), _score(model, tok, gen), _score(model, tok, loc),
