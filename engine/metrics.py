@@ -41,14 +41,16 @@ def encode_pair(tokenizer, prompt: str, target: str, special: bool = True) -> tu
     return list(prompt_ids), list(target_ids)
 
 
-def pad_right(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows padded on the right, so every row's positions start at 0; and the mask."""
+def pad_right(rows: Sequence[Sequence[int]], pad: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded on the right, so every row's positions start at 0; and the mask.
+    ``left`` pads on the left instead, so every row ends at the last column (for generation)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -181,16 +183,11 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_to
     out: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+        ids, mask = pad_right(chunk, pad, device, left=True)
+        gen = model.generate(input_ids=ids, attention_mask=mask,
                              max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=pad)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
     return out
 
 
