@@ -90,10 +90,10 @@ def neutral_texts(session: Session, path: str | None) -> list[str]:
 @REGISTRY.command(
     "steer", "Train steering vectors, stack and merge them with their own strengths, measure them.",
     Param("action", "what to do", choices=ACTIONS),
-    Param("a", "a file, or a vector's name", required=False, metavar="FILE|NAME", complete=_names),
-    Param("b", "a strength, a name or a path", required=False, metavar="ARG", complete=_names),
-    Param("more", "more vectors to merge", required=False, rest=True, metavar="NAME..."),
-    Param("into", "the merged vector's name", required=False, after_arrow=True, metavar="NAME"),
+    Param("file_or_name", "a file, or a vector's name", required=False, metavar="FILE|NAME", complete=_names),
+    Param("strength_name_or_path", "a strength, a name or a path", required=False, metavar="ARG", complete=_names),
+    Param("more_names", "more vectors to merge", required=False, rest=True, metavar="NAME..."),
+    Param("merged_name", "the merged vector's name", required=False, after_arrow=True, metavar="NAME"),
     Param("layers", "only these layers, e.g. 8-14 or 3,5", kind="option", required=False),
     Param("relative", "the strength is a multiple of the layer's mean hidden-state norm", kind="flag"),
     Param("where", "steer every position, or only generated tokens", kind="option", required=False,
@@ -129,13 +129,14 @@ def neutral_texts(session: Session, path: str | None) -> list[str]:
         "log-prob margin and perplexity at each strength"
     ),
 )
-def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more: str | None, into: str | None,
-              layers: str | None, relative: bool, where: str, method: str, read: str, mode: str,
-              weights: str | None, density: float, positive: str | None, negative: str | None,
-              pairs: str | None, neutral: str | None, strengths: str | None) -> Iterator[ev.Event]:
+def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_name_or_path: str | None,
+              more_names: str | None, merged_name: str | None, layers: str | None, relative: bool, where: str,
+              method: str, read: str, mode: str, weights: str | None, density: float, positive: str | None,
+              negative: str | None, pairs: str | None, neutral: str | None,
+              strengths: str | None) -> Iterator[ev.Event]:
     rack = session.steering
-    if more and action != "merge":
-        raise KeditError(f"unexpected {more!r}; only /steer merge takes more than two names")
+    if more_names and action != "merge":
+        raise KeditError(f"unexpected {more_names!r}; only /steer merge takes more than two names")
     if action == "list":
         if not rack.slots:
             yield ev.Info("no steering vectors loaded; /steer add FILE or /steer train PAIRS NAME")
@@ -149,10 +150,10 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
         if (positive is None) != (negative is None):
             raise KeditError("a one-pair vector needs both --positive and --negative")
         if positive is not None:
-            train_pairs = [Pair(a or "", positive, negative)]
+            train_pairs = [Pair(file_or_name or "", positive, negative)]
         else:
-            train_pairs = read_pairs(Path(_need(a, "the pairs file", usage)))
-        name = _need(b, "a name for the vector", usage)
+            train_pairs = read_pairs(Path(_need(file_or_name, "the pairs file", usage)))
+        name = _need(strength_name_or_path, "a name for the vector", usage)
         if name in rack.slots:
             raise KeditError(f"a vector named {name!r} is already in the rack; pick another name")
         chosen, how = parse_layers(layers), parse_read(read)
@@ -178,10 +179,10 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
                       f"/steer save {name} PATH keeps it")
         return
     if action == "add":
-        path = Path(_need(a, "the vector file", "/steer add FILE [STRENGTH]"))
+        path = Path(_need(file_or_name, "the vector file", "/steer add FILE [STRENGTH]"))
         vector = load_vector(path)
         vector.check_fits(session.handle)
-        strength = vector.strength if b is None else _strength(b)
+        strength = vector.strength if strength_name_or_path is None else _strength(strength_name_or_path)
         name = vector_name(path)
         with session.lock:
             rack.add(name, vector, strength, relative=relative, layers=parse_layers(layers), where=where)
@@ -190,8 +191,9 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
         return
     if action == "merge":
         usage = "/steer merge A B [C ...] -> NAME"
-        names = [_need(a, "the vectors to merge", usage), _need(b, "a second vector", usage)] + (more or "").split()
-        target = _need(into, "the merged vector's name after ->", usage)
+        names = [_need(file_or_name, "the vectors to merge", usage),
+                 _need(strength_name_or_path, "a second vector", usage)] + (more_names or "").split()
+        target = _need(merged_name, "the merged vector's name after ->", usage)
         if target in rack.slots:
             raise KeditError(f"a vector named {target!r} is already in the rack; pick another name")
         w = parse_floats(weights, "merge weights") if weights else None
@@ -203,7 +205,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
         yield ev.Info(f"merged {', '.join(names)} ({mode}) into {target!r} at strength 1; "
                       f"{', '.join(names)} are now off so nothing counts twice")
         return
-    name = _need(a, "the vector's name", f"/steer {action} NAME")
+    name = _need(file_or_name, "the vector's name", f"/steer {action} NAME")
     if action == "sweep":
         held = read_pairs(Path(_need(pairs, "held-out pairs with --pairs FILE", "/steer sweep NAME --pairs FILE")))
         levels = sweep_strengths(rack.vector(name), strengths)
@@ -226,7 +228,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
             yield ev.Info(f"removed {name!r}")
             return
         if action == "save":
-            path = Path(_need(b, "where to save it", "/steer save NAME PATH"))
+            path = Path(_need(strength_name_or_path, "where to save it", "/steer save NAME PATH"))
             vector = rack.in_use(name)  # the file recommends the strength in use
             if path.suffix == ".gguf":
                 path, dropped = export_gguf(vector, path)
@@ -237,7 +239,7 @@ def cmd_steer(session: Session, action: str, a: str | None, b: str | None, more:
                               f"when no strength is given{_with_recommendation(vector)})")
             return
         if action == "set":
-            rack.set(name, _strength(_need(b, "the strength", "/steer set NAME STRENGTH")))
+            rack.set(name, _strength(_need(strength_name_or_path, "the strength", "/steer set NAME STRENGTH")))
         else:
             rack.switch(name, action == "on")
     slot = rack.slots[name]
