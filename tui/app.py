@@ -9,10 +9,9 @@ the UI thread; a failure becomes a notification, never a crash.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,17 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import (Button, Checkbox, DataTable, Footer, Header, Input, Label, Markdown, ProgressBar,
-                             Select, Sparkline, Static, Switch, TabbedContent, TabPane, TextArea)
+from textual.widgets import Button, Footer, Header, Input, Label, Markdown, ProgressBar, Switch, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from kedit.engine import events as ev
 from kedit.engine.commands import quote
 from kedit.engine.errors import KeditError
 from kedit.engine.paths import data_dir
+from kedit.tui.chat_input import ChatInput
+from kedit.tui.panels import EditsPanel, ProbesPanel, SteeringPanel, SteerRow
 from kedit.tui.slider import Slider
 
-STRENGTH_RANGE = (-8.0, 8.0, 0.25)  # slider minimum, maximum and step
-METHODS = ("rome", "grace", "wise")
 TOKEN_BATCH_S = 0.05  # streamed tokens reach the UI at most this often
 
 
@@ -52,226 +50,6 @@ def header_line(session) -> str:
     h = session.handle
     quant = f" {h.quant}" if h.quant else ""
     return f"{h.name} · {str(h.dtype).removeprefix('torch.')}{quant} · {h.device} · {memory_in_use(session)}"
-
-
-class ChatInput(TextArea):
-    """Multiline input: ctrl+j or alt+enter sends, enter adds a line, tab completes a command,
-    up on the first line and down on the last walk the history."""
-
-    BINDINGS = [
-        Binding("ctrl+j", "send", "send", priority=True),
-        Binding("alt+enter", "send", "send", show=False, priority=True),
-        Binding("tab", "complete", "complete", show=False, priority=True),
-    ]
-
-    def __init__(self, history_file: Path | None = None, **kwargs: Any) -> None:
-        super().__init__(soft_wrap=True, show_line_numbers=False, **kwargs)
-        self.history_file = history_file
-        self.past_lines: list[str] = []
-        if history_file is not None and history_file.is_file():
-            for raw in history_file.read_text(encoding="utf-8").splitlines():
-                try:
-                    self.past_lines.append(str(json.loads(raw)))
-                except ValueError:
-                    continue
-        self._back = 0  # how far back in history the text is; 0 is the line being typed
-        self._draft = ""
-
-    async def _on_key(self, event) -> None:
-        # A terminal's ctrl+j arrives as the character "\n", which TextArea would insert
-        # before any binding saw it.
-        if event.key in ("ctrl+j", "alt+enter"):
-            event.prevent_default()
-            event.stop()
-            self.action_send()
-            return
-        await super()._on_key(event)
-
-    def remember(self, line: str) -> None:
-        if self.past_lines and self.past_lines[-1] == line:
-            return
-        self.past_lines.append(line)
-        if self.history_file is not None:
-            self.history_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.history_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-
-    def action_send(self) -> None:
-        text = self.text.strip()
-        if text:
-            self.app.submit(text)
-            self.remember(text)
-        self._back = 0
-        self.text = ""
-
-    def action_complete(self) -> None:
-        line = self.text
-        candidates = self.app.complete(line)
-        if not candidates:
-            return
-        current = "" if line[-1:].isspace() else line.split()[-1] if line.split() else ""
-        common = candidates[0]
-        for c in candidates[1:]:
-            while not c.startswith(common):
-                common = common[:-1]
-        if len(common) > len(current):
-            self.text = line[: len(line) - len(current)] + common + (" " if len(candidates) == 1 else "")
-            self.move_cursor(self.document.end)
-        if len(candidates) > 1:
-            self.app.notify("  ".join(candidates[:20]), title="completions", timeout=4)
-
-    def _walk(self, delta: int) -> None:
-        if self._back == 0:
-            self._draft = self.text
-        self._back = min(max(self._back + delta, 0), len(self.past_lines))
-        self.text = self._draft if self._back == 0 else self.past_lines[-self._back]
-        self.move_cursor(self.document.end)
-
-    def action_cursor_up(self, select: bool = False) -> None:
-        if not select and self.cursor_location[0] == 0 and self.past_lines:
-            self._walk(1)
-        else:
-            super().action_cursor_up(select)
-
-    def action_cursor_down(self, select: bool = False) -> None:
-        if not select and self.cursor_location[0] == self.document.line_count - 1 and self._back:
-            self._walk(-1)
-        else:
-            super().action_cursor_down(select)
-
-
-class EditsPanel(Vertical):
-    """The ledger as a table, its actions, and a form for a new edit."""
-
-    def compose(self) -> ComposeResult:
-        table = DataTable(id="edits-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("id", "method", "prompt → target", "gen Rel", "gen Loc", "tf Rel", "tf Loc")
-        yield table
-        with Horizontal(classes="buttons"):
-            yield Button("Roll back", id="rollback", variant="warning")
-            yield Button("Undo", id="undo")
-            yield Button("Re-probe", id="reprobe")
-        with VerticalScroll(id="edit-form"):
-            yield Input(placeholder="prompt, e.g. Watts Humphrey attended", id="edit-prompt")
-            yield Input(placeholder="subject (blank: inferred)", id="edit-subject")
-            yield Input(placeholder="new target", id="edit-target")
-            with Horizontal(classes="buttons"):
-                yield Select([(m.upper(), m) for m in METHODS], prompt="method", id="edit-method")
-                yield Button("Edit", id="edit-apply", variant="primary")
-
-    def show(self, edits: Iterable) -> None:
-        table = self.query_one(DataTable)
-        table.clear()
-        for e in edits:  # gen: by greedy generation; tf: teacher-forced
-            m = e.probe.metrics() if e.probe else {}
-            table.add_row(e.id, e.method, f"{e.prompt} →{e.target}",
-                          *("—" if m.get(k) is None else f"{m[k]:.2f}" for k in ("gen_rel", "gen_loc", "tf_rel", "tf_loc")),
-                          key=e.id)
-
-    def selected(self) -> str | None:
-        table = self.query_one(DataTable)
-        if not table.row_count:
-            return None
-        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-
-    def edit_line(self) -> str | None:
-        prompt = self.query_one("#edit-prompt", Input).value.strip()
-        target = self.query_one("#edit-target", Input).value.strip()
-        if not prompt or not target:
-            self.app.notify("an edit needs a prompt and a target", severity="warning")
-            return None
-        line = f"/edit {quote(prompt)} -> {quote(target)}"
-        subject = self.query_one("#edit-subject", Input).value.strip()
-        if subject:
-            line += f" --subject {quote(subject)}"
-        method = self.query_one("#edit-method", Select).value
-        if isinstance(method, str):
-            line += f" --method {method}"
-        return line
-
-
-class SteerRow(Vertical):
-    """One racked vector: select box and name, on/off switch, strength slider."""
-
-    def __init__(self, name: str, on: bool, strength: float) -> None:
-        super().__init__(classes="steer-row")
-        self.vector_name, self._on, self._strength = name, on, strength
-
-    def compose(self) -> ComposeResult:
-        with Horizontal(classes="steer-head"):
-            yield Checkbox(self.vector_name, classes="steer-select")
-            yield Switch(self._on, classes="steer-on")
-        lo, hi, step = STRENGTH_RANGE
-        yield Slider(self._strength, minimum=min(lo, self._strength), maximum=max(hi, self._strength), step=step,
-                     classes="steer-strength")
-
-
-class SteeringPanel(Vertical):
-    """One row per racked vector; load, merge, save and sweep; the sweep drawn as sparklines."""
-
-    def compose(self) -> ComposeResult:
-        yield VerticalScroll(id="steer-rows")
-        yield Input(placeholder="vector file to load, path to save, or pairs for a sweep", id="steer-path")
-        with Horizontal(classes="buttons"):
-            yield Button("Load", id="steer-load")
-            yield Button("Merge", id="steer-merge")
-            yield Button("Save", id="steer-save")
-            yield Button("Sweep", id="steer-sweep")
-        yield Label("", id="sweep-caption")
-        yield Sparkline([], id="sweep-margin")
-        yield Sparkline([], id="sweep-ppl")
-
-    def rows(self) -> list[SteerRow]:
-        return list(self.query(SteerRow))
-
-    def selected(self) -> list[str]:
-        return [r.vector_name for r in self.rows() if r.query_one(Checkbox).value]
-
-    async def show(self, slots: dict[str, Any]) -> None:
-        box = self.query_one("#steer-rows", VerticalScroll)
-        shown = {r.vector_name: r for r in self.rows()}
-        if list(shown) == list(slots):  # same vectors: only values moved
-            for name, slot in slots.items():
-                row = shown[name]
-                row.query_one(Switch).set_reactive(Switch.value, slot.on)
-                row.query_one(Switch).refresh()
-                row.query_one(Slider).value = slot.strength
-            return
-        await box.remove_children()
-        await box.mount_all([SteerRow(name, slot.on, slot.strength) for name, slot in slots.items()])
-        if not slots:
-            await box.mount(Static("no vectors: load a file below, or /steer train", classes="hint"))
-
-    def show_sweep(self, table: ev.Table) -> None:
-        margins = [float(r[1]) for r in table.rows]
-        ppl = [float(r[2]) for r in table.rows]
-        self.query_one("#sweep-margin", Sparkline).data = margins
-        self.query_one("#sweep-ppl", Sparkline).data = ppl
-        strengths = ", ".join(r[0] for r in table.rows)
-        self.query_one("#sweep-caption", Label).update(
-            f"strength {strengths}\nmargin {margins[0]:+.2f} → {margins[-1]:+.2f} (upper) · "
-            f"perplexity {ppl[0]:.2f} → {ppl[-1]:.2f} (lower)")
-
-
-class ProbesPanel(Vertical):
-    """The locality probe (each prompt's top token unedited and now) or an eval file (each
-    case's first token now and whether the target holds), under the summary."""
-
-    def compose(self) -> ComposeResult:
-        with Horizontal(classes="buttons"):
-            yield Button("Locality probe", id="probe-run", variant="primary")
-            yield Button("Eval file", id="eval-run")
-        yield Input(placeholder="EasyEdit/KnowEdit JSON file for Eval", id="eval-path")
-        yield Label("run the probe to compare the model now with the unedited one", id="probe-summary")
-        yield DataTable(id="probe-table", zebra_stripes=True)
-
-    def show(self, table: ev.Table) -> None:
-        self.query_one("#probe-summary", Label).update(table.title)
-        grid = self.query_one("#probe-table", DataTable)
-        grid.clear(columns=True)
-        grid.add_columns(*table.columns)
-        for row in table.rows:
-            grid.add_row(*row)
 
 
 class HelpScreen(ModalScreen[None]):

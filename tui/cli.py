@@ -7,10 +7,7 @@ message and no traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import warnings
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,72 +15,20 @@ import click
 
 from kedit.engine import events as ev
 from kedit.engine.errors import KeditError
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1  # the user's request could not be done (bad model name, failed expectation)
-    USAGE = 2  # malformed input
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter off a user's terminal; their progress bars only on a TTY."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
-
-
-def model_options(fn: Any) -> Any:
-    """The options every model-loading command shares."""
-    fn = click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps.")(fn)
-    fn = click.option("--dtype", default=None,
-                      type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                      help="Weight dtype (auto: float32 on CPU, the checkpoint's on GPU).")(fn)
-    fn = click.option("--quant", default=None, type=click.Choice(["4bit", "8bit"]),
-                      envvar="KEDIT_QUANT", help="Load with bitsandbytes 4-bit or 8-bit weights.")(fn)
-    fn = click.option("-m", "--model", default=None, envvar="KEDIT_MODEL",
-                      help="Alias, hub id or local folder (default: the embedded fact-world model).")(fn)
-    return fn
-
-
-def progress_on_stderr(label: str, done: int, total: int) -> None:
-    """A one-line counter for long steps, on a terminal only (stdout keeps the data)."""
-    if sys.stderr.isatty():
-        click.echo(f"\r\033[K{label}: {done}/{total}", err=True, nl=False)
-        if done >= total:
-            click.echo("\r\033[K", err=True, nl=False)
-
-
-def int_list(text: str, what: str) -> tuple[int, ...]:
-    """'10,100' as (10, 100); an empty text is ()."""
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{what} takes whole numbers separated by commas, e.g. 10,100") from None
-    if any(v < 0 for v in values):
-        raise click.BadParameter(f"{what} takes numbers of zero or more")
-    return values
-
-
-def open_session(model: str | None, quant: str | None, dtype: str | None, device: str | None):
-    from kedit.engine.session import Session
-
-    _quiet_libraries()
-    try:
-        return Session.open(model, quant=quant, dtype=dtype, device=device,
-                            show_progress=sys.stderr.isatty())
-    except KeditError as exc:
-        raise click.ClickException(exc.message) from None
+from kedit.engine.methods.table import METHODS
+from kedit.tui.cli_bench import bench
+from kedit.tui.cli_common import ExitCode, model_options, open_session, progress_on_stderr, quiet_libraries
+from kedit.tui.cli_steer import steer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kedit")
 def main() -> None:
     """kedit: edit a language model while you talk to it."""
+
+
+main.add_command(bench)
+main.add_command(steer)
 
 
 @main.command()
@@ -110,7 +55,7 @@ def tui(model: str | None, quant: str | None, dtype: str | None, device: str | N
     from kedit.engine.session import Session
     from kedit.tui import app
 
-    _quiet_libraries()
+    quiet_libraries()
     sys.exit(app.main(lambda: Session.open(model, quant=quant, dtype=dtype, device=device, show_progress=False)))
 
 
@@ -171,7 +116,7 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
 @main.command("edit")
 @click.argument("prompt")
 @click.argument("target")
-@click.option("--method", default=None, type=click.Choice(["rome", "grace", "wise"]),
+@click.option("--method", default=None, type=click.Choice(list(METHODS)),
               help="Editing method (default: [edit] method in kedit.toml).")
 @click.option("--subject", default=None, help="The subject inside the prompt (default: inferred).")
 @click.option("--save", "save_to", default=None, type=click.Path(path_type=Path),
@@ -217,7 +162,7 @@ def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, 
 @main.command("eval")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path),
               help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.")
-@click.option("--method", default=None, type=click.Choice(["rome", "grace", "wise"]),
+@click.option("--method", default=None, type=click.Choice(list(METHODS)),
               help="Editing method (default: [edit] method in kedit.toml).")
 @click.option("--sequential", default=None, type=int, metavar="N",
               help="Make the first N edits one after another and measure all after the last "
@@ -315,255 +260,6 @@ def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_gguf: bool
                    f"{len(done['merged_modules'])} module(s); vectors: {', '.join(done['vectors']) or 'none'}")
 
 
-def run_lines(session: Any, lines: list[str], as_json: bool = False) -> None:
-    """Run slash commands as the REPL would, printing what they print (or, with ``as_json``,
-    one JSON array of their events at the end); the first error ends the run with exit code 1."""
-    import dataclasses
-
-    from kedit.tui.repl import render
-
-    seen: list[dict] = []
-    for line in lines:
-        failed: list[ev.Error] = []
-
-        def watch(events):
-            for event in events:
-                if isinstance(event, ev.Error):
-                    failed.append(event)
-                if as_json and not isinstance(event, (ev.Token, ev.Progress, ev.Error)):
-                    seen.append({"type": type(event).__name__.lower(), "command": line, **dataclasses.asdict(event)})
-                elif not as_json or isinstance(event, ev.Error):
-                    yield event
-
-        render(watch(session.run(line)), session, sys.stdout, sys.stderr)
-        if failed:
-            sys.exit(ExitCode.FAILED)
-    if as_json:
-        click.echo(json.dumps(seen, indent=2))
-
-
-def json_option(fn: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")(fn)
-
-
-@main.group()
-def steer() -> None:
-    """Train, measure, merge and convert steering vectors (the /steer commands, scripted)."""
-
-
-@steer.command("train")
-@click.argument("pairs", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--method", default="mean_diff", type=click.Choice(["mean_diff", "pca"]), show_default=True)
-@click.option("--layers", default=None, help="Layers to train, e.g. 8-14 or 3,5 (default: all).")
-@click.option("--read", default="answer", show_default=True,
-              help="Read the completion's mean ('answer') or one token index, e.g. -1.")
-@click.option("--strength", default=None, type=float,
-              help="The strength the file recommends (default: the largest keeping neutral perplexity within 1.2×).")
-@json_option
-@model_options
-def steer_train(pairs: str, out: str, method: str, layers: str | None, read: str, strength: float | None,
-                model: str | None, quant: str | None, dtype: str | None, device: str | None, as_json: bool = False) -> None:
-    """Train a vector from contrastive PAIRS (JSONL: prompt, positive, negative) into OUT
-    (.safetensors, or .gguf for llama.cpp)."""
-    from kedit.engine.commands import quote
-
-    session = open_session(model, quant, dtype, device)
-    extra = (f" --layers {layers}" if layers else "") + f" --method {method} --read {read}"
-    lines = [f"/steer train {quote(pairs)} trained{extra}"]
-    if strength is not None:
-        lines.append(f"/steer set trained {strength}")
-    run_lines(session, lines + [f"/steer save trained {quote(out)}"], as_json=as_json)
-
-
-@steer.command("sweep")
-@click.argument("vector", type=click.Path())
-@click.option("--pairs", required=True, type=click.Path(dir_okay=False), help="Held-out pairs (JSONL).")
-@click.option("--neutral", default=None, type=click.Path(dir_okay=False),
-              help="Neutral text, one per line (default: text the model writes itself).")
-@click.option("--strengths", default="0,1,2,3,4", show_default=True)
-@json_option
-@model_options
-def steer_sweep(vector: str, pairs: str, neutral: str | None, strengths: str, model: str | None,
-                quant: str | None, dtype: str | None, device: str | None, as_json: bool = False) -> None:
-    """Margin of positive over negative completions, and perplexity, at each strength."""
-    from kedit.engine.commands import quote
-    from kedit.engine.vector_io import vector_name
-
-    session = open_session(model, quant, dtype, device)
-    name = vector_name(vector)
-    extra = f" --neutral {quote(neutral)}" if neutral else ""
-    run_lines(session, [f"/steer add {quote(vector)} 0",
-                        f"/steer sweep {quote(name)} --pairs {quote(pairs)} --strengths {strengths}{extra}"],
-              as_json=as_json)
-
-
-@steer.command("convert")
-@click.argument("source", type=click.Path())
-@click.argument("out", type=click.Path(dir_okay=False))
-@json_option
-@model_options
-def steer_convert(source: str, out: str, model: str | None, quant: str | None, dtype: str | None,
-                  device: str | None, as_json: bool = False) -> None:
-    """Convert between kedit .safetensors, llama.cpp/repeng .gguf and EasyEdit2 layer_L.pt
-    folders (checked against the model it is for)."""
-    from kedit.engine.commands import quote
-    from kedit.engine.vector_io import vector_name
-
-    session = open_session(model, quant, dtype, device)
-    name = quote(vector_name(source))
-    run_lines(session, [f"/steer add {quote(source)}", f"/steer save {name} {quote(out)}"], as_json=as_json)
-
-
-@steer.command("merge")
-@click.argument("vectors", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Where the merge goes.")
-@click.option("--mode", default="linear", type=click.Choice(["linear", "ties", "orthogonal"]), show_default=True)
-@click.option("--weights", default=None, help="One weight per vector, e.g. 1,0.5 (default: all 1).")
-@json_option
-@model_options
-def steer_merge(vectors: tuple[str, ...], out: str, mode: str, weights: str | None, model: str | None,
-                quant: str | None, dtype: str | None, device: str | None, as_json: bool = False) -> None:
-    """Merge two or more vectors into one file."""
-    from kedit.engine.commands import quote
-    from kedit.engine.vector_io import vector_name
-
-    session = open_session(model, quant, dtype, device)
-    names = " ".join(quote(vector_name(v)) for v in vectors)
-    extra = f" --weights {weights}" if weights else ""
-    run_lines(session, [f"/steer add {quote(v)}" for v in vectors]
-              + [f"/steer merge {names} --mode {mode}{extra} -> merged", f"/steer save merged {quote(out)}"],
-              as_json=as_json)
-
-
-@main.group(invoke_without_command=True)
-@click.option("--shape", default=None,
-              help="A random-weight model of this kedit.toml [shapes] entry (qwen2.5-7b, llama-3-8b, mistral-7b, "
-                   "bench-small) instead of --model.")
-@click.option("--layers", "n_layers", default=None, type=int, help="With --shape: keep only this many layers.")
-@click.option("--methods", default="rome,grace,wise", show_default=True, help="Edit methods to time.")
-@click.option("--edit-repeats", default=3, show_default=True, help="Timed edits of each method (median).")
-@click.option("--vectors", default="1,3", show_default=True, help="Steering vectors racked on every layer.")
-@click.option("--active", default="10,100", show_default=True, help="Active edits of each method while generating.")
-@click.option("--fill", default="synthetic", show_default=True, type=click.Choice(["synthetic", "real"]),
-              help="Active edits: each method's patches with random contents, or real edits.")
-@click.option("--tokens", default=64, show_default=True, help="New tokens per timed generation.")
-@click.option("--prompt-tokens", default=64, show_default=True, help="Prompt length for generation.")
-@click.option("--repeats", default=3, show_default=True, help="Timed generations of each kind (median).")
-@click.option("--stats-samples", default=None, type=int, help="ROME's key statistics from this many texts.")
-@click.option("--layer", default=None, type=int, help="Edit this layer with every method.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for CI artefacts).")
-@model_options
-@click.pass_context
-def bench(ctx: click.Context, shape: str | None, n_layers: int | None, methods: str, edit_repeats: int,
-          vectors: str, active: str, fill: str, tokens: int, prompt_tokens: int, repeats: int,
-          stats_samples: int | None, layer: int | None, as_json: bool, model: str | None, quant: str | None,
-          dtype: str | None, device: str | None) -> None:
-    """Speed and memory, as ratios measured in one run (benchmarks, not tests).
-
-    Without a subcommand: edit time per method (ROME split into key, value and update,
-    its key statistics apart), rollback time, tokens/s and time to first token with
-    steering vectors and with active edits against plain generation, and peak memory.
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from kedit.engine.bench import BenchPlan, report_text, run_bench, shape_session
-    from kedit.engine.config import Config
-
-    if shape and model:
-        raise click.UsageError("give --model or --shape, not both")
-    if n_layers is not None and (not shape or n_layers < 1):
-        raise click.BadParameter("--layers takes 1 or more, and goes with --shape")
-    if min(edit_repeats, tokens, prompt_tokens, repeats) < 1 or tokens < 2:
-        raise click.BadParameter("--edit-repeats, --prompt-tokens and --repeats take 1 or more, --tokens 2 or more")
-    plan = BenchPlan(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), edit_repeats=edit_repeats,
-                     vectors=tuple(v for v in int_list(vectors, "--vectors") if v), active=tuple(
-                         a for a in int_list(active, "--active") if a), fill=fill, new_tokens=tokens,
-                     prompt_tokens=prompt_tokens, repeats=repeats, stats_samples=stats_samples, layer=layer)
-    if shape:
-        _quiet_libraries()
-        try:
-            session = shape_session(Config.load(), shape, n_layers=n_layers, dtype=dtype, device=device, quant=quant,
-                                    progress=progress_on_stderr)
-        except KeditError as exc:
-            raise click.ClickException(exc.message) from None
-    else:
-        session = open_session(model, quant, dtype, device)
-    import torch
-
-    try:
-        report = run_bench(session, plan, progress_on_stderr)
-    except KeditError as exc:
-        raise click.ClickException(exc.message) from None
-    except torch.cuda.OutOfMemoryError:
-        raise click.ClickException("the GPU ran out of memory during the bench; try --quant 4bit, fewer "
-                                   "--active edits, or --layers with --shape") from None
-    click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
-
-
-@bench.command("steering")
-@click.option("--random", "shapes", multiple=True,
-              help="Also a random-weight model of this kedit.toml [shapes] entry, e.g. bench-small or qwen2.5-7b.")
-@click.option("--random-layers", default=None, type=int, help="Override the random model's layer count.")
-@click.option("--vectors", "n_vectors", default=3, show_default=True, help="Vectors racked on every layer.")
-@click.option("--tokens", default=64, show_default=True, help="Tokens generated per run.")
-@click.option("--repeats", default=3, show_default=True, help="Timed runs of each kind (the median counts).")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@model_options
-def bench_steering(shapes: tuple[str, ...], random_layers: int | None, n_vectors: int, tokens: int, repeats: int,
-                   as_json: bool, model: str | None, quant: str | None, dtype: str | None,
-                   device: str | None) -> None:
-    """Tokens/s unsteered vs N vectors on every layer: the loaded model, then random-weight ones."""
-    from kedit.engine.bench import random_model, shape_dims, steering_throughput
-    from kedit.engine.config import Config
-
-    try:
-        dims = {shape: shape_dims(Config.load(), shape) for shape in shapes}
-    except KeditError as exc:
-        raise click.ClickException(exc.message) from None
-    session = open_session(model, quant, dtype, device)
-    results = [steering_throughput(session.model, session.handle.name, n_vectors, tokens, repeats=repeats)]
-    for shape in shapes:
-        m = random_model(dims[shape], random_layers, dtype="float32" if session.handle.device == "cpu" else "bfloat16",
-                         device=session.handle.device)
-        results.append(steering_throughput(m, f"random {shape}", n_vectors, tokens, repeats=repeats))
-        del m
-    if as_json:
-        click.echo(json.dumps([{**vars(r), "ratio": r.ratio} for r in results], indent=2))
-        return
-    click.echo(f"greedy generation, {tokens} tokens, median of {repeats}; {n_vectors} vectors on every layer")
-    for r in results:
-        click.echo(f"  {r.label:<28} {r.layers:>3} layers  plain {r.plain_tps:8.1f} tok/s  steered "
-                   f"{r.steered_tps:8.1f} tok/s  ratio {r.ratio:.3f}")
-
-
-@bench.command("tui")
-@click.option("--tokens", default=200, show_default=True, help="Length of the streamed reply.")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@model_options
-def bench_tui(tokens: int, as_json: bool, model: str | None, quant: str | None, dtype: str | None,
-              device: str | None) -> None:
-    """How the Textual app keeps up while a reply streams: UI loop lag and keystroke echo, idle vs generating."""
-    import asyncio
-
-    from kedit.tui.bench_ui import measure
-
-    session = open_session(model, quant, dtype, device)
-    session.config = session.config.with_overrides({"generation.max_new_tokens": tokens,
-                                                    "generation.min_new_tokens": tokens})
-    idle, busy, run = asyncio.run(measure(session, "Where did Watts Humphrey study?"))
-    figures = {"idle": idle.summary(), "generating": busy.summary(), **run}
-    if as_json:
-        click.echo(json.dumps(figures, indent=2))
-        return
-    click.echo(f"{run['tokens']} tokens streamed in {run['seconds']:.2f} s ({run['tokens_per_s']:.0f} tok/s)")
-    for label, r in (("idle", idle), ("generating", busy)):
-        f = r.summary()
-        click.echo(f"  {label:<11} loop lag median {f['lag_median_ms']:6.2f} ms  p95 {f['lag_p95_ms']:6.2f}  "
-                   f"max {f['lag_max_ms']:6.2f} · keystroke echo median {f['echo_median_ms']:6.2f} ms  "
-                   f"p95 {f['echo_p95_ms']:6.2f}  max {f['echo_max_ms']:6.2f}  ({int(f['samples'])} keys)")
-
-
 @main.command("fact-world")
 @click.option("--rebuild", is_flag=True, help="Build again even if a cached copy exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -573,7 +269,7 @@ def fact_world(rebuild: bool, as_json: bool) -> None:
     from kedit.engine.factworld import build as fw
     from kedit.engine.factworld.recall import recall_report
 
-    _quiet_libraries()
+    quiet_libraries()
     settings = fw.BuildSettings.from_config(Config.load().table("fact_world"))
     if rebuild:
         folder = fw.build(fw.default_dir(settings), settings, show_progress=sys.stderr.isatty())
