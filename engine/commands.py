@@ -13,7 +13,7 @@ whose message says what is wrong and shows the command's usage.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,7 +84,7 @@ class Param:
     kind: Literal["positional", "option", "flag"] = "positional"
     required: bool = True
     default: Any = None
-    choices: tuple[str, ...] | None = None
+    choices: Collection[str] | None = None  # a live collection (a table's keys) sees later additions
     convert: Callable[[str], Any] | None = None  # e.g. int or float; ValueError means bad input
     after_arrow: bool = False  # a positional that follows "->"
     rest: bool = False  # a positional that takes every remaining word, joined by spaces

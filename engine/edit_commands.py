@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from kedit.engine import events as ev
 from kedit.engine.background import with_progress
 from kedit.engine.commands import REGISTRY, Param
-from kedit.engine.editing import METHODS, method_state
+from kedit.engine.methods.table import METHODS, method_named, method_state
 from kedit.engine.errors import KeditError
 from kedit.engine.ledger import Edit
 
@@ -60,12 +60,7 @@ def probe_table(edit: Edit) -> ev.Table:
             rows.append(("  changed", f"{r.prompt} →{r.before!r} now {r.after!r}", ""))
     title = (f"{edit.id}: {edit.method.upper()} at layer {edit.layer}, subject {edit.subject!r} "
              f"({edit.subject_how}), {edit.seconds:.1f} s")
-    if edit.method == "rome":
-        title += f"; C from {edit.info.get('stats_source', '?')}"
-    elif edit.method == "grace":
-        title += f"; codebook entry {edit.info.get('action', '?')}, radius {edit.info.get('radius', 0):.3g}"
-    else:
-        title += f"; side memory shard {edit.info.get('shard', '?')}"
+    title += f"; {method_named(edit.method).describe(edit)}"
     return ev.Table(title, ("probe", "prompt", "score"), tuple(rows))
 
 

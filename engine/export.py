@@ -44,11 +44,14 @@ def merged_weight(module: torch.nn.Module, u: torch.Tensor, v: torch.Tensor) -> 
 def _check(session, out: Path, gguf: bool) -> None:
     """Refuse what cannot be exported, before anything is written."""
     handle = session.handle
-    other = [e for e in session.edits if e.method != "rome"]
+    from kedit.engine.methods.table import METHODS, method_named
+
+    other = [e for e in session.edits if not method_named(e.method).exports]
     if other:
         ids = ", ".join(f"{e.id} ({e.method.upper()})" for e in other)
-        raise KeditError(f"{ids} cannot be exported: GRACE and WISE edits are a codebook or a routed side "
-                         "memory, not weights. Roll them back (/rollback ID) or redo them with --method rome")
+        merging = " or ".join(f"--method {name}" for name, m in METHODS.items() if m.exports)
+        raise KeditError(f"{ids} cannot be exported: those edits live beside the weights (a codebook or a "
+                         f"routed side memory), not in them. Roll them back (/rollback ID) or redo them with {merging}")
     if gguf and handle.gguf_path is None:
         raise KeditError(f"--gguf writes a copy of the GGUF file the model was loaded from, and {handle.name} "
                          "was not loaded from one. Export a transformers folder instead (drop --gguf); "

@@ -24,7 +24,7 @@ class Edit:
     layer: int | None = None
     subject_how: str = "given"
     hparams: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: Any = None  # the method's MethodInfo: what computing the edit measured
     probe: ProbeResult | None = None
     paraphrases: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
@@ -35,7 +35,7 @@ class Edit:
         """Everything but the tensors, as JSON-ready data."""
         return {"id": self.id, "method": self.method, "prompt": self.prompt, "subject": self.subject,
                 "target": self.target, "layer": self.layer, "subject_how": self.subject_how,
-                "hparams": self.hparams, "info": self.info, "paraphrases": self.paraphrases, "question": self.question,
+                "hparams": self.hparams, "info": self.info.as_dict() if self.info is not None else {}, "paraphrases": self.paraphrases, "question": self.question,
                 "probe": self.probe.as_dict() if self.probe else None, "created": self.created,
                 "seconds": self.seconds}
 
@@ -68,6 +68,11 @@ class Ledger:
         edit.patch.revert()
         self.edits.remove(edit)
         return edit
+
+    @property
+    def counter(self) -> int:
+        """How many ids were handed out: a loaded session goes on from there."""
+        return self._counter
 
     def bump(self, counter: int) -> None:
         self._counter = max(self._counter, counter)

@@ -139,6 +139,8 @@ class ModelHandle:
         self.quant = quant
         self.device = device
         self.adapter = ArchAdapter.for_model(model)
+        # what methods keep between edits on this model (ROME's C and its factor): it goes with the model
+        self.caches: dict[str, Any] = {}
 
     @property
     def name(self) -> str:

@@ -6,30 +6,19 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kedit.engine import events as ev
-from kedit.engine.commands import REGISTRY, ParseError, Registry
+from kedit.engine.commands import ParseError, Registry
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError
 from kedit.engine.ledger import Edit, Ledger
+from kedit.engine.messages import Message
 from kedit.engine.model import ModelHandle
 from kedit.engine.streaming import TokenStreamer
-
-
-@dataclass
-class Message:
-    """One turn of the conversation."""
-
-    role: str  # "user" | "assistant" | "system"
-    content: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
 
 
 class _StopOnEvent:
@@ -43,6 +32,16 @@ class _StopOnEvent:
                           device=input_ids.device)
 
 
+class _Commands:
+    """``Session.registry``: every slash command, looked up when first used, so that this module
+    does not import the command modules (they import it for their types)."""
+
+    def __get__(self, obj: Any, owner: Any) -> Registry:
+        from kedit.engine.command_table import registry
+
+        return registry()
+
+
 class Session:
     """Owns one ModelHandle, the chat, and (in later layers) edits and steering.
 
@@ -50,7 +49,7 @@ class Session:
     token to the last, so nothing can change the model mid-reply.
     """
 
-    registry: Registry = REGISTRY
+    registry = _Commands()
 
     def __init__(self, handle: ModelHandle, config: Config) -> None:
         self.handle = handle
@@ -78,6 +77,7 @@ class Session:
         return cls(handle, config)
 
     # -- the live objects ----------------------------------------------------------------
+
 
     @property
     def model(self) -> torch.nn.Module:
@@ -248,15 +248,37 @@ class Session:
              progress: Callable[[str, int, int], None] | None = None) -> Edit:
         """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing).
 
-        ``method`` is "rome", "grace" or "wise"; None takes [edit] method from kedit.toml.
-        ``params`` overrides that method's kedit.toml settings for this edit only.
+        ``method`` names one in kedit.engine.methods.table.METHODS; None takes [edit] method from
+        kedit.toml. ``params`` overrides that method's kedit.toml settings for this edit only.
         """
-        from kedit.engine.editing import make_edit
+        from kedit.engine.editing import Editor, make_edit
 
-        return make_edit(self, prompt, target, subject=subject, method=method, layer=layer,
-                         paraphrases=paraphrases, question=question, stats_corpus=stats_corpus,
-                         identity_c=identity_c,
-                         params=params, progress=progress)
+        editor = Editor(self.edit_context(stats_corpus, progress), self.ledger, self.lock,
+                        lambda exclude: self.locality(exclude=exclude), self._world())
+        return make_edit(editor, prompt, target, subject=subject, method=method, layer=layer,
+                         paraphrases=paraphrases, question=question, identity_c=identity_c, params=params)
+
+    def edit_context(self, stats_corpus: Path | None = None,
+                     progress: Callable[[str, int, int], None] | None = None) -> Any:
+        """What an editing method may use (kedit.engine.methods.base.EditContext)."""
+        from kedit.engine.methods.base import EditContext
+
+        return EditContext(self.handle, self.config, self.contexts, self.trace_cases, stats_corpus, progress)
+
+    def method_params(self, method: str, **overrides: Any) -> Any:
+        """``method``'s settings for the loaded model (kedit.toml), with overrides."""
+        from kedit.engine.editing import method_params
+
+        return method_params(self.handle, self.config, method, **overrides)
+
+    def trace_cases(self) -> list[tuple[str, str]]:
+        """(prompt, subject) pairs for choosing an edit layer by causal tracing."""
+        from kedit.engine.editing import trace_cases
+
+        return trace_cases(self.config, self._world())
+
+    def _world(self) -> Any:
+        return self.fact_world() if self.handle.source.kind == "fact-world" else None
 
     def rollback(self, edit_id: str) -> Edit:
         """Take any edit out, in any order."""
@@ -319,7 +341,3 @@ class Session:
             self.chat.clear()
             self._contexts.clear()
 
-
-import kedit.engine.builtins  # noqa: E402,F401  (registers /help, /model, /reset, /quit)
-import kedit.engine.edit_commands  # noqa: E402,F401  (registers /edit, /edits, /undo, ...)
-import kedit.engine.steer_commands  # noqa: E402,F401  (registers /steer)

@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from kedit.engine.arch import SUPPORTED_FAMILIES, ArchAdapter
 from kedit.engine.errors import KeditError, UnsupportedArchitecture
-from kedit.engine.methods.grace import Entry, GracePatch, Layer
+from kedit.engine.methods.grace.codebook import Entry, GracePatch, Revision
 from kedit.engine.patches import LowRankPatch
 from tiny_models import (
     GEMMA3_LAYER_TYPES,
@@ -286,7 +286,7 @@ def test_rank_one_edit_at_mlp_out_reverts_bit_for_bit(name: str) -> None:
 def test_codebook_edit_at_mlp_out_changes_only_its_key(name: str) -> None:
     """A GRACE-style codebook entry on the MLP output replaces the output only where its key is read:
     earlier positions and the other sequence keep their logits bit for bit; reverting restores all."""
-    from kedit.engine.methods.grace import GraceCodebook
+    from kedit.engine.methods.grace.codebook import GraceCodebook
 
     model = tiny(name)
     arch = ArchAdapter.for_model(model)
@@ -295,7 +295,7 @@ def test_codebook_edit_at_mlp_out_changes_only_its_key(name: str) -> None:
     key = _mlp_out_input(model, arch, 1)[0, 3].float()
     book = GraceCodebook(module, arch.mlp_out_name(1))
     value = torch.full((arch.hidden_size,), 3.0)
-    patch = GracePatch(book, "g1", [(Entry(key=key), Layer("g1", 1e-3 * float(key.norm()), value, (0,)))])
+    patch = GracePatch(book, "g1", [(Entry(key=key), Revision("g1", 1e-3 * float(key.norm()), value, (0,)))])
     patch.apply()
     try:
         edited = _logits(model)

@@ -54,20 +54,22 @@ def test_bench_tui_measures_echo_while_a_reply_streams(fact_world_dir) -> None:
 # -- training only the layers above the edit ----------------------------------------------
 
 
-def test_from_layer_gives_bit_identical_values_and_puts_the_blocks_back(session, monkeypatch) -> None:
+def test_replay_below_gives_bit_identical_values_and_puts_the_blocks_back(session, monkeypatch) -> None:
     """ROME's value, GRACE's value and a WISE edit's side memory come out torch.equal whether
     the blocks below the edit layer run on every pass or are replayed from the first."""
     from contextlib import nullcontext
 
-    import kedit.engine.methods.wise as wise
+    import kedit.engine.methods.wise.train as wise
     from kedit.engine.methods import EditRequest
-    from kedit.engine.methods.grace import GraceParams, train_value
+    from kedit.engine.methods.grace.params import GraceParams
+    from kedit.engine.methods.grace.value import train_value
     from kedit.engine.methods.rome.hparams import RomeParams
     from kedit.engine.methods.rome.key import compute_key
     from kedit.engine.methods.rome.update import update_direction
     from kedit.engine.methods.rome.value import compute_value
-    from kedit.engine.methods.upper import from_layer
-    from kedit.engine.methods.wise import WiseParams, apply_wise
+    from kedit.engine.methods.replay import replay_below
+    from kedit.engine.methods.wise.params import WiseParams
+    from kedit.engine.methods.wise.train import train_edit
 
     h = session.handle
     blocks = list(h.adapter.layers())
@@ -91,16 +93,16 @@ def test_from_layer_gives_bit_identical_values_and_puts_the_blocks_back(session,
     request = EditRequest(fact.prompt(0), fact.subject, " Paris")
     wp = WiseParams(n_iter=6, nll_stop=0.0, margin_stop=0.0)
     had_memory = dict(h.model.__dict__.get("_kedit_wise", {}))
-    patch, info = apply_wise(h, request, wp, layer, "x", ["The", "It is"])
-    assert info["value_steps"] == 6
+    patch, info = train_edit(h, request, wp, layer, "x", ["The", "It is"])
+    assert info.value_steps == 6
     with monkeypatch.context() as m:  # the same edit with every block run on every pass
-        m.setattr(wise, "from_layer", lambda adapter, layer: nullcontext())
-        again, _ = apply_wise(h, request, wp, layer, "y", ["The", "It is"])
+        m.setattr(wise, "replay_below", lambda adapter, layer: nullcontext())
+        again, _ = train_edit(h, request, wp, layer, "y", ["The", "It is"])
     h.model.__dict__["_kedit_wise"] = had_memory  # the unapplied edits opened a side memory
     assert torch.equal(patch.values, again.values)
 
     assert list(h.adapter.layers()) == blocks
-    with from_layer(h.adapter, layer):
+    with replay_below(h.adapter, layer):
         h.model(torch.tensor([[1, 5, 6]]))
         with pytest.raises(RuntimeError, match="same input"):
             h.model(torch.tensor([[1, 5]]))
@@ -161,11 +163,12 @@ def test_bench_json_on_the_fact_world_with_real_active_edits(fact_world_dir) -> 
 
 
 def test_a_random_shape_gets_a_word_tokenizer_and_benches(tmp_path) -> None:
-    from kedit.engine.bench import BenchPlan, run_bench, shape_session
+    from kedit.engine.bench import BenchPlan, run_bench, shape_handle
+    from kedit.engine.session import Session
     from kedit.engine.config import Config
 
     config = Config.load().with_overrides({"shapes.tiny-llama": {**SHAPE, "vocab_size": 300}})
-    s = shape_session(config, "tiny-llama", n_layers=4)
+    s = Session(shape_handle(config, "tiny-llama", n_layers=4), config)
     assert s.handle.adapter.n_layers == 4 and s.handle.source.kind == "shape"
     assert s.model.config.vocab_size == 300 and len(s.tokenizer) == 300
     ids = s.tokenizer("Ada Novak attended t250")["input_ids"]
@@ -174,4 +177,4 @@ def test_a_random_shape_gets_a_word_tokenizer_and_benches(tmp_path) -> None:
                                     prompt_tokens=4, repeats=1, stats_samples=8))
     assert report["edits"]["rome"]["value"] > 0 and report["model"].startswith("random tiny-llama")
     with pytest.raises(KeditError, match="no shape gpt-9"):
-        shape_session(config, "gpt-9")
+        shape_handle(config, "gpt-9")

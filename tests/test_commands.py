@@ -5,7 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedit.engine.commands import REGISTRY, Invocation, Param, ParseError, Registry, lex
+from kedit.engine.command_table import registry
+from kedit.engine.commands import Invocation, Param, ParseError, Registry, lex
+
+REGISTRY = registry()
 
 
 def _registry() -> Registry:

@@ -34,8 +34,8 @@ def test_edit_then_rollback_is_exact(tiny: Session) -> None:
     other = _logits(tiny, "Denny Herzig plays as a")
     edit = tiny.edit(PROMPT, TARGET, layer=1, identity_c=True)
     assert edit.subject == "Watts Humphrey" and edit.subject_how == "inferred"
-    assert edit.info["value_steps"] > 0
-    assert edit.info["delta_norm"] <= 4.0 * edit.info["v_norm"] * (1 + 1e-5)  # the norm clamp holds
+    assert edit.info.value_steps > 0
+    assert edit.info.delta_norm <= 4.0 * edit.info.v_norm * (1 + 1e-5)  # the norm clamp holds
     assert not torch.equal(_logits(tiny), before)  # the model changed
     assert tiny.edits == [edit] and edit.probe is not None
     assert 0.0 <= edit.probe.loc <= 1.0 and len(edit.probe.rows) == 4

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from kedit.engine.methods.grace import GraceCodebook, GracePatch, GraceParams, place
+from kedit.engine.methods.grace.codebook import GraceCodebook, GracePatch, place
+from kedit.engine.methods.grace.params import GraceParams
 from kedit.engine.merging import ties_merge
-from kedit.engine.methods.wise import Bank, WiseMemory, WiseParams, WisePatch
+from kedit.engine.methods.wise.memory import Bank, WiseMemory, WisePatch
+from kedit.engine.methods.wise.params import WiseParams
 
 HP = GraceParams(eps_init=1.0)
 
@@ -159,7 +161,8 @@ def test_several_side_memories_route_each_position_to_the_newest_that_claims_it(
     each position still gets exactly the newest claiming memory's output, as a loop gives it."""
     from torch import nn
 
-    from kedit.engine.methods.wise import WiseMemory, WiseParams
+    from kedit.engine.methods.wise.memory import WiseMemory
+    from kedit.engine.methods.wise.params import WiseParams
 
     torch.manual_seed(0)
     module = nn.Linear(8, 6)

@@ -41,19 +41,20 @@ def test_rank_one_update_moves_the_key_by_delta_exactly() -> None:
 
 
 def test_c_inverse_k_factors_c_once_and_solves_every_key_with_it() -> None:
-    from kedit.engine.methods.rome import update
+    from kedit.engine.methods.rome.update import FactorCache
 
+    cache = FactorCache()
     c = _second_moment(1, 400, 24)
     first, second = torch.randn(24), torch.randn(24)
-    x = c_inverse_k(c, first, ridge=0.1)
-    factor = update._FACTOR["latest"][2]
-    y = c_inverse_k(c, second, ridge=0.1)
-    assert update._FACTOR["latest"][2] is factor  # the same C and ridge: no second factoring
+    x = c_inverse_k(c, first, ridge=0.1, cache=cache)
+    factor = cache.factor
+    y = c_inverse_k(c, second, ridge=0.1, cache=cache)
+    assert cache.factor is factor  # the same C and ridge: no second factoring
     shrunk = c.double() + 0.1 * c.diagonal().mean().double() * torch.eye(24, dtype=torch.float64)
     for k, got in ((first, x), (second, y)):
         assert torch.allclose(got.double(), torch.linalg.solve(shrunk, k.double()), atol=1e-6)
-    c_inverse_k(c, first, ridge=0.2)
-    assert update._FACTOR["latest"][2] is not factor  # another ridge is another matrix
+    c_inverse_k(c, first, ridge=0.2, cache=cache)
+    assert cache.factor is not factor  # another ridge is another matrix
     with pytest.raises(FloatingPointError, match="not positive definite"):
         c_inverse_k(-torch.eye(24), first, ridge=0.0)
 

@@ -103,13 +103,12 @@ def test_twenty_sequential_edits(session) -> None:
 
 
 def test_traced_layer_beats_the_worst_layer(session) -> None:
-    from kedit.engine.editing import rome_params, trace_cases
     from kedit.engine.trace import best_edit_layer
 
     h = session.handle
-    best, effects = best_edit_layer(h.model, h.tokenizer, h.adapter, trace_cases(session))
+    best, effects = best_edit_layer(h.model, h.tokenizer, h.adapter, session.trace_cases())
     worst = min(range(len(effects)), key=lambda i: effects[i])
-    assert rome_params(session).layer is None  # the fact world has no configured layer: tracing decides
+    assert session.method_params("rome").layer is None  # the fact world has no configured layer: tracing decides
     scores = {}
     for layer in (best, worst):
         rel = []

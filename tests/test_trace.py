@@ -53,11 +53,9 @@ def test_given_target_scores_its_first_token(fact_session, watts: TraceResult) -
 
 def test_early_mlps_at_the_subject_hold_the_facts(fact_session) -> None:
     """Averaged over facts, restoring layer 0's MLP at the subject brings most of the answer back."""
-    from kedit.engine.editing import trace_cases
-
     h = fact_session.handle
     shares = []
-    for prompt, subject in trace_cases(fact_session):
+    for prompt, subject in fact_session.trace_cases():
         r = causal_trace(h.model, h.tokenizer, h.adapter, prompt, subject)
         lost = r.p_clean - r.p_corrupt
         assert r.effects[-1] == 0.0  # the last MLP at a subject token cannot reach the last position

@@ -4,12 +4,12 @@ token, averaged over context prefixes the model wrote itself (ROME eq. 3)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
+from kedit.engine.methods.hooks import capture_io
 
 
 def context_prefixes(model, tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
@@ -55,22 +55,6 @@ def context_templates(tokenizer, prefixes: Sequence[str], prompt: str) -> list[s
                 break
         out.append(prefix.replace("{", " ").replace("}", " ") + sep + "{}")
     return out
-
-
-@contextmanager
-def capture_io(module: torch.nn.Module):
-    """Record a module's input and output on every forward call."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(mod, args, output):
-        seen["input"] = args[0]
-        seen["output"] = output
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:

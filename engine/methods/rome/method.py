@@ -1,24 +1,32 @@
-"""ROME end to end: key, value, statistics, rank-one update, as one Patch."""
+"""ROME end to end (key, value, statistics, rank-one update, as one Patch), behind the EditMethod protocol."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kedit.engine.methods import EditRequest
+from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodInfo, check_layer
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates
 from kedit.engine.methods.rome.stats import key_stats
-from kedit.engine.methods.rome.update import c_inverse_k, rank_one, update_direction
+from kedit.engine.methods.rome.update import FactorCache, c_inverse_k, rank_one, update_direction
 from kedit.engine.methods.rome.value import compute_value
 from kedit.engine.patches import LowRankPatch, sidecar
 
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RomeInfo(MethodInfo):
+    stats_source: str = ""  # where C came from
+    stats_seconds: float = 0.0
+    delta_norm: float = 0.0  # of δ, the change of the layer's output at k*
+    v_norm: float = 0.0  # of the layer's output at k* before the edit
 
 
 @dataclass
@@ -27,7 +35,7 @@ class RomeOutcome:
 
     patch: LowRankPatch
     layer: int
-    info: dict[str, Any] = field(default_factory=dict)
+    info: RomeInfo
 
 
 def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixes: list[str],
@@ -54,7 +62,7 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
     timings["key"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cinv_k = c_inverse_k(c, k_star, hp.ridge)
+    cinv_k = c_inverse_k(c, k_star, hp.ridge, handle.caches.setdefault("rome.factor", FactorCache()))
     direction = update_direction(k_star, cinv_k)
     timings["update"] = time.perf_counter() - t
 
@@ -73,8 +81,77 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
     timings["update"] += time.perf_counter() - t
 
     patch = LowRankPatch(sidecar(model, module, adapter.mlp_out_name(layer)), key, u, v)
-    info = {"layer": layer, "module": adapter.mlp_out_name(layer), "stats_source": stats_source,
-            "stats_seconds": stats_seconds, "nll_before": value.nll_before,
-            "nll_after": value.nll_after, "value_steps": value.steps,
-            "delta_norm": float(value.delta.norm()), "v_norm": float(v_cur.norm()), "timings": timings}
+    info = RomeInfo(layer, adapter.mlp_out_name(layer), value.nll_before, value.nll_after, value.steps, timings,
+                    stats_source=stats_source, stats_seconds=stats_seconds,
+                    delta_norm=float(value.delta.norm()), v_norm=float(v_cur.norm()))
     return RomeOutcome(patch, layer, info)
+
+
+class RomeMethod:
+    name = "rome"
+    params = RomeParams
+    info = RomeInfo
+    exports = True
+    lr_setting = "v_lr"
+    bench_layer_share = 0.2  # tracing a random model finds nothing
+    timing_steps = ("key", "value", "update")
+
+    def layer(self, ctx: EditContext, hp: RomeParams) -> int:
+        """The configured layer, else the causal-tracing choice, cached per model."""
+        from kedit.engine.trace import best_edit_layer, cached_edit_layer
+
+        if hp.layer is not None:
+            return check_layer(ctx.handle, hp.layer)
+        h = ctx.handle
+
+        def trace() -> int:
+            return best_edit_layer(h.model, h.tokenizer, h.adapter, ctx.trace_cases())[0]
+
+        return cached_edit_layer(h, "rome", trace)
+
+    def compute(self, ctx: EditContext, request: EditRequest, hp: RomeParams, layer: int,
+                edit_id: str) -> Computed:
+        outcome = apply_rome(ctx.handle, request, hp, layer, ctx.contexts(hp.n_contexts, hp.context_tokens),
+                             edit_id, ctx.stats_corpus, ctx.progress)
+        return Computed(outcome.patch, outcome.info)
+
+    def prepare(self, ctx: EditContext, hp: RomeParams, layer: int) -> dict[str, Any]:
+        if hp.identity_c:
+            return {}
+        stats = key_stats(ctx.handle, layer, hp.stats_samples, hp.stats_tokens, ctx.stats_corpus, ctx.progress,
+                          refresh=True)
+        return {"stats_s": stats.seconds, "stats_tokens": stats.tokens, "stats_source": stats.source}
+
+    def describe(self, edit: Any) -> str:
+        return f"C from {edit.info.stats_source or '?'}"
+
+    def save(self, edit: Any, put: Callable[[str, torch.Tensor], None]) -> dict[str, Any]:
+        p: LowRankPatch = edit.patch
+        put(f"{edit.id}.u", p.u)
+        put(f"{edit.id}.v", p.v)
+        return {"module": p.side.name}
+
+    def restore(self, model: torch.nn.Module, record: dict[str, Any], module: torch.nn.Module,
+                tensors: dict[str, torch.Tensor], pending: dict[str, Any]) -> LowRankPatch:
+        edit_id = record["id"]
+        patch = LowRankPatch(sidecar(model, module, record["module"]), edit_id, tensors[f"{edit_id}.u"],
+                             tensors[f"{edit_id}.v"])
+        patch.apply()
+        return patch
+
+    def finish_restore(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                       pending: dict[str, Any]) -> None:
+        pass
+
+    def synthetic(self, handle: Any, hp: RomeParams, layer: int, i: int, g: torch.Generator) -> LowRankPatch:
+        module, name = handle.adapter.mlp_out(layer), handle.adapter.mlp_out_name(layer)
+        device = next(handle.model.parameters()).device
+        u = (torch.randn(handle.adapter.hidden_size, 1, generator=g) * 1e-2).to(device)
+        v = (torch.randn(handle.adapter.mlp_hidden_size, 1, generator=g) * 1e-2).to(device)
+        return LowRankPatch(sidecar(handle.model, module, name), f"bench-rome-{i}", u, v)
+
+    def state(self, model: torch.nn.Module) -> list[str]:
+        return []
+
+
+METHOD = RomeMethod()

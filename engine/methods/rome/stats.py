@@ -307,14 +307,8 @@ class StatsCache:
 
 
 def _cache_of(handle) -> StatsCache:
-    """The handle's in-memory C: it lives and goes with the model, no module-level cache."""
-    cache = getattr(handle, "_key_stats_cache", None)
-    if cache is None:
-        cache = StatsCache()
-        try:
-            handle._key_stats_cache = cache
-        except AttributeError:  # a handle that takes no attributes: read from disk every time
-            pass
+    """The handle's in-memory C: it lives and goes with the model."""
+    cache: StatsCache = handle.caches.setdefault("rome.stats", StatsCache())
     return cache
 
 

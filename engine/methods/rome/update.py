@@ -6,31 +6,39 @@ Kept as factors u = δ and v = C⁻¹k* / (k*ᵀC⁻¹k*), so the layer computes
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 
-# The Cholesky factor of the latest C (by identity) and ridge: factoring is O(d³) (minutes on a
-# CPU for a 7B model's 18944-wide keys), each solve after it O(d²). One is kept at a time.
-_FACTOR: dict[str, tuple] = {}
+
+class FactorCache:
+    """The Cholesky factor of the latest C (by identity) and ridge: factoring is O(d³) (minutes on
+    a CPU for a 7B model's 18944-wide keys), each solve after it O(d²). One is kept at a time; the
+    model handle owns it (``handle.caches``)."""
+
+    def __init__(self) -> None:
+        self.c: Any = None  # a weak reference to the C that was factored
+        self.key: tuple[str, float] | None = None
+        self.factor: torch.Tensor | None = None
 
 
-def c_inverse_k(c: torch.Tensor | None, k_star: torch.Tensor, ridge: float) -> torch.Tensor:
+def c_inverse_k(c: torch.Tensor | None, k_star: torch.Tensor, ridge: float,
+                cache: FactorCache | None = None) -> torch.Tensor:
     """C⁻¹k* with C + ridge·mean(diag C)·I, which keeps it well posed (C is a second moment, so
-    that is symmetric positive definite: a Cholesky solve); C = I gives k*."""
+    that is symmetric positive definite: a Cholesky solve); C = I gives k*. With ``cache``, a C
+    and ridge factored before are not factored again."""
     if c is None:
         return k_star.clone()
+    cache = cache or FactorCache()
     key = (str(k_star.device), float(ridge))
-    cached = _FACTOR.get("latest")
-    if cached is None or cached[0]() is not c or cached[1] != key:
-        _FACTOR.clear()
+    if cache.factor is None or cache.c() is not c or cache.key != key:
         a = c.to(device=k_star.device, dtype=torch.float64)
         a = a + ridge * a.diagonal().mean() * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
         factor, info = torch.linalg.cholesky_ex(a)
         if int(info):
             raise FloatingPointError("the key statistics C are not positive definite; raise rome.ridge")
-        cached = (weakref.ref(c), key, factor)
-        _FACTOR["latest"] = cached
-    return torch.cholesky_solve(k_star.to(torch.float64)[:, None], cached[2])[:, 0].float()
+        cache.c, cache.key, cache.factor = weakref.ref(c), key, factor
+    return torch.cholesky_solve(k_star.to(torch.float64)[:, None], cache.factor)[:, 0].float()
 
 
 def update_direction(k_star: torch.Tensor, cinv_k: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from kedit.engine.methods.rome.hparams import RomeParams
-from kedit.engine.methods.upper import from_layer
+from kedit.engine.methods.hooks import frozen
+from kedit.engine.methods.replay import replay_below
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
@@ -40,19 +41,6 @@ class ValueResult:
     nll_before: float
     nll_after: float
     steps: int
-
-
-@contextmanager
-def frozen(model: torch.nn.Module):
-    """Parameters stop requiring grad for the duration; restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -80,7 +68,7 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     and ‖v‖ scales the clamp and the weight decay. ``direction`` is C⁻¹k* / (k*ᵀC⁻¹k*),
     which sets how much of δ the update adds at each position. With ``adapter`` and
     ``layer`` (the block of ``module``), passes after the first skip the blocks below it
-    (kedit.engine.methods.upper).
+    (kedit.engine.methods.replay).
     """
     v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
@@ -115,7 +103,7 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     kl_before: torch.Tensor | None = None
     nll_first = nll = float("nan")
     steps = 0
-    with frozen(model), from_layer(adapter, layer):
+    with frozen(model), replay_below(adapter, layer):
         for step in range(hp.v_steps + 1):
             with add_along(module, direction, delta):
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()

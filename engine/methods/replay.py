@@ -3,7 +3,7 @@
 ROME's value, GRACE's value and WISE's side memory are each optimised by running the same
 batch through the frozen model many times, with a change at decoder block L. Nothing
 below block L depends on that change: every block under L gets the same input on every
-pass and gives the same output. ``from_layer`` runs the first pass whole, keeps block
+pass and gives the same output. ``replay_below`` runs the first pass whole, keeps block
 L-1's output, and on later passes the blocks below L hand that output straight back
 instead of recomputing it. The result is exact, not an approximation: block L receives
 the very tensor it received on the first pass, so every later pass computes what a full
@@ -38,7 +38,7 @@ class _Replay(nn.Module):
             if "shape" not in self.kept:
                 self.kept["shape"] = hidden.shape
             elif hidden.shape != self.kept["shape"]:
-                raise RuntimeError("from_layer replays one batch: every pass must have the same input")
+                raise RuntimeError("replay_below replays one batch: every pass must have the same input")
         if "output" in self.kept:
             return self.kept["output"]
         out = self.block(*args, **kwargs)
@@ -48,7 +48,7 @@ class _Replay(nn.Module):
 
 
 @contextmanager
-def from_layer(adapter: Any, layer: int) -> Iterator[None]:
+def replay_below(adapter: Any, layer: int) -> Iterator[None]:
     """While open, forward passes after the first recompute only blocks ``layer`` and up.
 
     Every pass inside must use the same input ids and mask. With no ``adapter`` every pass
