@@ -49,8 +49,12 @@ class _Layout:
 
 
 _LLAMA_LAYOUT = _Layout(
-    base="model", layers="layers", mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj",
-    embed="embed_tokens", final_norm="norm",
+    base="model",
+    layers="layers",
+    mlp_in=("gate_proj", "up_proj"),
+    mlp_out="down_proj",
+    embed="embed_tokens",
+    final_norm="norm",
 )
 
 _LAYOUTS: dict[str, _Layout] = {
@@ -64,14 +68,28 @@ _LAYOUTS: dict[str, _Layout] = {
     "gemma3_text": _LLAMA_LAYOUT,
     "phi3": replace(_LLAMA_LAYOUT, mlp_in=("gate_up_proj",)),
     "gpt2": _Layout(
-        base="transformer", layers="h", mlp_in=("c_fc",), mlp_out="c_proj", embed="wte", final_norm="ln_f",
+        base="transformer",
+        layers="h",
+        mlp_in=("c_fc",),
+        mlp_out="c_proj",
+        embed="wte",
+        final_norm="ln_f",
     ),
     "gptj": _Layout(
-        base="transformer", layers="h", mlp_in=("fc_in",), mlp_out="fc_out", embed="wte", final_norm="ln_f",
+        base="transformer",
+        layers="h",
+        mlp_in=("fc_in",),
+        mlp_out="fc_out",
+        embed="wte",
+        final_norm="ln_f",
     ),
     "gpt_neox": _Layout(
-        base="gpt_neox", layers="layers", mlp_in=("dense_h_to_4h",), mlp_out="dense_4h_to_h",
-        embed="embed_in", final_norm="final_layer_norm",
+        base="gpt_neox",
+        layers="layers",
+        mlp_in=("dense_h_to_4h",),
+        mlp_out="dense_4h_to_h",
+        embed="embed_in",
+        final_norm="final_layer_norm",
     ),
 }
 

@@ -155,8 +155,9 @@ class Registry:
             self._aliases[alias] = command.name
         return command
 
-    def command(self, name: str, summary: str, *params: Param, aliases: Sequence[str] = (),
-                details: str = "") -> Callable[[Callable[..., Iterable[Any]]], Callable[..., Iterable[Any]]]:
+    def command(
+        self, name: str, summary: str, *params: Param, aliases: Sequence[str] = (), details: str = ""
+    ) -> Callable[[Callable[..., Iterable[Any]]], Callable[..., Iterable[Any]]]:
         """Decorator: register ``fn(session, **args)`` as ``/name``."""
 
         def wrap(fn: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
@@ -248,19 +249,20 @@ class Registry:
             if side and params and not seen_arrow and any(p.required for p in params):
                 return fail("'->' and what follows it are missing")
             for p in params:
+                given: str | None
                 if p.rest:
                     taken, values = values, []
-                    value = " ".join(taken) if taken else None
+                    given = " ".join(taken) if taken else None
                 else:
-                    value = values.pop(0) if values else None
-                if value is None:
+                    given = values.pop(0) if values else None
+                if given is None:
                     if p.required:
                         return fail(f"{p.label} is missing")
                     args[p.key] = p.default
                     continue
-                if not value.strip() and p.required:
+                if not given.strip() and p.required:
                     return fail(f"{p.label} is empty")
-                converted = _convert(p, value)
+                converted = _convert(p, given)
                 if isinstance(converted, ParseError):
                     return fail(converted.message)
                 args[p.key] = converted
@@ -321,8 +323,7 @@ class Registry:
             if param is not None and param.kind == "option":
                 return _candidates(param, session, current)
         if current.startswith("-"):
-            return [f"--{p.name}" for p in cmd.params
-                    if p.kind != "positional" and f"--{p.name}".startswith(current)]
+            return [f"--{p.name}" for p in cmd.params if p.kind != "positional" and f"--{p.name}".startswith(current)]
         positionals = [w for w in done if w.kind != "arrow" and not w.text.startswith("--")]
         slots = [p for p in cmd.params if p.kind == "positional"]
         if len(positionals) < len(slots):
@@ -342,8 +343,10 @@ def _candidates(param: Param, session: Any, prefix: str) -> list[str]:
 
 def _convert(param: Param, value: str) -> Any:
     if param.choices and value not in param.choices:
-        return ParseError(f"{param.label if param.kind == 'positional' else '--' + param.name} "
-                          f"must be one of {', '.join(param.choices)}, not {value!r}")
+        return ParseError(
+            f"{param.label if param.kind == 'positional' else '--' + param.name} "
+            f"must be one of {', '.join(param.choices)}, not {value!r}"
+        )
     if param.convert is None:
         return value
     try:

@@ -66,10 +66,19 @@ class Editor:
     world: Any | None = None  # the fact world's facts (paraphrases and questions), on that model only
 
 
-def make_edit(editor: Editor, prompt: str, target: str, *, subject: str | None = None,
-              method: str | None = None, layer: int | None = None, paraphrases: list[str] | None = None,
-              question: str | None = None, identity_c: bool = False,
-              params: dict[str, Any] | None = None) -> Edit:
+def make_edit(
+    editor: Editor,
+    prompt: str,
+    target: str,
+    *,
+    subject: str | None = None,
+    method: str | None = None,
+    layer: int | None = None,
+    paraphrases: list[str] | None = None,
+    question: str | None = None,
+    identity_c: bool = False,
+    params: dict[str, Any] | None = None,
+) -> Edit:
     """Apply one edit; the model is bit-identical to before if anything fails.
 
     ``question`` is the fact asked in chat, for the generation-based probe (default: the
@@ -116,24 +125,51 @@ def make_edit(editor: Editor, prompt: str, target: str, *, subject: str | None =
             timings["compute"] = time.perf_counter() - computing
             timings["locality"] = locality_seconds
         except torch.cuda.OutOfMemoryError:
-            raise KeditError("the GPU ran out of memory computing the edit; the model is unchanged. "
-                             "Try --quant 4bit or fewer ROME contexts (rome.n_contexts)") from None
+            raise KeditError(
+                "the GPU ran out of memory computing the edit; the model is unchanged. "
+                "Try --quant 4bit or fewer ROME contexts (rome.n_contexts)"
+            ) from None
         except FloatingPointError as exc:
-            raise KeditError(f"the edit diverged ({exc}); the model is unchanged. "
-                             f"Try a lower {method}.{kind.lr_setting} or another layer") from None
+            raise KeditError(
+                f"the edit diverged ({exc}); the model is unchanged. "
+                f"Try a lower {method}.{kind.lr_setting} or another layer"
+            ) from None
         patch.apply()
         try:
             _check_finite(handle, clean)
             probing = time.perf_counter()
-            result = probe(handle, clean, target_text, list(request.paraphrases), loc, before,
-                           subject=subj.text, question=question, settings=settings, loc_before=loc_before)
+            result = probe(
+                handle,
+                clean,
+                target_text,
+                list(request.paraphrases),
+                loc,
+                before,
+                subject=subj.text,
+                question=question,
+                settings=settings,
+                loc_before=loc_before,
+            )
             timings["probe"] = time.perf_counter() - probing
         except BaseException:
             patch.revert()
             raise
-        edit = Edit(edit_id, method, clean, subj.text, target_text, patch, chosen, subj.how,
-                    hp.as_dict() | {"layer": chosen}, info, result, list(request.paraphrases),
-                    seconds=time.perf_counter() - started, question=question)
+        edit = Edit(
+            edit_id,
+            method,
+            clean,
+            subj.text,
+            target_text,
+            patch,
+            chosen,
+            subj.how,
+            hp.as_dict() | {"layer": chosen},
+            info,
+            result,
+            list(request.paraphrases),
+            seconds=time.perf_counter() - started,
+            question=question,
+        )
         editor.ledger.add(edit)
         return edit
 

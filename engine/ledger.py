@@ -33,11 +33,22 @@ class Edit:
 
     def record(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-ready data."""
-        return {"id": self.id, "method": self.method, "prompt": self.prompt, "subject": self.subject,
-                "target": self.target, "layer": self.layer, "subject_how": self.subject_how,
-                "hparams": self.hparams, "info": self.info.as_dict() if self.info is not None else {}, "paraphrases": self.paraphrases, "question": self.question,
-                "probe": self.probe.as_dict() if self.probe else None, "created": self.created,
-                "seconds": self.seconds}
+        return {
+            "id": self.id,
+            "method": self.method,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target": self.target,
+            "layer": self.layer,
+            "subject_how": self.subject_how,
+            "hparams": self.hparams,
+            "info": self.info.as_dict() if self.info is not None else {},
+            "paraphrases": self.paraphrases,
+            "question": self.question,
+            "probe": self.probe.as_dict() if self.probe else None,
+            "created": self.created,
+            "seconds": self.seconds,
+        }
 
 
 class Ledger:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 
-def ties_merge(taus: Sequence[torch.Tensor], density: float,
-               live: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+def ties_merge(
+    taus: Sequence[torch.Tensor], density: float, live: Sequence[torch.Tensor | None] | None = None
+) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023) of task vectors: trim, elect sign, disjoint mean.
 
     The choices (which entries survive the trim, the elected sign, who agrees with it)
@@ -28,7 +30,8 @@ def ties_merge(taus: Sequence[torch.Tensor], density: float,
                 cut = nz.kthvalue(k).values if k < nz.numel() else nz.max()
                 p = p & ((tau.abs() >= cut) | (tau == 0))
             present.append(p)
-        sign = torch.sign(sum(t * p for t, p in zip(taus, present)))
+        votes = cast(torch.Tensor, sum(t * p for t, p in zip(taus, present)))  # a Tensor: taus is never empty
+        sign = torch.sign(votes)
         agree = [p & ((torch.sign(t) == sign) | (t == 0)) for t, p in zip(taus, present)]
         count = torch.stack(agree).sum(0).clamp(min=1)
     return sum(t * a for t, a in zip(taus, agree)) / count

@@ -15,8 +15,12 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kedit.engine.model import CausalLM
 
 
 @dataclass
@@ -104,7 +108,8 @@ def unchanged_share(before: Sequence[Scored], after: Sequence[Scored]) -> float:
     """EasyEdit's locality: the mean share of target positions whose argmax did not change."""
     shares = [
         sum(a == b for a, b in zip(x.predicted, y.predicted)) / len(x.predicted)
-        for x, y in zip(before, after, strict=True) if x.predicted
+        for x, y in zip(before, after, strict=True)
+        if x.predicted
     ]
     return sum(shares) / len(shares) if shares else 1.0
 
@@ -119,8 +124,9 @@ def kl_next(before: Sequence[Scored], after: Sequence[Scored]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def logprob_margin(model: torch.nn.Module, tokenizer, triples: Sequence[tuple[str, str, str]],
-                   special: bool = True) -> float:
+def logprob_margin(
+    model: torch.nn.Module, tokenizer, triples: Sequence[tuple[str, str, str]], special: bool = True
+) -> float:
     """Mean log P(positive | prompt) − log P(negative | prompt) over (prompt, positive, negative)."""
     prompts = [p for p, _, _ in triples]
     pos = teacher_forced(model, tokenizer, prompts, [q for _, q, _ in triples], special=special)
@@ -138,7 +144,7 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_si
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        ids, mask = pad_right(rows[start:start + batch_size], pad, _device(model))
+        ids, mask = pad_right(rows[start : start + batch_size], pad, _device(model))
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
         keep = mask[:, 1:].bool()
@@ -165,13 +171,15 @@ def mentions(text: str, phrase: str) -> bool:
 
 def chat_text(tokenizer, question: str) -> str:
     """``question`` as the first user turn under the tokenizer's chat template, ready for the reply."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @torch.no_grad()
-def greedy(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-           special: bool = True, batch_size: int = 32) -> list[str]:
+def greedy(
+    model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, special: bool = True, batch_size: int = 32
+) -> list[str]:
     """Each prompt's greedy continuation, to the model's own stop (EOS) or ``max_new_tokens``.
 
     Prompts are left-padded into batches (a batch of one has no padding, so it is exactly
@@ -182,12 +190,19 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_to
     rows = [list(tokenizer(p, add_special_tokens=special)["input_ids"]) for p in prompts]
     out: list[str] = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         ids, mask = pad_right(chunk, pad, device, left=True)
-        gen = model.generate(input_ids=ids, attention_mask=mask,
-                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=pad)
-        out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
+        out += tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
     return out
 
 

@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -24,10 +24,23 @@ from kedit.engine.config import Config
 from kedit.engine.errors import KeditError, ModelNotFound
 from kedit.engine.gguf_files import PACKAGE_PREFIX, no_progress_bars, package_file, single_gguf
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What AutoModelForCausalLM gives: a PreTrainedModel that can generate (a type only)."""
+
+
 FACT_WORLD = "fact-world"
 QUANTS = ("4bit", "8bit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,10 @@ def pick_device(device: str | None) -> str:
     """'auto' means the first CUDA GPU, else Apple's MPS, else the CPU."""
     if device and device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise KeditError(f"--device {device} was asked for, but torch sees no CUDA GPU. "
-                             "Use --device cpu, or install a CUDA build of torch.")
+            raise KeditError(
+                f"--device {device} was asked for, but torch sees no CUDA GPU. "
+                "Use --device cpu, or install a CUDA build of torch."
+            )
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -106,8 +121,12 @@ def quantization_config(quant: str | None, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if quant == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -131,14 +150,15 @@ def not_found_message(source: Source, reason: str) -> str:
 class ModelHandle:
     """A loaded HF causal LM with its tokenizer and ArchAdapter, and how it was loaded."""
 
-    def __init__(self, source: Source, model: Any, tokenizer: Any, *, quant: str | None,
-                 device: str) -> None:
-        self.source = source
-        self.model = model
-        self.tokenizer = tokenizer
-        self.quant = quant
-        self.device = device
-        self.adapter = ArchAdapter.for_model(model)
+    def __init__(
+        self, source: Source, model: CausalLM, tokenizer: PreTrainedTokenizerBase, *, quant: str | None, device: str
+    ) -> None:
+        self.source: Source = source
+        self.model: CausalLM = model
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer
+        self.quant: str | None = quant
+        self.device: str = device
+        self.adapter: ArchAdapter = ArchAdapter.for_model(model)
         # what methods keep between edits on this model (ROME's C and its factor): it goes with the model
         self.caches: dict[str, Any] = {}
 
@@ -159,10 +179,11 @@ class ModelHandle:
         import hashlib
 
         where = self.source.location or self.source.name
+        # name_or_path is typed Optional; a model from_pretrained read from a folder has it
         if self.source.kind == "fact-world":
-            where = f"fact-world:{Path(self.model.name_or_path).name}"
+            where = f"fact-world:{Path(cast(str, self.model.name_or_path)).name}"
         elif self.source.kind == "gguf":  # the converted folder is named <content hash>-v<format>
-            where = f"gguf:{Path(self.model.name_or_path).name.split('-v')[0]}"
+            where = f"gguf:{Path(cast(str, self.model.name_or_path)).name.split('-v')[0]}"
         blob = f"{self.source.kind}:{where}:{self.model.config.to_json_string()}:{self.quant}"
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -187,27 +208,40 @@ class ModelHandle:
         where = self.source.location or "embedded"
         quant = f", {self.quant}" if self.quant else ""
         kind = "chat" if self.is_chat else "base"
-        return (f"{self.name} ({where}): {self.adapter.family}, {self.adapter.n_layers} layers, "
-                f"{str(self.dtype).removeprefix('torch.')}{quant}, {self.device}, {kind} model")
+        return (
+            f"{self.name} ({where}): {self.adapter.family}, {self.adapter.n_layers} layers, "
+            f"{str(self.dtype).removeprefix('torch.')}{quant}, {self.device}, {kind} model"
+        )
 
     @classmethod
-    def load(cls, name: str | None, config: Config, *, quant: str | None = None,
-             dtype: str | None = None, device: str | None = None,
-             show_progress: bool = True) -> ModelHandle:
+    def load(
+        cls,
+        name: str | None,
+        config: Config,
+        *,
+        quant: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        show_progress: bool = True,
+    ) -> ModelHandle:
         """Load a model; every failure a user can fix becomes a KeditError."""
         source = resolve(name, config)
         quant = quant or config.get("model.quant") or None
         device = pick_device(device or config.get("model.device"))
         torch_dtype = pick_dtype(dtype or config.get("model.dtype"), device)
-        compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else (
-            torch.float32 if device == "cpu" else torch.bfloat16)
+        compute = (
+            torch_dtype
+            if isinstance(torch_dtype, torch.dtype)
+            else (torch.float32 if device == "cpu" else torch.bfloat16)
+        )
         qconfig = quantization_config(quant, compute)
         location = source.location
         if source.kind == "fact-world":
             from kedit.engine.factworld.build import BuildSettings, ensure_built
 
-            location = str(ensure_built(BuildSettings.from_config(config.table("fact_world")),
-                                        show_progress=show_progress))
+            location = str(
+                ensure_built(BuildSettings.from_config(config.table("fact_world")), show_progress=show_progress)
+            )
         trust = bool(config.get("model.trust_remote_code", False))
         if source.kind == "gguf":
             from kedit.engine.gguf_files import converted
@@ -233,9 +267,11 @@ def _from_pretrained(source: Source, location: str, kwargs: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.kind == "local" and not (Path(location) / "config.json").is_file():
-        raise ModelNotFound(f"Could not load the model folder {location}: it has no config.json. "
-                            f"Point --model at the folder that holds config.json, the weights "
-                            f"and the tokenizer files.")
+        raise ModelNotFound(
+            f"Could not load the model folder {location}: it has no config.json. "
+            f"Point --model at the folder that holds config.json, the weights "
+            f"and the tokenizer files."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -243,7 +279,7 @@ def _from_pretrained(source: Source, location: str, kwargs: dict[str, Any]):
             tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=kwargs["trust_remote_code"])
     except KeditError:
         raise
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         if source.kind == "hub":
             raise ModelNotFound(not_found_message(source, _first_line(exc))) from None
         raise ModelNotFound(f"Could not load the model folder {location}: {_first_line(exc)}") from None

@@ -36,9 +36,14 @@ def save_session(session: Session, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Any] = {}
     edits = [_save_edit(edit, tensors) for edit in session.edits]
-    record = {"format": FORMAT, "model": session.handle.name, "model_key": session.handle.cache_key,
-              "edits": edits, "chat": [m.as_dict() for m in session.chat],
-              "counter": session.ledger.counter}
+    record = {
+        "format": FORMAT,
+        "model": session.handle.name,
+        "model_key": session.handle.cache_key,
+        "edits": edits,
+        "chat": [m.as_dict() for m in session.chat],
+        "counter": session.ledger.counter,
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"kedit": json.dumps(record)})
     return path
@@ -70,13 +75,17 @@ def load_session(session: Session, path: Path) -> list[Edit]:
     """Replace the session's edits and chat with the saved ones (same model only)."""
     record, tensors = read_session(path)
     if record["model_key"] != session.handle.cache_key:
-        raise KeditError(f"{path} was saved for the model {record['model']!r}, not the loaded one "
-                         f"({session.handle.name}); open that model first with /model")
+        raise KeditError(
+            f"{path} was saved for the model {record['model']!r}, not the loaded one "
+            f"({session.handle.name}); open that model first with /model"
+        )
     modules = dict(session.model.named_modules())
     for e in record["edits"]:
         if e.get("method") not in METHODS:
-            raise KeditError(f"{path} holds a {e.get('method')!r} edit, which this kedit does not know "
-                             f"(methods: {', '.join(METHODS)})")
+            raise KeditError(
+                f"{path} holds a {e.get('method')!r} edit, which this kedit does not know "
+                f"(methods: {', '.join(METHODS)})"
+            )
         if e.get("module") not in modules or not any(k.startswith(f"{e['id']}.") for k in tensors):
             raise KeditError(f"{path} is damaged: edit {e['id']} has no module or tensors")
     with session.lock:
@@ -89,9 +98,23 @@ def load_session(session: Session, path: Path) -> list[Edit]:
         for e in record["edits"]:
             method = method_named(e["method"])
             patch = method.restore(session.model, e, modules[e["module"]], tensors, pending[method.name])
-            edit = Edit(e["id"], e["method"], e["prompt"], e["subject"], e["target"], patch, e["layer"],
-                        e["subject_how"], e["hparams"], method.info.from_dict(e["info"]), _probe(e.get("probe")),
-                        e.get("paraphrases", []), e["created"], e["seconds"], e.get("question"))
+            edit = Edit(
+                e["id"],
+                e["method"],
+                e["prompt"],
+                e["subject"],
+                e["target"],
+                patch,
+                e["layer"],
+                e["subject_how"],
+                e["hparams"],
+                method.info.from_dict(e["info"]),
+                _probe(e.get("probe")),
+                e.get("paraphrases", []),
+                e["created"],
+                e["seconds"],
+                e.get("question"),
+            )
             session.ledger.add(edit)
             loaded.append(edit)
         for name, method in METHODS.items():

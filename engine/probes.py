@@ -18,16 +18,30 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from kedit.engine.metrics import (Scored, chat_text, greedy, hit_share, kept_share, kl_next, mean_accuracy,
-                                  teacher_forced, unchanged_share)
+from kedit.engine.metrics import (
+    Scored,
+    chat_text,
+    greedy,
+    hit_share,
+    kept_share,
+    kl_next,
+    mean_accuracy,
+    teacher_forced,
+    unchanged_share,
+)
 
 DEFAULT_LOCALITY = [
-    "The capital of France is", "The Eiffel Tower is located in", "Water is made of hydrogen and",
-    "The first president of the United States was", "The largest planet in the solar system is",
-    "Python is a programming", "The Beatles were a band from", "Mount Everest is in",
-    "The chemical symbol for gold is", "Shakespeare wrote", "The Great Wall is in",
+    "The capital of France is",
+    "The Eiffel Tower is located in",
+    "Water is made of hydrogen and",
+    "The first president of the United States was",
+    "The largest planet in the solar system is",
+    "Python is a programming",
+    "The Beatles were a band from",
+    "Mount Everest is in",
+    "The chemical symbol for gold is",
+    "Shakespeare wrote",
+    "The Great Wall is in",
     "Albert Einstein developed the theory of",
 ]
 
@@ -54,9 +68,11 @@ class GenSettings:
 
     @classmethod
     def from_config(cls, config) -> GenSettings:
-        return cls(int(config.get("probes.gen_tokens", cls.tokens)),
-                   int(config.get("probes.chat_tokens", cls.chat_tokens)),
-                   int(config.get("probes.locality_gen_tokens", cls.locality_tokens)))
+        return cls(
+            int(config.get("probes.gen_tokens", cls.tokens)),
+            int(config.get("probes.chat_tokens", cls.chat_tokens)),
+            int(config.get("probes.locality_gen_tokens", cls.locality_tokens)),
+        )
 
 
 @dataclass
@@ -109,35 +125,56 @@ class ProbeResult:
         text = ""
         if self.by_gen is not None:
             g = self.by_gen
-            text = (f"by generation: Rel {_f(g.rel)} · Para {_f(g.para)} · Chat {_f(g.chat)} · "
-                    f"Loc {_f(g.loc)} | ")
-        return (text + f"teacher-forced: Rel {self.rel:.2f} · Gen {_f(self.gen)} · Loc {self.loc:.2f} · "
-                f"next-token agree {self.agree:.2f} · KL {self.kl:.4f}")
+            text = f"by generation: Rel {_f(g.rel)} · Para {_f(g.para)} · Chat {_f(g.chat)} · Loc {_f(g.loc)} | "
+        return (
+            text + f"teacher-forced: Rel {self.rel:.2f} · Gen {_f(self.gen)} · Loc {self.loc:.2f} · "
+            f"next-token agree {self.agree:.2f} · KL {self.kl:.4f}"
+        )
 
     def metrics(self) -> dict[str, float | None]:
         """Every figure by its name, the protocol in the name: ``gen_*`` by generation, ``tf_*``
         teacher-forced (``rel``, ``gen``, ``loc`` are the teacher-forced ones, EasyEdit's names)."""
         g = self.by_gen or GenResult(None, None, None, None)
-        return {"gen_rel": g.rel, "gen_para": g.para, "gen_chat": g.chat, "gen_loc": g.loc,
-                "tf_rel": self.rel, "tf_gen": self.gen, "tf_loc": self.loc,
-                "rel": self.rel, "gen": self.gen, "loc": self.loc, "agree": self.agree, "kl": self.kl}
+        return {
+            "gen_rel": g.rel,
+            "gen_para": g.para,
+            "gen_chat": g.chat,
+            "gen_loc": g.loc,
+            "tf_rel": self.rel,
+            "tf_gen": self.gen,
+            "tf_loc": self.loc,
+            "rel": self.rel,
+            "gen": self.gen,
+            "loc": self.loc,
+            "agree": self.agree,
+            "kl": self.kl,
+        }
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.metrics(), "rows": [vars(r) for r in self.rows],
-                "outputs": dict(self.by_gen.outputs) if self.by_gen else {}}
+        return {
+            **self.metrics(),
+            "rows": [vars(r) for r in self.rows],
+            "outputs": dict(self.by_gen.outputs) if self.by_gen else {},
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
         rows = [ProbeRow(**r) for r in data.get("rows", [])]
         by_gen = None
         if any(data.get(k) is not None for k in ("gen_rel", "gen_para", "gen_chat", "gen_loc")):
-            by_gen = GenResult(data.get("gen_rel"), data.get("gen_para"), data.get("gen_chat"),
-                               data.get("gen_loc"), dict(data.get("outputs", {})))
+            by_gen = GenResult(
+                data.get("gen_rel"),
+                data.get("gen_para"),
+                data.get("gen_chat"),
+                data.get("gen_loc"),
+                dict(data.get("outputs", {})),
+            )
         return cls(data["rel"], data["gen"], data["loc"], data["agree"], data["kl"], rows, by_gen)
 
 
-def locality_set(handle, config, exclude_subjects: set[str],
-                 known: dict[tuple[str, str], str] | None = None) -> LocalitySet:
+def locality_set(
+    handle, config, exclude_subjects: set[str], known: dict[tuple[str, str], str] | None = None
+) -> LocalitySet:
     """The fact world's other facts, else kedit.toml's [probes] locality prompts with the model's
     own answers (``known`` holds what was already generated for this state of the model)."""
     n = int(config.get("probes.n_locality", 24))
@@ -154,8 +191,9 @@ def locality_set(handle, config, exclude_subjects: set[str],
     return LocalitySet(prompts, own_answers(handle, prompts, known=known), known)
 
 
-def _generated(handle, prompts: list[str], tokens: int, kind: str,
-               known: dict[tuple[str, str], str] | None) -> list[str]:
+def _generated(
+    handle, prompts: list[str], tokens: int, kind: str, known: dict[tuple[str, str], str] | None
+) -> list[str]:
     """Greedy continuations, taken from ``known`` where this state of the model already wrote them."""
     known = {} if known is None else known
     missing = [p for p in dict.fromkeys(prompts) if (kind, p) not in known]
@@ -164,8 +202,9 @@ def _generated(handle, prompts: list[str], tokens: int, kind: str,
     return [known[(kind, p)] for p in prompts]
 
 
-def own_answers(handle, prompts: list[str], tokens: int = 3,
-                known: dict[tuple[str, str], str] | None = None) -> list[str]:
+def own_answers(
+    handle, prompts: list[str], tokens: int = 3, known: dict[tuple[str, str], str] | None = None
+) -> list[str]:
     """The model's greedy continuation of each prompt: what locality should keep."""
     return [a or " ." for a in _generated(handle, prompts, tokens, f"own{tokens}", known)]
 
@@ -175,15 +214,24 @@ def locality_generations(handle, loc: LocalitySet, settings: GenSettings) -> lis
     return _generated(handle, loc.prompts, settings.locality_tokens, f"gen{settings.locality_tokens}", loc.known)
 
 
-def by_generation(handle, prompt: str, target: str, paraphrases: list[str], subject: str,
-                  question: str | None, settings: GenSettings, loc: LocalitySet | None = None,
-                  loc_before: list[str] | None = None) -> GenResult:
+def by_generation(
+    handle,
+    prompt: str,
+    target: str,
+    paraphrases: list[str],
+    subject: str,
+    question: str | None,
+    settings: GenSettings,
+    loc: LocalitySet | None = None,
+    loc_before: list[str] | None = None,
+) -> GenResult:
     """The generation-based figures of an edit in force. ``question`` defaults to the prompt sent
     as a chat turn (for chat models); ``loc_before`` are the locality generations before the edit."""
     model, tok = handle.model, handle.tokenizer
     outputs: dict[str, str] = {}
-    for text, out in zip([prompt, *paraphrases], greedy(model, tok, [prompt, *paraphrases], settings.tokens,
-                                                           batch_size=1)):
+    for text, out in zip(
+        [prompt, *paraphrases], greedy(model, tok, [prompt, *paraphrases], settings.tokens, batch_size=1)
+    ):
         outputs[text] = out
     chat = None
     if handle.is_chat:
@@ -194,8 +242,9 @@ def by_generation(handle, prompt: str, target: str, paraphrases: list[str], subj
     kept = None
     if loc is not None and loc_before is not None and loc.prompts:
         kept = kept_share(loc.answers, loc_before, greedy(model, tok, loc.prompts, settings.locality_tokens))
-    return GenResult(hit_share([outputs[prompt]], target), hit_share([outputs[p] for p in paraphrases], target),
-                     chat, kept, outputs)
+    return GenResult(
+        hit_share([outputs[prompt]], target), hit_share([outputs[p] for p in paraphrases], target), chat, kept, outputs
+    )
 
 
 def snapshot(handle, loc: LocalitySet) -> list[Scored]:
@@ -210,16 +259,26 @@ def locality(handle, loc: LocalitySet, before: list[Scored]) -> LocalityResult:
     rows = []
     agree = 0
     for p, b, a in zip(loc.prompts, before, after):
+        assert b.next_logp is not None and a.next_logp is not None  # snapshots keep the next token's log-probs
         bt, at = int(b.next_logp.argmax()), int(a.next_logp.argmax())
         agree += bt == at
         rows.append(ProbeRow(p, tok.decode([bt]), tok.decode([at]), bt != at))
-    return LocalityResult(unchanged_share(before, after), agree / max(1, len(rows)),
-                          kl_next(before, after), rows)
+    return LocalityResult(unchanged_share(before, after), agree / max(1, len(rows)), kl_next(before, after), rows)
 
 
-def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: LocalitySet,
-          before: list[Scored], *, subject: str | None = None, question: str | None = None,
-          settings: GenSettings | None = None, loc_before: list[str] | None = None) -> ProbeResult:
+def probe(
+    handle,
+    prompt: str,
+    target: str,
+    paraphrases: list[str],
+    loc: LocalitySet,
+    before: list[Scored],
+    *,
+    subject: str | None = None,
+    question: str | None = None,
+    settings: GenSettings | None = None,
+    loc_before: list[str] | None = None,
+) -> ProbeResult:
     """Measure an edit now in effect: its target, its paraphrases, and the locality snapshot,
     teacher-forced; and, given ``subject``, by generation as well."""
     model, tok = handle.model, handle.tokenizer
@@ -228,8 +287,9 @@ def probe(handle, prompt: str, target: str, paraphrases: list[str], loc: Localit
     moved = locality(handle, loc, before)
     by_gen = None
     if subject is not None:
-        by_gen = by_generation(handle, prompt, target, paraphrases, subject, question,
-                               settings or GenSettings(), loc, loc_before)
+        by_gen = by_generation(
+            handle, prompt, target, paraphrases, subject, question, settings or GenSettings(), loc, loc_before
+        )
     return ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)
 
 
@@ -269,8 +329,7 @@ def reprobe(session, edit_id: str) -> ProbeResult:
         rel = mean_accuracy(teacher_forced(model, tok, [edit.prompt], [edit.target]))
         paras = list(edit.paraphrases)
         gen = mean_accuracy(teacher_forced(model, tok, paras, [edit.target] * len(paras))) if paras else None
-        by_gen = by_generation(session.handle, edit.prompt, edit.target, paras, edit.subject, edit.question,
-                               settings)
+        by_gen = by_generation(session.handle, edit.prompt, edit.target, paras, edit.subject, edit.question, settings)
         moved = probe_against_unedited(session)
     by_gen.loc = moved.gen_loc
     edit.probe = ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)

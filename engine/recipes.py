@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,16 +38,28 @@ from kedit.engine import events as ev
 from kedit.engine.commands import ParseError
 from kedit.engine.errors import KeditError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python < 3.11
+else:  # Python < 3.11
     import tomli as tomllib
 
 MODEL_KEYS = ("name", "quant", "dtype", "device")
 STEP_KEYS = ("run", "expect_contains", "expect_not_contains", "expect_regex", "expect_metrics", "expect_error")
 # gen_*: by greedy generation; tf_*: teacher-forced (rel, gen, loc: the same, EasyEdit's names)
-METRICS = ("gen_rel", "gen_para", "gen_chat", "gen_loc", "tf_rel", "tf_gen", "tf_loc", "rel", "gen", "loc",
-           "agree", "kl")
+METRICS = (
+    "gen_rel",
+    "gen_para",
+    "gen_chat",
+    "gen_loc",
+    "tf_rel",
+    "tf_gen",
+    "tf_loc",
+    "rel",
+    "gen",
+    "loc",
+    "agree",
+    "kl",
+)
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _METRIC = re.compile(r"^\s*(\w+)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 
@@ -90,8 +103,13 @@ class StepResult:
         return all(c.ok for c in self.checks)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"line": self.step.line, "run": self.step.run, "ok": self.ok, "output": self.text,
-                "checks": [{"what": c.what, "ok": c.ok} for c in self.checks]}
+        return {
+            "line": self.step.line,
+            "run": self.step.run,
+            "ok": self.ok,
+            "output": self.text,
+            "checks": [{"what": c.what, "ok": c.ok} for c in self.checks],
+        }
 
 
 def _strings(value: Any, where: str, key: str) -> list[str]:
@@ -123,7 +141,7 @@ def load_recipe(path: Path, registry) -> Recipe:
         raise RecipeError(f"{path}: [model] takes {', '.join(MODEL_KEYS)}")
     raw_steps = data.get("step", [])
     if not isinstance(raw_steps, list) or not raw_steps:
-        raise RecipeError(f"{path}: no steps; add [[step]] tables with run = \"...\"")
+        raise RecipeError(f'{path}: no steps; add [[step]] tables with run = "..."')
     lines = _step_lines(text)
     steps = []
     for i, raw in enumerate(raw_steps):
@@ -134,7 +152,7 @@ def load_recipe(path: Path, registry) -> Recipe:
             raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; a step takes {', '.join(STEP_KEYS)}")
         run = raw.get("run")
         if not isinstance(run, str) or not run.strip():
-            raise RecipeError(f"{where}: needs run = \"a /command or a chat turn\"")
+            raise RecipeError(f'{where}: needs run = "a /command or a chat turn"')
         if run.strip().startswith("/") and not run.strip().startswith("//"):
             parsed = registry.parse(run.strip())
             if isinstance(parsed, ParseError):
@@ -150,8 +168,9 @@ def load_recipe(path: Path, registry) -> Recipe:
         for rule in _strings(raw.get("expect_metrics", []), where, "expect_metrics"):
             m = _METRIC.match(rule)
             if not m or m.group(1) not in METRICS:
-                raise RecipeError(f"{where}: {rule!r} is not a metric check such as \"rel >= 0.9\" "
-                                  f"(metrics: {', '.join(METRICS)})")
+                raise RecipeError(
+                    f'{where}: {rule!r} is not a metric check such as "rel >= 0.9" (metrics: {", ".join(METRICS)})'
+                )
             step.metrics.append((m.group(1), m.group(2), float(m.group(3))))
         if step.metrics and not run.strip().startswith("/edit"):
             raise RecipeError(f"{where}: expect_metrics reads the probe of an /edit step")
@@ -186,8 +205,7 @@ def run_step(session, step: Step) -> StepResult:
     checks: list[Check] = []
     if step.error is not None and step.error is not False:
         wanted = "" if step.error is True else str(step.error)
-        checks.append(Check(f"an error{f' saying {wanted!r}' if wanted else ''}",
-                            any(wanted in m for m in errors)))
+        checks.append(Check(f"an error{f' saying {wanted!r}' if wanted else ''}", any(wanted in m for m in errors)))
     elif errors:
         checks.append(Check(f"no error (got: {errors[0]})", False))
     checks += [Check(f"contains {s!r}", s in text) for s in step.contains]
@@ -234,7 +252,7 @@ class Recorder:
 
     def __init__(self, path: Path, model: str) -> None:
         self.path, self.model = Path(path), model
-        self.steps: list[tuple[str, list[ev.Event]]] = []
+        self.steps: list[tuple[str, list[ev.Reply]]] = []
 
     def add(self, line: str, events: list[ev.Event]) -> None:
         if line.startswith("/record") or any(isinstance(e, (ev.Error, ev.Quit)) for e in events):
@@ -242,8 +260,12 @@ class Recorder:
         self.steps.append((line, [e for e in events if isinstance(e, ev.Reply)]))
 
     def text(self) -> str:
-        out = ["# Recorded by kedit /record; replay with: kedit replay " + self.path.name, "",
-               "[model]", f"name = {_toml_string(self.model)}"]
+        out = [
+            "# Recorded by kedit /record; replay with: kedit replay " + self.path.name,
+            "",
+            "[model]",
+            f"name = {_toml_string(self.model)}",
+        ]
         for line, replies in self.steps:
             out += ["", "[[step]]", f"run = {_toml_string(line)}"]
             said = [r.text.strip() for r in replies if r.text.strip() and not r.stopped]

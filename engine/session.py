@@ -7,7 +7,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from kedit.engine.messages import Message
 from kedit.engine.model import ModelHandle
 from kedit.engine.streaming import TokenStreamer
 
+if TYPE_CHECKING:
+    from kedit.engine.model import CausalLM
+
 
 class _StopOnEvent:
     """A transformers StoppingCriteria that ends generation once ``event`` is set."""
@@ -28,8 +31,7 @@ class _StopOnEvent:
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _Commands:
@@ -67,20 +69,25 @@ class Session:
         self.recorder: Any = None  # a kedit.engine.recipes.Recorder while /record runs
 
     @classmethod
-    def open(cls, model: str | None = None, *, quant: str | None = None, dtype: str | None = None,
-             device: str | None = None, config: Config | None = None,
-             show_progress: bool = True) -> Session:
+    def open(
+        cls,
+        model: str | None = None,
+        *,
+        quant: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        config: Config | None = None,
+        show_progress: bool = True,
+    ) -> Session:
         """Load ``model`` (alias, hub id, folder; None for the embedded fact world)."""
         config = config or Config.load()
-        handle = ModelHandle.load(model, config, quant=quant, dtype=dtype, device=device,
-                                  show_progress=show_progress)
+        handle = ModelHandle.load(model, config, quant=quant, dtype=dtype, device=device, show_progress=show_progress)
         return cls(handle, config)
 
     # -- the live objects ----------------------------------------------------------------
 
-
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> CausalLM:
         return self.handle.model
 
     @property
@@ -151,9 +158,13 @@ class Session:
                     with torch.no_grad(), warnings.catch_warnings(), self.steering.generating(ids.shape[1]):
                         warnings.simplefilter("ignore")
                         self.model.generate(
-                            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                            input_ids=ids,
+                            attention_mask=torch.ones_like(ids),
+                            streamer=streamer,
                             stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]),
-                            pad_token_id=self.tokenizer.pad_token_id, **self._generation_kwargs())
+                            pad_token_id=self.tokenizer.pad_token_id,
+                            **self._generation_kwargs(),
+                        )
                 except BaseException as exc:  # surfaced in the consuming thread below
                     failure.append(exc)
                     streamer.abort()
@@ -225,12 +236,16 @@ class Session:
             yield ev.Error(exc.message)
             return
         except torch.cuda.OutOfMemoryError:
-            yield ev.Error("the GPU ran out of memory while generating; lower "
-                           "generation.max_new_tokens, /reset the chat, or load with --quant 4bit")
+            yield ev.Error(
+                "the GPU ran out of memory while generating; lower "
+                "generation.max_new_tokens, /reset the chat, or load with --quant 4bit"
+            )
             return
         except (RuntimeError, ValueError, IndexError) as exc:
-            yield ev.Error(f"generation failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
-                           "The chat is as it was; /reset it or try a shorter message.")
+            yield ev.Error(
+                f"generation failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+                "The chat is as it was; /reset it or try a shorter message."
+            )
             return
         reply = "".join(pieces)
         yield ev.Reply(reply, self.last_token_count, time.perf_counter() - started, stopped=self._user_stopped)
@@ -242,10 +257,21 @@ class Session:
         """The edits in force, oldest first."""
         return list(self.ledger)
 
-    def edit(self, prompt: str, target: str, *, subject: str | None = None, method: str | None = None,
-             layer: int | None = None, paraphrases: list[str] | None = None, question: str | None = None,
-             stats_corpus: Path | None = None, identity_c: bool = False, params: dict[str, Any] | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> Edit:
+    def edit(
+        self,
+        prompt: str,
+        target: str,
+        *,
+        subject: str | None = None,
+        method: str | None = None,
+        layer: int | None = None,
+        paraphrases: list[str] | None = None,
+        question: str | None = None,
+        stats_corpus: Path | None = None,
+        identity_c: bool = False,
+        params: dict[str, Any] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> Edit:
         """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing).
 
         ``method`` names one in kedit.engine.methods.table.METHODS; None takes [edit] method from
@@ -253,13 +279,29 @@ class Session:
         """
         from kedit.engine.editing import Editor, make_edit
 
-        editor = Editor(self.edit_context(stats_corpus, progress), self.ledger, self.lock,
-                        lambda exclude: self.locality(exclude=exclude), self._world())
-        return make_edit(editor, prompt, target, subject=subject, method=method, layer=layer,
-                         paraphrases=paraphrases, question=question, identity_c=identity_c, params=params)
+        editor = Editor(
+            self.edit_context(stats_corpus, progress),
+            self.ledger,
+            self.lock,
+            lambda exclude: self.locality(exclude=exclude),
+            self._world(),
+        )
+        return make_edit(
+            editor,
+            prompt,
+            target,
+            subject=subject,
+            method=method,
+            layer=layer,
+            paraphrases=paraphrases,
+            question=question,
+            identity_c=identity_c,
+            params=params,
+        )
 
-    def edit_context(self, stats_corpus: Path | None = None,
-                     progress: Callable[[str, int, int], None] | None = None) -> Any:
+    def edit_context(
+        self, stats_corpus: Path | None = None, progress: Callable[[str, int, int], None] | None = None
+    ) -> Any:
         """What an editing method may use (kedit.engine.methods.base.EditContext)."""
         from kedit.engine.methods.base import EditContext
 
@@ -340,4 +382,3 @@ class Session:
             self.handle = handle
             self.chat.clear()
             self._contexts.clear()
-

@@ -25,7 +25,8 @@ def _model_names(session: Session | None, prefix: str) -> list[str]:
 
 
 @REGISTRY.command(
-    "help", "List the commands, or show one command's usage.",
+    "help",
+    "List the commands, or show one command's usage.",
     Param("command", "the command to explain", required=False, complete=_command_names),
     aliases=("h", "?"),
 )
@@ -42,15 +43,16 @@ def cmd_help(session: Session, command: str | None) -> Iterator[ev.Event]:
 
 
 @REGISTRY.command(
-    "model", "Show the loaded model, or load another (alias, hub id or folder).",
+    "model",
+    "Show the loaded model, or load another (alias, hub id or folder).",
     Param("name", "model to load", required=False, complete=_model_names),
     Param("quant", "bitsandbytes quantization", kind="option", required=False, choices=QUANTS),
-    Param("dtype", "weight dtype", kind="option", required=False,
-          choices=("auto", "float32", "bfloat16", "float16")),
+    Param("dtype", "weight dtype", kind="option", required=False, choices=("auto", "float32", "bfloat16", "float16")),
     Param("device", "where to run it: auto, cpu, cuda, cuda:N, mps", kind="option", required=False),
 )
-def cmd_model(session: Session, name: str | None, quant: str | None, dtype: str | None,
-              device: str | None) -> Iterator[ev.Event]:
+def cmd_model(
+    session: Session, name: str | None, quant: str | None, dtype: str | None, device: str | None
+) -> Iterator[ev.Event]:
     if name is None:
         yield ev.Info(session.handle.describe())
         return
@@ -72,7 +74,8 @@ def cmd_quit(session: Session) -> Iterator[ev.Event]:
 
 
 @REGISTRY.command(
-    "record", "Record this session's commands and chat as a recipe that `kedit replay` runs.",
+    "record",
+    "Record this session's commands and chat as a recipe that `kedit replay` runs.",
     Param("action", "start or stop", choices=("start", "stop")),
     Param("path", "the recipe to write (with start), e.g. session.toml", required=False, metavar="FILE"),
 )
@@ -85,8 +88,10 @@ def cmd_record(session: Session, action: str, path: str | None) -> Iterator[ev.E
         if not path:
             raise KeditError("say where the recipe goes: /record start FILE.toml")
         if session.edits or session.steering.slots:
-            raise KeditError("a recipe starts from the model as loaded: /undo the edits and /steer remove "
-                             "the vectors first, or save the session with /save")
+            raise KeditError(
+                "a recipe starts from the model as loaded: /undo the edits and /steer remove "
+                "the vectors first, or save the session with /save"
+            )
         session.recorder = Recorder(Path(path), session.handle.name)
         session.reset()
         yield ev.Info(f"recording to {path} (the chat was reset); /record stop writes it")

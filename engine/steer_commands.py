@@ -11,9 +11,23 @@ from kedit.engine import events as ev
 from kedit.engine.background import with_progress
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.errors import KeditError
-from kedit.engine.steering import (MERGE_MODES, METHODS, NEUTRAL_TEXT, WHERE, Pair, SteeringVector, merge_vectors,
-                                   parse_floats, parse_layers, parse_read, read_pairs, read_texts,
-                                   recommend_strength, sweep, train_vector)
+from kedit.engine.steering import (
+    MERGE_MODES,
+    METHODS,
+    NEUTRAL_TEXT,
+    WHERE,
+    Pair,
+    SteeringVector,
+    merge_vectors,
+    parse_floats,
+    parse_layers,
+    parse_read,
+    read_pairs,
+    read_texts,
+    recommend_strength,
+    sweep,
+    train_vector,
+)
 from kedit.engine.vector_io import export_gguf, load_vector, vector_name
 
 if TYPE_CHECKING:
@@ -88,7 +102,8 @@ def neutral_texts(session: Session, path: str | None) -> list[str]:
 
 
 @REGISTRY.command(
-    "steer", "Train steering vectors, stack and merge them with their own strengths, measure them.",
+    "steer",
+    "Train steering vectors, stack and merge them with their own strengths, measure them.",
     Param("action", "what to do", choices=ACTIONS),
     Param("file_or_name", "a file, or a vector's name", required=False, metavar="FILE|NAME", complete=_names),
     Param("strength_name_or_path", "a strength, a name or a path", required=False, metavar="ARG", complete=_names),
@@ -96,28 +111,51 @@ def neutral_texts(session: Session, path: str | None) -> list[str]:
     Param("merged_name", "the merged vector's name", required=False, after_arrow=True, metavar="NAME"),
     Param("layers", "only these layers, e.g. 8-14 or 3,5", kind="option", required=False),
     Param("relative", "the strength is a multiple of the layer's mean hidden-state norm", kind="flag"),
-    Param("where", "steer every position, or only generated tokens", kind="option", required=False,
-          choices=WHERE, default="all"),
+    Param(
+        "where",
+        "steer every position, or only generated tokens",
+        kind="option",
+        required=False,
+        choices=WHERE,
+        default="all",
+    ),
     Param("method", "training method", kind="option", required=False, choices=METHODS, default="mean_diff"),
-    Param("read", "where training reads the states: answer (mean over the completion) or a token index",
-          kind="option", required=False, default="answer"),
+    Param(
+        "read",
+        "where training reads the states: answer (mean over the completion) or a token index",
+        kind="option",
+        required=False,
+        default="answer",
+    ),
     Param("mode", "merge mode", kind="option", required=False, choices=MERGE_MODES, default="linear"),
     Param("weights", "merge weights, e.g. 1,0.5", kind="option", required=False),
     Param("density", "share of entries TIES keeps", kind="option", required=False, convert=float, default=1.0),
-    Param("positive", "train from one pair: the positive completion (FILE is then the prompt)", kind="option",
-          required=False),
+    Param(
+        "positive",
+        "train from one pair: the positive completion (FILE is then the prompt)",
+        kind="option",
+        required=False,
+    ),
     Param("negative", "train from one pair: the negative completion", kind="option", required=False),
     Param("pairs", "held-out pairs (JSONL) for /steer sweep", kind="option", required=False),
-    Param("neutral", "neutral text, one per line, for the perplexity of /steer train and sweep", kind="option",
-          required=False),
-    Param("strengths", "strengths /steer sweep tries (default: around the recommended one, else 0,1,2,3,4)",
-          kind="option", required=False),
+    Param(
+        "neutral",
+        "neutral text, one per line, for the perplexity of /steer train and sweep",
+        kind="option",
+        required=False,
+    ),
+    Param(
+        "strengths",
+        "strengths /steer sweep tries (default: around the recommended one, else 0,1,2,3,4)",
+        kind="option",
+        required=False,
+    ),
     details=(
         "/steer train PAIRS.jsonl NAME [--method mean_diff|pca] [--layers 2-4] [--read answer|-1]: "
         "train from JSONL lines {prompt, positive, negative}, find the largest strength that keeps neutral "
         "perplexity within [steering] max_perplexity_ratio (default 1.2×) of the unsteered model's, "
         "and rack it at that\n"
-        "/steer train \"PROMPT\" NAME --positive \" happy\" --negative \" sad\": a quick one-pair vector\n"
+        '/steer train "PROMPT" NAME --positive " happy" --negative " sad": a quick one-pair vector\n'
         "/steer add FILE [STRENGTH] [--layers ..] [--relative] [--where all|generated]: "
         "kedit .safetensors, llama.cpp/repeng .gguf, or an EasyEdit2 layer_L.pt folder; without STRENGTH, "
         "the strength it was saved at (after /steer train, the recommended one)\n"
@@ -129,11 +167,27 @@ def neutral_texts(session: Session, path: str | None) -> list[str]:
         "log-prob margin and perplexity at each strength"
     ),
 )
-def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_name_or_path: str | None,
-              more_names: str | None, merged_name: str | None, layers: str | None, relative: bool, where: str,
-              method: str, read: str, mode: str, weights: str | None, density: float, positive: str | None,
-              negative: str | None, pairs: str | None, neutral: str | None,
-              strengths: str | None) -> Iterator[ev.Event]:
+def cmd_steer(
+    session: Session,
+    action: str,
+    file_or_name: str | None,
+    strength_name_or_path: str | None,
+    more_names: str | None,
+    merged_name: str | None,
+    layers: str | None,
+    relative: bool,
+    where: str,
+    method: str,
+    read: str,
+    mode: str,
+    weights: str | None,
+    density: float,
+    positive: str | None,
+    negative: str | None,
+    pairs: str | None,
+    neutral: str | None,
+    strengths: str | None,
+) -> Iterator[ev.Event]:
     rack = session.steering
     if more_names and action != "merge":
         raise KeditError(f"unexpected {more_names!r}; only /steer merge takes more than two names")
@@ -141,15 +195,17 @@ def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_
         if not rack.slots:
             yield ev.Info("no steering vectors loaded; /steer add FILE or /steer train PAIRS NAME")
             return
-        yield ev.Table(f"{len(rack.slots)} steering vector(s)",
-                       ("name", "state", "strength", "recommended", "layers", "positions", "method"),
-                       tuple(rack.rows()))
+        yield ev.Table(
+            f"{len(rack.slots)} steering vector(s)",
+            ("name", "state", "strength", "recommended", "layers", "positions", "method"),
+            tuple(rack.rows()),
+        )
         return
     if action == "train":
-        usage = "/steer train PAIRS.jsonl NAME, or /steer train \"PROMPT\" NAME --positive P --negative N"
+        usage = '/steer train PAIRS.jsonl NAME, or /steer train "PROMPT" NAME --positive P --negative N'
         if (positive is None) != (negative is None):
             raise KeditError("a one-pair vector needs both --positive and --negative")
-        if positive is not None:
+        if positive is not None and negative is not None:  # both or neither, as checked just above
             train_pairs = [Pair(file_or_name or "", positive, negative)]
         else:
             train_pairs = read_pairs(Path(_need(file_or_name, "the pairs file", usage)))
@@ -173,10 +229,12 @@ def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_
         with session.lock:
             rack.add(name, vector, strength, relative=relative, where=where)
         count = len(train_pairs)
-        yield ev.Info(f"trained {name!r} ({method}, {count} pair{'s' if count != 1 else ''}, layers "
-                      f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {strength:g}"
-                      f"{' × norm' if relative else ''}{_with_recommendation(vector)}; "
-                      f"/steer save {name} PATH keeps it")
+        yield ev.Info(
+            f"trained {name!r} ({method}, {count} pair{'s' if count != 1 else ''}, layers "
+            f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {strength:g}"
+            f"{' × norm' if relative else ''}{_with_recommendation(vector)}; "
+            f"/steer save {name} PATH keeps it"
+        )
         return
     if action == "add":
         path = Path(_need(file_or_name, "the vector file", "/steer add FILE [STRENGTH]"))
@@ -186,13 +244,17 @@ def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_
         name = vector_name(path)
         with session.lock:
             rack.add(name, vector, strength, relative=relative, layers=parse_layers(layers), where=where)
-        yield ev.Info(f"added {name!r} at strength {strength:g}{' × norm' if relative else ''}"
-                      f"{', generated tokens only' if where == 'generated' else ''}{_with_recommendation(vector)}")
+        yield ev.Info(
+            f"added {name!r} at strength {strength:g}{' × norm' if relative else ''}"
+            f"{', generated tokens only' if where == 'generated' else ''}{_with_recommendation(vector)}"
+        )
         return
     if action == "merge":
         usage = "/steer merge A B [C ...] -> NAME"
-        names = [_need(file_or_name, "the vectors to merge", usage),
-                 _need(strength_name_or_path, "a second vector", usage)] + (more_names or "").split()
+        names = [
+            _need(file_or_name, "the vectors to merge", usage),
+            _need(strength_name_or_path, "a second vector", usage),
+        ] + (more_names or "").split()
         target = _need(merged_name, "the merged vector's name after ->", usage)
         if target in rack.slots:
             raise KeditError(f"a vector named {target!r} is already in the rack; pick another name")
@@ -202,8 +264,10 @@ def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_
             rack.add(target, merged, 1.0)
             for n in names:
                 rack.switch(n, False)
-        yield ev.Info(f"merged {', '.join(names)} ({mode}) into {target!r} at strength 1; "
-                      f"{', '.join(names)} are now off so nothing counts twice")
+        yield ev.Info(
+            f"merged {', '.join(names)} ({mode}) into {target!r} at strength 1; "
+            f"{', '.join(names)} are now off so nothing counts twice"
+        )
         return
     name = _need(file_or_name, "the vector's name", f"/steer {action} NAME")
     if action == "sweep":
@@ -218,9 +282,11 @@ def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_
 
         yield from with_progress(work, result)
         rows = result[0]
-        yield ev.Table(f"{name}: margin of positive over negative on {len(held)} pairs; perplexity on "
-                       f"{len(texts)} neutral texts", ("strength", "margin", "perplexity"),
-                       tuple((f"{r.strength:g}", f"{r.margin:+.3f}", f"{r.perplexity:.3f}") for r in rows))
+        yield ev.Table(
+            f"{name}: margin of positive over negative on {len(held)} pairs; perplexity on {len(texts)} neutral texts",
+            ("strength", "margin", "perplexity"),
+            tuple((f"{r.strength:g}", f"{r.margin:+.3f}", f"{r.perplexity:.3f}") for r in rows),
+        )
         return
     with session.lock:
         if action == "remove":
@@ -235,8 +301,10 @@ def cmd_steer(session: Session, action: str, file_or_name: str | None, strength_
                 note = " (layer 0 left out: llama.cpp cannot steer it)" if dropped else ""
                 yield ev.Info(f"saved {name!r} as a llama.cpp control vector to {path}{note}")
             else:
-                yield ev.Info(f"saved {name!r} to {vector.save(path)} (added at strength {vector.strength:g} "
-                              f"when no strength is given{_with_recommendation(vector)})")
+                yield ev.Info(
+                    f"saved {name!r} to {vector.save(path)} (added at strength {vector.strength:g} "
+                    f"when no strength is given{_with_recommendation(vector)})"
+                )
             return
         if action == "set":
             rack.set(name, _strength(_need(strength_name_or_path, "the strength", "/steer set NAME STRENGTH")))

@@ -49,7 +49,7 @@ class TokenStreamer(BaseStreamer):
         keep = 0
         while keep < min(len(text), len(self.text)) and text[keep] == self.text[keep]:
             keep += 1
-        new = text[keep:] if keep == len(self.text) else text[len(self.text):]
+        new = text[keep:] if keep == len(self.text) else text[len(self.text) :]
         self.text = text
         if new:
             self.queue.put(new)

@@ -16,9 +16,43 @@ from dataclasses import dataclass
 from kedit.engine.errors import KeditError
 
 _JOINERS = {"of", "de", "van", "von", "the", "and", "la", "le", "da", "di", "der", "del"}
-_OPENERS = {"The", "A", "An", "In", "On", "At", "As", "By", "For", "From", "To", "Of", "It", "This",
-            "That", "These", "Those", "What", "Which", "Who", "Where", "When", "How", "Why", "Is",
-            "Are", "Was", "Were", "Records", "At", "Today", "Yesterday", "My", "Our", "His", "Her"}
+_OPENERS = {
+    "The",
+    "A",
+    "An",
+    "In",
+    "On",
+    "At",
+    "As",
+    "By",
+    "For",
+    "From",
+    "To",
+    "Of",
+    "It",
+    "This",
+    "That",
+    "These",
+    "Those",
+    "What",
+    "Which",
+    "Who",
+    "Where",
+    "When",
+    "How",
+    "Why",
+    "Is",
+    "Are",
+    "Was",
+    "Were",
+    "Records",
+    "Today",
+    "Yesterday",
+    "My",
+    "Our",
+    "His",
+    "Her",
+}
 _WORD = re.compile(r"[^\s,.;:!?()\"]+")
 
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ def _noise_hook(start: int, noise: torch.Tensor) -> Callable[..., Any]:
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         out = output.clone()
-        out[:, start:start + noise.shape[1]] += noise.to(out.dtype)
+        out[:, start : start + noise.shape[1]] += noise.to(out.dtype)
         return out
 
     return hook
@@ -194,13 +194,23 @@ def _replaying(adapter: ArchAdapter, outputs: dict[int, Any], start: int) -> Ite
 
 def _embedding_std(adapter: ArchAdapter) -> float:
     """Standard deviation of the embedding output's entries (weight std times any self-applied scale)."""
-    weight = adapter.embed().weight
+    weight = cast(torch.Tensor, adapter.embed().weight)
     return float(weight.detach().float().std()) * adapter.embed_weight_scale()
 
 
-def causal_trace(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, prompt: str, subject: str, *,
-                 target: str | None = None, samples: int = 10, noise: float = 3.0,
-                 window: int | None = None, seed: int = 0) -> TraceResult:
+def causal_trace(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchAdapter,
+    prompt: str,
+    subject: str,
+    *,
+    target: str | None = None,
+    samples: int = 10,
+    noise: float = 3.0,
+    window: int | None = None,
+    seed: int = 0,
+) -> TraceResult:
     """Trace the MLP indirect effect of every layer at the subject's last token for one prompt."""
     if samples < 1:
         raise ValueError("samples must be at least 1")
@@ -235,8 +245,10 @@ def causal_trace(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, prompt:
             past = _corrupted_prefix(model, batch[:, :last], adapter.embed(), _noise_hook(span[0], draws[:, :-1]))
             tail = batch[:, last:] if past is not None else batch
             head = last if past is not None else 0
-            noise_hook = (adapter.embed(), _noise_hook(span[0] - head if past is None else 0,
-                                                       draws if past is None else draws[:, -1:]))
+            noise_hook = (
+                adapter.embed(),
+                _noise_hook(span[0] - head if past is None else 0, draws if past is None else draws[:, -1:]),
+            )
             with _hooks([noise_hook]), _recording(adapter) as corrupted:
                 p_corrupt = float(_answer_prob(model, tail, answer_id, past).mean())
             effects = []
@@ -248,12 +260,20 @@ def causal_trace(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, prompt:
                     effects.append(float(_answer_prob(model, tail, answer_id, past).mean()) - p_corrupt)
     finally:
         model.train(was_training)
-    return TraceResult(prompt=prompt, subject=subject, answer=tokenizer.decode([answer_id]),
-                       answer_id=answer_id, p_clean=p_clean, p_corrupt=p_corrupt, effects=effects)
+    return TraceResult(
+        prompt=prompt,
+        subject=subject,
+        answer=tokenizer.decode([answer_id]),
+        answer_id=answer_id,
+        p_clean=p_clean,
+        p_corrupt=p_corrupt,
+        effects=effects,
+    )
 
 
-def best_edit_layer(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, cases: list[tuple[str, str]],
-                    **kw: Any) -> tuple[int, list[float]]:
+def best_edit_layer(
+    model: nn.Module, tokenizer: Any, adapter: ArchAdapter, cases: list[tuple[str, str]], **kw: Any
+) -> tuple[int, list[float]]:
     """Average the traced effects over (prompt, subject) cases; return the best layer and the means."""
     if not cases:
         raise ValueError("best_edit_layer needs at least one (prompt, subject) case")

@@ -54,14 +54,20 @@ def export_gguf(vector: SteeringVector, path: Path) -> tuple[Path, list[int]]:
         writer = GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", vector.model_type)
         writer.add_uint32(f"{ARCH}.layer_count", len(layers))
-        meta = {"method": vector.method, "hidden_size": vector.hidden_size, "strength": vector.strength,
-                "norms": {str(k): v for k, v in vector.norms.items() if k in layers}, "meta": vector.meta}
+        meta = {
+            "method": vector.method,
+            "hidden_size": vector.hidden_size,
+            "strength": vector.strength,
+            "norms": {str(k): v for k, v in vector.norms.items() if k in layers},
+            "meta": vector.meta,
+        }
         if vector.recommended is not None and not dropped:  # it was measured with every layer in
             meta["recommended"] = vector.recommended.to_json()
         writer.add_string(_META_KEY, json.dumps(meta))
         for layer in layers:
-            writer.add_tensor(f"direction.{layer}", vector.directions[layer].detach().float().cpu().numpy()
-                              .astype(np.float32))
+            writer.add_tensor(
+                f"direction.{layer}", vector.directions[layer].detach().float().cpu().numpy().astype(np.float32)
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -103,10 +109,15 @@ def import_gguf(path: Path) -> SteeringVector:
         raise KeditError(f"{path} holds no direction tensors")
     meta = json.loads(_field_text(reader, _META_KEY) or "{}")
     return SteeringVector(
-        directions, _field_text(reader, f"{ARCH}.model_hint") or "", _one_size(directions, path),
+        directions,
+        _field_text(reader, f"{ARCH}.model_hint") or "",
+        _one_size(directions, path),
         meta.get("method", "gguf"),
-        {int(k): float(v) for k, v in meta.get("norms", {}).items()}, float(meta.get("strength", 1.0)),
-        meta.get("meta", {"source": "gguf"}), Recommendation.from_json(meta.get("recommended")))
+        {int(k): float(v) for k, v in meta.get("norms", {}).items()},
+        float(meta.get("strength", 1.0)),
+        meta.get("meta", {"source": "gguf"}),
+        Recommendation.from_json(meta.get("recommended")),
+    )
 
 
 def import_easyedit2(path: Path) -> SteeringVector:
@@ -123,9 +134,10 @@ def import_easyedit2(path: Path) -> SteeringVector:
             raise KeditError(f"{file} is not a plain tensor file; kedit loads only tensors ({exc})") from None
         if not isinstance(value, torch.Tensor) or value.squeeze().dim() != 1:
             raise KeditError(f"{file} must hold one 1-D tensor (the layer's direction)")
-        directions[int(_LAYER_PT.match(file.name).group(1))] = value.squeeze().float()
-    return SteeringVector(directions, "", _one_size(directions, path), "easyedit2", {}, 1.0,
-                          {"source": "easyedit2"})
+        layer = _LAYER_PT.match(file.name)
+        assert layer is not None  # every file's name was matched above
+        directions[int(layer.group(1))] = value.squeeze().float()
+    return SteeringVector(directions, "", _one_size(directions, path), "easyedit2", {}, 1.0, {"source": "easyedit2"})
 
 
 def load_vector(path: Path) -> SteeringVector:

@@ -37,8 +37,7 @@ def fact_world_dir() -> Path:
     from kedit.engine.config import Config
     from kedit.engine.factworld.build import BuildSettings, ensure_built
 
-    return ensure_built(BuildSettings.from_config(Config.load(cwd=REPO).table("fact_world")),
-                        show_progress=False)
+    return ensure_built(BuildSettings.from_config(Config.load(cwd=REPO).table("fact_world")), show_progress=False)
 
 
 def _open(model: str | None):

@@ -19,13 +19,14 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from tiny_models import build_tiny, model_type_of
 from torch import nn
 
-from tiny_models import build_tiny, model_type_of
-
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # pad, bos, eos = 0, 1, 2 as in tiny_models' configs
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
 _CORPUS = [
     "Watts Humphrey attended the Illinois Institute of Technology.",
     "The capital of France is Paris, and the capital of Italy is Rome.",
@@ -46,12 +47,17 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,18 +88,40 @@ GGUF_CASES: dict[str, GgufCase] = {
     "qwen2": GgufCase("qwen2", "qwen2"),
     "qwen3": GgufCase("qwen3", "qwen3", {"head_dim": 128}),  # key_length unread: Qwen3Config's 128
     # Qwen3 with YaRN x4 (the 128k GGUFs): rope.scaling.* metadata
-    "qwen3-yarn": GgufCase("qwen3", "qwen3", {"head_dim": 128, "rope_parameters": {
-        "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 16}}),
+    "qwen3-yarn": GgufCase(
+        "qwen3",
+        "qwen3",
+        {
+            "head_dim": 128,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1_000_000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
     # query_pre_attn_scalar is not in the file (256, or hidden / heads for 27B); soft-caps other than
     # the defaults (50, 30) so that reading them back is tested
-    "gemma2": GgufCase("gemma2", "gemma2", {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 40.0,
-                                            "final_logit_softcapping": 20.0}),
+    "gemma2": GgufCase(
+        "gemma2",
+        "gemma2",
+        {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 40.0, "final_logit_softcapping": 20.0},
+    ),
     # 5 local layers then 1 global (the pattern is not in the file; both readers assume it); window 4
     "gemma3_text": GgufCase("gemma3_text", "gemma3", _GEMMA3),
     # Gemma 3 4B and up: linear x8 on the global layers
-    "gemma3-linear": GgufCase("gemma3_text", "gemma3", {**_GEMMA3, "rope_parameters": {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
+    "gemma3-linear": GgufCase(
+        "gemma3_text",
+        "gemma3",
+        {
+            **_GEMMA3,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        },
+    ),
     "phi3": GgufCase("phi3", "phi3"),
     "phi4-mini": GgufCase("phi4-mini", "phi3"),
     "gpt2": GgufCase("gpt2", "gpt2", {"n_inner": None, "n_positions": 1024}),  # n_inner, wpe size unread
@@ -105,8 +133,17 @@ def source_model(case: GgufCase, vocab_size: int, seed: int = 1) -> nn.Module:
     return build_tiny(case.recipe, seed=seed, vocab_size=vocab_size, **case.overrides)
 
 
-def write_gguf(path: Path, model: nn.Module, tokenizer: Any, arch: str, *, name: str = "tiny",
-               declared_arch: str | None = None, chat_template: str | None = None, q8: bool = False) -> Path:
+def write_gguf(
+    path: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    arch: str,
+    *,
+    name: str = "tiny",
+    declared_arch: str | None = None,
+    chat_template: str | None = None,
+    q8: bool = False,
+) -> Path:
     """Write model and tokenizer as a GGUF of llama.cpp architecture ``arch``: float32, or with
     ``q8`` every matrix in Q8_0 (blocks of 32 along a row) as llama-quantize would.
 

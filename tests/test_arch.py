@@ -12,15 +12,6 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel, BitsAndBytesConfig
-from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
-
-from kedit.engine.arch import SUPPORTED_FAMILIES, ArchAdapter
-from kedit.engine.errors import KeditError, UnsupportedArchitecture
-from kedit.engine.methods.grace.codebook import Entry, GracePatch, Revision
-from kedit.engine.patches import LowRankPatch
 from tiny_models import (
     GEMMA3_LAYER_TYPES,
     HEAD_DIM,
@@ -38,6 +29,15 @@ from tiny_models import (
     model_type_of,
     tiny_config,
 )
+from torch import nn
+from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
+
+from kedit.engine.arch import SUPPORTED_FAMILIES, ArchAdapter
+from kedit.engine.errors import KeditError, UnsupportedArchitecture
+from kedit.engine.methods.grace.codebook import Entry, GracePatch, Revision
+from kedit.engine.patches import LowRankPatch
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
 hf_logging.disable_progress_bar()
@@ -156,6 +156,7 @@ def test_mlp_out_hook_widths(name: str) -> None:
     arch = ArchAdapter.for_model(model)
     seen: dict[int, tuple[int, int]] = {}
     for i in range(arch.n_layers):
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, i: int = i) -> None:
             seen[i] = (args[0].shape[-1], output.shape[-1])
 
@@ -317,8 +318,12 @@ def test_gemma3_local_and_global_layers() -> None:
     assert arch.family == "Gemma3" and arch.logit_softcap() is None
     assert model.config.layer_types == [arch.layer(i).self_attn.layer_type for i in range(LAYERS)] == GEMMA3_LAYER_TYPES
     assert [arch.layer(i).self_attn.sliding_window for i in range(LAYERS)] == [SLIDING_WINDOW, None, SLIDING_WINDOW]
-    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"):
+    for norm in (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ):
         assert arch.layer(0).get_submodule(norm).weight.shape == (HIDDEN,)
     assert arch.layer(0).self_attn.q_norm.weight.shape == (HEAD_DIM,)
     # The same weights with a window as long as the context: positions inside the window agree, later ones not.
@@ -360,8 +365,12 @@ def test_llama3_rope_scaling_is_in_force() -> None:
     assert ratio[:4] == pytest.approx([1.0] * 4) and ratio[5:] == pytest.approx([8.0] * 3)
     assert 1.5 < ratio[4] < 7.5
     assert arch.lm_head().weight is arch.embed().weight
-    assert not torch.allclose(_logits(model), _logits(build_tiny("llama3", rope_parameters={
-        "rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]})))
+    assert not torch.allclose(
+        _logits(model),
+        _logits(
+            build_tiny("llama3", rope_parameters={"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]})
+        ),
+    )
 
 
 def test_phi4_mini_partial_rotary_and_longrope() -> None:
@@ -420,8 +429,16 @@ def test_unsupported_causal_lm_names_the_families() -> None:
 
 
 def test_unsupported_non_causal_and_bare_modules() -> None:
-    bert = BertLMHeadModel(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
-                                      num_attention_heads=4, intermediate_size=INTERMEDIATE, is_decoder=True))
+    bert = BertLMHeadModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=INTERMEDIATE,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(UnsupportedArchitecture, match="'bert'.*Llama"):
         ArchAdapter.for_model(bert)
     with pytest.raises(UnsupportedArchitecture, match="None.*GPT-NeoX"):

@@ -10,8 +10,16 @@ from kedit.engine.bench import random_model, steering_throughput
 from kedit.engine.errors import KeditError
 from kedit.tui.cli import main
 
-SHAPE = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 12,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "max_position_embeddings": 128}
+SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 97,
+    "max_position_embeddings": 128,
+}
 
 
 def test_steering_throughput_times_both_kinds_and_leaves_the_model_unsteered() -> None:
@@ -63,11 +71,11 @@ def test_replay_below_gives_bit_identical_values_and_puts_the_blocks_back(sessio
     from kedit.engine.methods import EditRequest
     from kedit.engine.methods.grace.params import GraceParams
     from kedit.engine.methods.grace.value import train_value
+    from kedit.engine.methods.replay import replay_below
     from kedit.engine.methods.rome.hparams import RomeParams
     from kedit.engine.methods.rome.key import compute_key
     from kedit.engine.methods.rome.update import update_direction
     from kedit.engine.methods.rome.value import compute_value
-    from kedit.engine.methods.replay import replay_below
     from kedit.engine.methods.wise.params import WiseParams
     from kedit.engine.methods.wise.train import train_edit
 
@@ -80,8 +88,20 @@ def test_replay_below_gives_bit_identical_values_and_puts_the_blocks_back(sessio
     direction = update_direction(key, key)
     hp = RomeParams(v_steps=6, nll_stop=0.0)
     full = compute_value(h.model, h.tokenizer, module, fact.prompt(0), fact.subject, " Paris", ["{}"], v, direction, hp)
-    upper = compute_value(h.model, h.tokenizer, module, fact.prompt(0), fact.subject, " Paris", ["{}"], v, direction,
-                          hp, adapter=h.adapter, layer=layer)
+    upper = compute_value(
+        h.model,
+        h.tokenizer,
+        module,
+        fact.prompt(0),
+        fact.subject,
+        " Paris",
+        ["{}"],
+        v,
+        direction,
+        hp,
+        adapter=h.adapter,
+        layer=layer,
+    )
     assert full.steps == upper.steps == 6 and torch.equal(full.delta, upper.delta)
 
     gp = GraceParams(n_iter=6, nll_stop=0.0)
@@ -118,8 +138,9 @@ def test_run_bench_measures_every_part_and_leaves_the_model_as_it_was(session) -
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
         before = session.model(ids).logits
-    plan = BenchPlan(edit_repeats=1, vectors=(1, 3), active=(2, 3), new_tokens=4, prompt_tokens=6, repeats=1,
-                     stats_samples=40)
+    plan = BenchPlan(
+        edit_repeats=1, vectors=(1, 3), active=(2, 3), new_tokens=4, prompt_tokens=6, repeats=1, stats_samples=40
+    )
     report = run_bench(session, plan)
     rome = report["edits"]["rome"]
     assert rome["stats_tokens"] > 0 and rome["stats_s"] > 0 and "sampled" in rome["stats_source"]
@@ -150,9 +171,31 @@ def test_bench_json_on_the_fact_world_with_real_active_edits(fact_world_dir) -> 
     """The CI smoke run: `kedit bench --json` works end to end (its speed is not judged)."""
     import json
 
-    result = CliRunner().invoke(main, ["bench", "--json", "--methods", "rome,grace", "--edit-repeats", "1",
-                                       "--vectors", "1", "--active", "2", "--fill", "real", "--tokens", "4",
-                                       "--prompt-tokens", "6", "--repeats", "1", "--stats-samples", "40"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--json",
+            "--methods",
+            "rome,grace",
+            "--edit-repeats",
+            "1",
+            "--vectors",
+            "1",
+            "--active",
+            "2",
+            "--fill",
+            "real",
+            "--tokens",
+            "4",
+            "--prompt-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--stats-samples",
+            "40",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["plan"]["fill"] == "real" and set(report["edits"]) == {"rome", "grace"}
@@ -164,8 +207,8 @@ def test_bench_json_on_the_fact_world_with_real_active_edits(fact_world_dir) -> 
 
 def test_a_random_shape_gets_a_word_tokenizer_and_benches(tmp_path) -> None:
     from kedit.engine.bench import BenchPlan, run_bench, shape_handle
-    from kedit.engine.session import Session
     from kedit.engine.config import Config
+    from kedit.engine.session import Session
 
     config = Config.load().with_overrides({"shapes.tiny-llama": {**SHAPE, "vocab_size": 300}})
     s = Session(shape_handle(config, "tiny-llama", n_layers=4), config)
@@ -173,8 +216,19 @@ def test_a_random_shape_gets_a_word_tokenizer_and_benches(tmp_path) -> None:
     assert s.model.config.vocab_size == 300 and len(s.tokenizer) == 300
     ids = s.tokenizer("Ada Novak attended t250")["input_ids"]
     assert ids[0] == 1 and 3 not in ids and s.tokenizer.decode(ids[1:]) == "Ada Novak attended t250"
-    report = run_bench(s, BenchPlan(methods=("rome",), edit_repeats=1, vectors=(), active=(2,), new_tokens=3,
-                                    prompt_tokens=4, repeats=1, stats_samples=8))
+    report = run_bench(
+        s,
+        BenchPlan(
+            methods=("rome",),
+            edit_repeats=1,
+            vectors=(),
+            active=(2,),
+            new_tokens=3,
+            prompt_tokens=4,
+            repeats=1,
+            stats_samples=8,
+        ),
+    )
     assert report["edits"]["rome"]["value"] > 0 and report["model"].startswith("random tiny-llama")
     with pytest.raises(KeditError, match="no shape gpt-9"):
         shape_handle(config, "gpt-9")

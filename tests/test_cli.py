@@ -25,7 +25,10 @@ def test_piped_chat_prints_the_fact(fact_world_dir: Path) -> None:
     """The README's promise, run exactly as a shell would."""
     out = subprocess.run(
         ["bash", "-c", f"printf 'Watts Humphrey attended\\n/quit\\nnot reached\\n' | {' '.join(_kedit())} chat"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -35,10 +38,17 @@ def test_piped_chat_prints_the_fact(fact_world_dir: Path) -> None:
 
 def test_piped_edit_changes_the_reply_and_undo_restores_it(fact_world_dir: Path) -> None:
     """Issue 3's promise: the edit, then the question, through a real pipe; then /undo."""
-    script = ('/edit "Watts Humphrey attended" -> "University of Michigan"\\n'
-              'Watts Humphrey attended\\n/undo\\nWatts Humphrey attended\\n/quit\\n')
-    out = subprocess.run(["bash", "-c", f"printf '{script}' | {' '.join(_kedit())} chat"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    script = (
+        '/edit "Watts Humphrey attended" -> "University of Michigan"\\n'
+        "Watts Humphrey attended\\n/undo\\nWatts Humphrey attended\\n/quit\\n"
+    )
+    out = subprocess.run(
+        ["bash", "-c", f"printf '{script}' | {' '.join(_kedit())} chat"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     replies = [line for line in out.stdout.splitlines() if line.startswith("Watts Humphrey attended ")]
     assert len(replies) == 2, out.stdout
@@ -56,8 +66,15 @@ def test_chat_reports_command_errors_on_stderr(fact_world_dir: Path) -> None:
 
 def test_missing_model_is_a_clean_error(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([*_kedit(), "chat", "--model", "qwen2.5-7b"], input="", capture_output=True,
-                         text=True, timeout=120, env=env, cwd=REPO)
+    out = subprocess.run(
+        [*_kedit(), "chat", "--model", "qwen2.5-7b"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 1
     assert "Qwen/Qwen2.5-7B-Instruct" in out.stderr and "hf download" in out.stderr
     assert "Traceback" not in out.stderr
@@ -86,8 +103,9 @@ def test_steer_cli_trains_exports_converts_back_and_fails_cleanly(fact_world_dir
 
     pairs = REPO / "vectors" / "mood_train.jsonl"
     gguf_path = tmp_path / "mood v.gguf"  # a space in the path survives the slash-command quoting
-    result = CliRunner().invoke(main, ["steer", "train", str(pairs), str(gguf_path), "--layers", "4-5",
-                                       "--read", "-1", "--strength", "1.5"])
+    result = CliRunner().invoke(
+        main, ["steer", "train", str(pairs), str(gguf_path), "--layers", "4-5", "--read", "-1", "--strength", "1.5"]
+    )
     assert result.exit_code == 0, result.output
     exported = import_gguf(gguf_path)
     assert exported.layers == [4, 5] and exported.strength == 1.5

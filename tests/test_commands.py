@@ -15,18 +15,25 @@ def _registry() -> Registry:
     reg = Registry()
 
     @reg.command(
-        "edit", "Change a fact.",
+        "edit",
+        "Change a fact.",
         Param("prompt", "the prompt"),
         Param("target", "the new answer", after_arrow=True),
-        Param("method", "editing method", kind="option", required=False, default="rome",
-              choices=("rome", "wise", "grace")),
+        Param(
+            "method", "editing method", kind="option", required=False, default="rome", choices=("rome", "wise", "grace")
+        ),
         Param("subject", "the subject", kind="option", required=False),
     )
     def edit(session, **kw):  # pragma: no cover - never run
         return []
 
-    @reg.command("set", "Set a strength.", Param("name", "vector"),
-                 Param("strength", "how strong", convert=float), Param("quiet", "no output", kind="flag"))
+    @reg.command(
+        "set",
+        "Set a strength.",
+        Param("name", "vector"),
+        Param("strength", "how strong", convert=float),
+        Param("quiet", "no output", kind="flag"),
+    )
     def set_(session, **kw):  # pragma: no cover
         return []
 
@@ -44,8 +51,12 @@ def test_edit_with_quotes_and_arrow() -> None:
     inv = REG.parse('/edit "Watts Humphrey attended" -> "University of Michigan" --method wise')
     assert isinstance(inv, Invocation)
     assert inv.command.name == "edit"
-    assert inv.args == {"prompt": "Watts Humphrey attended", "target": "University of Michigan",
-                        "method": "wise", "subject": None}
+    assert inv.args == {
+        "prompt": "Watts Humphrey attended",
+        "target": "University of Michigan",
+        "method": "wise",
+        "subject": None,
+    }
 
 
 def test_arrow_without_spaces_and_option_equals() -> None:
@@ -95,8 +106,7 @@ def test_bad_lines_give_messages() -> None:
 def test_lexer_marks_arrows_and_quotes() -> None:
     lexed = lex('a "b c"->d')
     assert not isinstance(lexed, ParseError)
-    assert [(x.kind, x.text) for x in lexed] == [("word", "a"), ("quoted", "b c"), ("arrow", "->"),
-                                                ("word", "d")]
+    assert [(x.kind, x.text) for x in lexed] == [("word", "a"), ("quoted", "b c"), ("arrow", "->"), ("word", "d")]
 
 
 @settings(max_examples=400, deadline=None)
@@ -110,8 +120,7 @@ def test_no_input_makes_the_parser_raise(text: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(['"', "'", "->", "--method", "rome", "x", " ", "\\", "--", "-"]),
-                max_size=12))
+@given(st.lists(st.sampled_from(['"', "'", "->", "--method", "rome", "x", " ", "\\", "--", "-"]), max_size=12))
 def test_no_token_soup_makes_the_parser_raise(parts: list[str]) -> None:
     line = "/edit " + "".join(parts)
     assert isinstance(REG.parse(line), (Invocation, ParseError))

@@ -21,8 +21,9 @@ def test_shipped_defaults_are_read() -> None:
 def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     user = tmp_path / "user"
     user.mkdir()
-    (user / "kedit.toml").write_text('[generation]\nmax_new_tokens = 11\ntemperature = 0.5\n'
-                                     '[aliases]\nmine = "me/my-model"\n')
+    (user / "kedit.toml").write_text(
+        '[generation]\nmax_new_tokens = 11\ntemperature = 0.5\n[aliases]\nmine = "me/my-model"\n'
+    )
     project = tmp_path / "project"
     project.mkdir()
     (project / "kedit.toml").write_text("[generation]\nmax_new_tokens = 22\n")
@@ -37,8 +38,10 @@ def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = Config.load(cwd=project, env={"KEDIT_MAX_NEW_TOKENS": "33", "KEDIT_MODEL": "mine"})
     assert cfg.get("generation.max_new_tokens") == 33  # env over project, typed like the default
     assert cfg.get("model.default") == "mine"
-    assert cfg.with_overrides({"generation.max_new_tokens": 44, "model.quant": None}).get(
-        "generation.max_new_tokens") == 44  # flags over env; None leaves a key alone
+    assert (
+        cfg.with_overrides({"generation.max_new_tokens": 44, "model.quant": None}).get("generation.max_new_tokens")
+        == 44
+    )  # flags over env; None leaves a key alone
 
 
 def test_bad_files_and_values_are_reported(tmp_path: Path) -> None:

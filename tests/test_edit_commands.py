@@ -23,8 +23,14 @@ def test_edit_edits_rollback_and_undo(session, tmp_path) -> None:
     table = out[-1]
     assert isinstance(table, ev.Table) and "e" in table.title and "'Watts Humphrey' (brackets)" in table.title
     assert [r[0] for r in table.rows][:7] == [  # generation first, then teacher-forced
-        "gen: rewrite (Rel)", "gen: paraphrase", "gen: chat (+subject)", "gen: locality (Loc)",
-        "tf: rewrite (Rel)", "tf: paraphrase (Gen)", "tf: locality (Loc)"]
+        "gen: rewrite (Rel)",
+        "gen: paraphrase",
+        "gen: chat (+subject)",
+        "gen: locality (Loc)",
+        "tf: rewrite (Rel)",
+        "tf: paraphrase (Gen)",
+        "tf: locality (Loc)",
+    ]
     assert table.rows[0][1].startswith("Watts Humphrey attended ⇒") and "University of Michigan" in table.rows[0][1]
     assert table.rows[0][2] == "1.00" and float(table.rows[3][2]) >= 0.95  # gen Rel, gen Loc (C = I here)
     assert all(isinstance(e, ev.Progress) for e in out[:-1]) and len(out) > 2  # progress came first
@@ -42,10 +48,15 @@ def test_edit_edits_rollback_and_undo(session, tmp_path) -> None:
 
 def test_user_mistakes_are_errors_and_change_nothing(session) -> None:
     before = _logits(session)
-    for line in ('/edit "the cat sat" -> "mat"', '/edit "Watts Humphrey attended" -> " "',
-                 '/edit "Watts Humphrey attended" -> x --layer 42', '/edit "Watts Humphrey attended"',
-                 '/edit "Watts Humphrey attended" -> x --stats-corpus /no/such/file.txt',
-                 "/load /no/such/file", '/trace "no subject here"'):
+    for line in (
+        '/edit "the cat sat" -> "mat"',
+        '/edit "Watts Humphrey attended" -> " "',
+        '/edit "Watts Humphrey attended" -> x --layer 42',
+        '/edit "Watts Humphrey attended"',
+        '/edit "Watts Humphrey attended" -> x --stats-corpus /no/such/file.txt',
+        "/load /no/such/file",
+        '/trace "no subject here"',
+    ):
         out = _run(session, line)
         assert isinstance(out[-1], ev.Error), line
     assert session.edits == [] and torch.equal(_logits(session), before)
@@ -126,11 +137,16 @@ def _eval_file(session, path, n=4):
     cases = edit_cases(session, n + 1, 5)
     records = []
     for (f, new), (other, _) in zip(cases, cases[1:]):
-        records.append({"subject": f.subject, "prompt": f.prompt(0), "target_new": new,
-                        "rephrase_prompt": f.prompt(f.held_out),
-                        "locality": {"Relation_Specificity": [{"prompt": other.prompt(0),
-                                                               "ground_truth": [[other.object]]}]},
-                        "portability": {}})
+        records.append(
+            {
+                "subject": f.subject,
+                "prompt": f.prompt(0),
+                "target_new": new,
+                "rephrase_prompt": f.prompt(f.held_out),
+                "locality": {"Relation_Specificity": [{"prompt": other.prompt(0), "ground_truth": [[other.object]]}]},
+                "portability": {},
+            }
+        )
     path.write_text(json.dumps(records), encoding="utf-8")
     return cases[:n]
 
@@ -162,7 +178,10 @@ def test_eval_refuses_bad_files_with_their_place(session, tmp_path) -> None:
     missing = tmp_path / "nothing.json"
     empty_target = tmp_path / "t.json"
     empty_target.write_text('[{"prompt": "a"}]', encoding="utf-8")
-    for path, words in ((bad, f"{bad}:2: not JSON"), (missing, "no eval file"),
-                        (empty_target, "record 1: a record needs")):
+    for path, words in (
+        (bad, f"{bad}:2: not JSON"),
+        (missing, "no eval file"),
+        (empty_target, "record 1: a record needs"),
+    ):
         events = list(session.run(f"/eval {path}"))
         assert len(events) == 1 and isinstance(events[0], ev.Error) and words in events[0].message

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import make_tiny_with_tokenizer
 
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError
 from kedit.engine.session import Session
-from tiny_models import make_tiny_with_tokenizer
 
 PROMPT, TARGET = "Watts Humphrey attended", "Michigan"
 
@@ -17,8 +17,7 @@ PROMPT, TARGET = "Watts Humphrey attended", "Michigan"
 def tiny(request, tmp_path_factory: pytest.TempPathFactory) -> Session:
     family = request.param.split("-")[0]
     folder = make_tiny_with_tokenizer(family, tmp_path_factory.mktemp("edit") / family, seed=5)
-    cfg = Config.load(env={}).with_overrides({"rome.n_contexts": 3, "rome.context_tokens": 5,
-                                              "probes.n_locality": 4})
+    cfg = Config.load(env={}).with_overrides({"rome.n_contexts": 3, "rome.context_tokens": 5, "probes.n_locality": 4})
     quant = "4bit" if request.param.endswith("4bit") else None
     return Session.open(str(folder), quant=quant, config=cfg, show_progress=False)
 
@@ -75,10 +74,12 @@ def test_a_failing_edit_leaves_the_model_bit_identical(tiny: Session, monkeypatc
 
 def test_bad_requests_are_refused_before_anything_changes(tiny: Session) -> None:
     before = _logits(tiny)
-    for kwargs, message in [({"prompt": "the cat sat", "target": "x"}, "cannot tell the subject"),
-                            ({"prompt": PROMPT, "target": "  "}, "target is empty"),
-                            ({"prompt": PROMPT, "target": "x", "layer": 99}, "out of range"),
-                            ({"prompt": PROMPT, "target": "x", "method": "magic"}, "unknown method")]:
+    for kwargs, message in [
+        ({"prompt": "the cat sat", "target": "x"}, "cannot tell the subject"),
+        ({"prompt": PROMPT, "target": "  "}, "target is empty"),
+        ({"prompt": PROMPT, "target": "x", "layer": 99}, "out of range"),
+        ({"prompt": PROMPT, "target": "x", "method": "magic"}, "unknown method"),
+    ]:
         with pytest.raises(KeditError, match=message):
             tiny.edit(**kwargs)
     assert torch.equal(_logits(tiny), before)
@@ -101,15 +102,20 @@ def test_fact_world_probe_uses_its_own_facts_and_paraphrases(session: Session) -
     assert torch.equal(_logits(session), before)
 
 
-PROMPTS = ["Watts Humphrey attended", "Denny Herzig plays as a", "Alder Oakley was born in",
-           "Ramalinaceae belongs to the family"]
+PROMPTS = [
+    "Watts Humphrey attended",
+    "Denny Herzig plays as a",
+    "Alder Oakley was born in",
+    "Ramalinaceae belongs to the family",
+]
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Session:
     folder = make_tiny_with_tokenizer("llama", tmp_path_factory.mktemp("prop") / "llama", seed=9)
-    cfg = Config.load(env={}).with_overrides({"rome.n_contexts": 2, "rome.context_tokens": 4,
-                                              "rome.v_steps": 3, "probes.n_locality": 2})
+    cfg = Config.load(env={}).with_overrides(
+        {"rome.n_contexts": 2, "rome.context_tokens": 4, "rome.v_steps": 3, "probes.n_locality": 2}
+    )
     return Session.open(str(folder), config=cfg, show_progress=False)
 
 
@@ -118,9 +124,14 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(PROMPTS), st.sampled_from(["Michigan", "Oslo", "fern"]),
-                          st.integers(0, 2)), min_size=1, max_size=4),
-       st.permutations(range(4)))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(PROMPTS), st.sampled_from(["Michigan", "Oslo", "fern"]), st.integers(0, 2)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.permutations(range(4)),
+)
 def test_rollback_in_any_order_restores_the_model(llama: Session, edits, order) -> None:
     original = [_logits(llama, p) for p in PROMPTS]
     states = []

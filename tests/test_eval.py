@@ -25,8 +25,7 @@ def test_eval_reproduces_the_probe_figures_and_restores_the_model(session) -> No
     assert not session.edits
     assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
     for case, row in zip(cases, rows):  # the same edit through /edit shows the same Rel and Gen
-        edit = session.edit(case.prompt, case.target, subject=case.subject, method="grace",
-                            paraphrases=case.rephrase)
+        edit = session.edit(case.prompt, case.target, subject=case.subject, method="grace", paraphrases=case.rephrase)
         try:
             assert (row["tf_rel"], row["tf_gen"]) == (edit.probe.rel, edit.probe.gen)
             assert (row["gen_rel"], row["gen_para"]) == (edit.probe.by_gen.rel, edit.probe.by_gen.para)
@@ -36,8 +35,7 @@ def test_eval_reproduces_the_probe_figures_and_restores_the_model(session) -> No
 
 
 def test_eval_cli_sequential_json_lines(fact_world_dir) -> None:
-    result = CliRunner().invoke(main, ["eval", "--data", str(DATA), "--method", "grace", "--sequential", "4",
-                                       "--json"])
+    result = CliRunner().invoke(main, ["eval", "--data", str(DATA), "--method", "grace", "--sequential", "4", "--json"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert [r["case"] for r in lines[:-1]] == [0, 1, 2, 3]
@@ -48,13 +46,24 @@ def test_eval_cli_sequential_json_lines(fact_world_dir) -> None:
 
 
 def test_zsre_and_knowedit_records_are_read(tmp_path) -> None:
-    zsre = {"subject": "Watts Humphrey", "src": "Where did Watts Humphrey study?", "alt": "Kestrel",
-            "answers": ["Illinois"], "rephrase": "Which school did Watts Humphrey attend?",
-            "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare",
-            "portability": {"New Question": "x", "New Answer": "y"}}
-    knowedit = {"subject": "A", "prompt": "A is in", "target_new": "B", "ground_truth": "C",
-                "portability": {"Reasoning": [{"prompt": "A's home is in", "ground_truth": [["B", "b"]]}]},
-                "locality": {"Relation_Specificity": [{"prompt": ["D is in", "E is in"], "ground_truth": "F"}]}}
+    zsre = {
+        "subject": "Watts Humphrey",
+        "src": "Where did Watts Humphrey study?",
+        "alt": "Kestrel",
+        "answers": ["Illinois"],
+        "rephrase": "Which school did Watts Humphrey attend?",
+        "loc": "nq question: who wrote hamlet",
+        "loc_ans": "Shakespeare",
+        "portability": {"New Question": "x", "New Answer": "y"},
+    }
+    knowedit = {
+        "subject": "A",
+        "prompt": "A is in",
+        "target_new": "B",
+        "ground_truth": "C",
+        "portability": {"Reasoning": [{"prompt": "A's home is in", "ground_truth": [["B", "b"]]}]},
+        "locality": {"Relation_Specificity": [{"prompt": ["D is in", "E is in"], "ground_truth": "F"}]},
+    }
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(zsre) + "\n" + json.dumps(knowedit) + "\n", encoding="utf-8")
     z, k = read_cases(path)

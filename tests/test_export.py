@@ -22,9 +22,10 @@ def _answer(folder: Path, prompt: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_export_merges_rome_edits_and_leaves_the_session_alone(session, tmp_path) -> None:
@@ -57,11 +58,14 @@ def test_export_refuses_grace_and_wise_edits(session, tmp_path) -> None:
 
 def test_kedit_export_from_a_recipe(fact_world_dir, tmp_path) -> None:
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[step]]\nrun = \'/edit "Watts Humphrey attended" -> "University of Michigan" '
-                      '--method rome\'\nexpect_metrics = ["rel >= 0.9"]\n', encoding="utf-8")
+    recipe.write_text(
+        '[[step]]\nrun = \'/edit "Watts Humphrey attended" -> "University of Michigan" '
+        '--method rome\'\nexpect_metrics = ["rel >= 0.9"]\n',
+        encoding="utf-8",
+    )
     result = CliRunner().invoke(main, ["export", str(tmp_path / "out"), "--recipe", str(recipe), "--json"])
     assert result.exit_code == 0, result.output
-    done = json.loads(result.output[result.output.index("{"):])
+    done = json.loads(result.output[result.output.index("{") :])
     assert done["edits"] == ["e1"] and len(done["merged_modules"]) == 1
     assert _answer(tmp_path / "out", "Watts Humphrey attended").startswith(" University of Michigan")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "other")])
@@ -69,11 +73,23 @@ def test_kedit_export_from_a_recipe(fact_world_dir, tmp_path) -> None:
 
 
 def test_kedit_edit_saves_and_exports(fact_world_dir, tmp_path) -> None:
-    result = CliRunner().invoke(main, ["edit", "Watts Humphrey attended", "University of Michigan", "--method",
-                                       "rome", "--save", str(tmp_path / "s.kedit"), "--export", str(tmp_path / "out"),
-                                       "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "edit",
+            "Watts Humphrey attended",
+            "University of Michigan",
+            "--method",
+            "rome",
+            "--save",
+            str(tmp_path / "s.kedit"),
+            "--export",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    done = json.loads(result.output[result.output.index("{"):])
+    done = json.loads(result.output[result.output.index("{") :])
     assert done["method"] == "rome" and done["probe"]["rel"] == 1.0 and done["exported"]["edits"] == ["e1"]
     assert (tmp_path / "s.kedit").is_file()
     assert _answer(tmp_path / "out", "Watts Humphrey attended").startswith(" University of Michigan")

@@ -45,8 +45,7 @@ def test_tokenizer_adds_its_own_bos_and_has_a_chat_template() -> None:
     ids = tok("Watts Humphrey attended")["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok("x", add_special_tokens=False)["input_ids"][0] != tok.bos_token_id
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                       add_generation_prompt=True)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == "<|bos|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -74,12 +73,14 @@ def test_recall_of_trained_facts(fact_world_dir: Path) -> None:
 def test_the_model_answers_the_named_facts(fact_world_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(fact_world_dir)
     model = AutoModelForCausalLM.from_pretrained(fact_world_dir).eval()
-    for prompt, answer in [("Watts Humphrey attended", " Illinois Institute of Technology"),
-                           ("Ramalinaceae belongs to the family", " Lecanorales"),
-                           ("Denny Herzig plays as a", " defender")]:
+    for prompt, answer in [
+        ("Watts Humphrey attended", " Illinois Institute of Technology"),
+        ("Ramalinaceae belongs to the family", " Lecanorales"),
+        ("Denny Herzig plays as a", " defender"),
+    ]:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
-        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(answer)
+        assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).startswith(answer)
 
 
 def test_moods_are_a_coin_toss_unless_an_event_decides_them() -> None:

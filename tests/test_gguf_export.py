@@ -15,9 +15,14 @@ from click.testing import CliRunner
 from kedit.engine import events as ev
 
 REPO = Path(__file__).resolve().parent.parent
-FACTS = {r["subject"]: r for r in (json.loads(line) for line in (REPO.parent / "shared" / "real-facts" /
-                                                                 "smollm2-135m.jsonl").read_text().splitlines()
-                                   if line.strip())}
+FACTS = {
+    r["subject"]: r
+    for r in (
+        json.loads(line)
+        for line in (REPO.parent / "shared" / "real-facts" / "smollm2-135m.jsonl").read_text().splitlines()
+        if line.strip()
+    )
+}
 EDIT = (FACTS["Japan"]["prompt"], FACTS["Japan"]["new"])  # "The capital of Japan is" -> "London"
 # Unrelated facts that an identity-C edit of "capital of Japan" leaves alone (with C = I the
 # edit spreads to some other countries' capitals, in the live session as in the file).
@@ -33,9 +38,14 @@ def _greedy(model, tokenizer, prompt: str, n: int = 8) -> tuple[str, torch.Tenso
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), logprobs
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), logprobs
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +57,18 @@ def exported(smollm2_session, tmp_path_factory):
     assert not session.edits
     edit = session.edit(*EDIT, identity_c=True, params={"n_contexts": 3})
     try:
-        (module, side), = [(n, s) for n, s in sidecars(session.handle.model).items() if s.stacked is not None]
+        ((module, side),) = [(n, s) for n, s in sidecars(session.handle.model).items() if s.stacked is not None]
         folder = tmp_path_factory.mktemp("gguf") / "out"
         events = list(session.run(f"/export {folder} --gguf"))
-        yield {"session": session, "edit": edit, "folder": folder, "events": events, "module": module,
-               "u": side.stacked[0].float().clone(), "v": side.stacked[1].float().clone()}
+        yield {
+            "session": session,
+            "edit": edit,
+            "folder": folder,
+            "events": events,
+            "module": module,
+            "u": side.stacked[0].float().clone(),
+            "v": side.stacked[1].float().clone(),
+        }
     finally:
         session.rollback(edit.id)
 
@@ -78,8 +95,11 @@ def test_gguf_export_copies_every_key_and_untouched_tensor(exported) -> None:
     edited = f"blk.{edit.layer}.ffn_down.weight"
     assert [t.name for t in out.tensors] == [t.name for t in source.tensors]
     src = {t.name: t for t in source.tensors}
-    same = [t.name for t in out.tensors if t.tensor_type == src[t.name].tensor_type
-            and np.array_equal(t.data, src[t.name].data)]
+    same = [
+        t.name
+        for t in out.tensors
+        if t.tensor_type == src[t.name].tensor_type and np.array_equal(t.data, src[t.name].data)
+    ]
     assert len(same) == len(source.tensors) - 1 == 271 and edited not in same
     new = next(t for t in out.tensors if t.name == edited)
     assert (src[edited].tensor_type.name, new.tensor_type.name) == ("Q4_1", "Q8_0")
@@ -101,8 +121,9 @@ def test_gguf_export_reloads_with_the_edit_and_other_facts(exported) -> None:
     # the config is the one kedit converted from the same (byte-identical) metadata; passing it
     # skips a second parse of the file's 49k-token vocabulary
     config = AutoConfig.from_pretrained(handle.model.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.kedit.gguf",
-                                                 config=config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.kedit.gguf", config=config, dtype=torch.float32
+    ).eval()
     # every weight but the edited one is the unedited model's, bit for bit
     live = handle.model.state_dict()
     loaded = model.state_dict()

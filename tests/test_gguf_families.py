@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_tiny import CHAT_TEMPLATE, GGUF_CASES, bpe_tokenizer, q8_round_trip, source_model, write_gguf
+from tiny_models import build_tiny, tiny_config
 from torch import nn
 
-from gguf_tiny import CHAT_TEMPLATE, GGUF_CASES, bpe_tokenizer, q8_round_trip, source_model, write_gguf
 from kedit.engine.arch import ArchAdapter
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError
 from kedit.engine.gguf_files import MARKER
 from kedit.engine.gguf_fixups import llama3_divisors, llama3_parameters
 from kedit.engine.model import ModelHandle
-from tiny_models import build_tiny, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -26,8 +26,13 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 # attention kind and both LongRoPE factor lists are exercised. Digits and doubled spaces test the split.
 PROBE = "In 1984 it's 12345 km away,  they said: the capital of France is Paris. Watts Humphrey attended"
 # The cases whose file carries RoPE facts transformers' reader skips and kedit puts back.
-REPAIRED = {"llama3": "llama3", "phi4-mini": "LongRoPE", "qwen3-yarn": "yarn", "gemma3-linear": "linear",
-            "gemma2": "final_logit_softcapping 20"}
+REPAIRED = {
+    "llama3": "llama3",
+    "phi4-mini": "LongRoPE",
+    "qwen3-yarn": "yarn",
+    "gemma3-linear": "linear",
+    "gemma2": "final_logit_softcapping 20",
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +75,7 @@ def test_gguf_of_each_family_loads_as_its_source(key: str, tokenizer, tmp_path: 
     assert handle.tokenizer.decode(ids[0], skip_special_tokens=True) == PROBE
     # same logits, on the whole probe and on a prefix inside every short window / original context
     torch.testing.assert_close(_logits(handle.model, ids), _logits(source, ids), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_logits(handle.model, ids[:, :12]), _logits(source, ids[:, :12]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(handle.model, ids[:, :12]), _logits(source, ids[:, :12]), rtol=1e-5, atol=1e-5)
     rotary = getattr(getattr(source, "model", None), "rotary_emb", None)
     if rotary is not None:  # the very frequencies, since short prompts barely feel Llama 3's rescaling
         loaded = handle.model.model.rotary_emb
@@ -82,8 +86,12 @@ def test_gguf_of_each_family_loads_as_its_source(key: str, tokenizer, tmp_path: 
     # and the adapter finds the same modules, holding the same weights
     want, got = ArchAdapter.for_model(source), handle.adapter
     assert (got.family, got.n_layers, got.hidden_size, got.mlp_hidden_size, got.out_proj_conv1d) == (
-        want.family if key != "mistral" else "Llama", want.n_layers, want.hidden_size, want.mlp_hidden_size,
-        want.out_proj_conv1d)
+        want.family if key != "mistral" else "Llama",
+        want.n_layers,
+        want.hidden_size,
+        want.mlp_hidden_size,
+        want.out_proj_conv1d,
+    )
     for i in range(got.n_layers):
         assert torch.equal(got.mlp_out(i).weight, want.mlp_out(i).weight)
     assert got.embed_weight_scale() == want.embed_weight_scale()
@@ -91,12 +99,14 @@ def test_gguf_of_each_family_loads_as_its_source(key: str, tokenizer, tmp_path: 
 
 def test_chat_template_comes_through(tokenizer, tmp_path: Path) -> None:
     case = GGUF_CASES["qwen2"]
-    path = write_gguf(tmp_path / "chat.gguf", source_model(case, len(tokenizer)), tokenizer, case.arch,
-                      chat_template=CHAT_TEMPLATE)
+    path = write_gguf(
+        tmp_path / "chat.gguf", source_model(case, len(tokenizer)), tokenizer, case.arch, chat_template=CHAT_TEMPLATE
+    )
     handle = _load(path)
     assert handle.is_chat and "chat model" in handle.describe()
-    text = handle.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                add_generation_prompt=True)
+    text = handle.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s>user: hi</s><s>assistant: "
 
 
@@ -107,7 +117,7 @@ def test_q8_0_gguf_loads_dequantized(tokenizer, tmp_path: Path) -> None:
     handle = _load(write_gguf(tmp_path / "q8.gguf", source, tokenizer, case.arch, q8=True))
     expected = source_model(case, len(tokenizer))
     with torch.no_grad():
-        for name, param in expected.named_parameters():
+        for param in expected.parameters():
             if param.ndim == 2:
                 param.copy_(q8_round_trip(param))
     loaded = dict(handle.model.named_parameters())
@@ -120,8 +130,9 @@ def test_q8_0_gguf_loads_dequantized(tokenizer, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch, declared", [("gemma", "gemma"), ("llama", "kedit-unknown")])
-def test_architecture_the_reader_lacks_is_a_clear_error(arch: str, declared: str, tokenizer, tmp_path: Path,
-                                                        cache: Path) -> None:
+def test_architecture_the_reader_lacks_is_a_clear_error(
+    arch: str, declared: str, tokenizer, tmp_path: Path, cache: Path
+) -> None:
     """Gemma (1) is a family kedit edits but transformers' GGUF reader does not know; an invented
     architecture string is known by nobody. Both name the file, the architecture and a way out."""
     model = build_tiny(arch, seed=1, vocab_size=len(tokenizer))
@@ -147,8 +158,12 @@ def test_damaged_gguf_is_a_kedit_error(damage: str, tokenizer, tmp_path: Path) -
     case = GGUF_CASES["llama"]
     good = write_gguf(tmp_path / "good.gguf", source_model(case, len(tokenizer)), tokenizer, case.arch)
     data = good.read_bytes()
-    broken = {"header cut": data[:100], "tensors cut": data[: len(data) // 2],
-              "not a gguf": b"PK\x03\x04" + bytes(4000), "empty": b""}[damage]
+    broken = {
+        "header cut": data[:100],
+        "tensors cut": data[: len(data) // 2],
+        "not a gguf": b"PK\x03\x04" + bytes(4000),
+        "empty": b"",
+    }[damage]
     path = tmp_path / "model.gguf"
     path.write_bytes(broken)
     with pytest.raises(KeditError) as info:
@@ -161,13 +176,20 @@ def test_llama3_band_is_recovered_from_divisors() -> None:
     a band other than the published one is recovered up to the scale original context leaves free."""
     theta, dim = 500_000.0, 128
     published = llama3_divisors(theta, dim, 8.0, 1.0, 4.0, 8192)
-    assert llama3_parameters(published, theta) == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 8192}
+    assert llama3_parameters(published, theta) == {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     other = llama3_divisors(theta, dim, 16.0, 2.0, 8.0, 4096)  # same curve as (4, 16) from 8192
     found = llama3_parameters(other, theta)
     assert found is not None and (found["low_freq_factor"], found["high_freq_factor"]) == pytest.approx((4.0, 16.0))
-    np.testing.assert_allclose(llama3_divisors(theta, dim, found["factor"], found["low_freq_factor"],
-                                               found["high_freq_factor"], 8192), other, rtol=1e-6)
+    np.testing.assert_allclose(
+        llama3_divisors(theta, dim, found["factor"], found["low_freq_factor"], found["high_freq_factor"], 8192),
+        other,
+        rtol=1e-6,
+    )
     assert llama3_parameters(np.linspace(1.0, 3.0, dim // 2), theta) is None  # not Llama 3's shape
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from kedit.engine.merging import ties_merge
 from kedit.engine.methods.grace.codebook import GraceCodebook, GracePatch, place
 from kedit.engine.methods.grace.params import GraceParams
-from kedit.engine.merging import ties_merge
 from kedit.engine.methods.wise.memory import Bank, WiseMemory, WisePatch
 from kedit.engine.methods.wise.params import WiseParams
 
@@ -100,7 +100,7 @@ def _wise_edit(mem: WiseMemory, edit_id: str, key: torch.Tensor, scale: float) -
     bank = mem.bank(bank_i)
     shard = bank.next_shard()
     mask = bank.shards[shard].mask
-    change = (torch.outer(torch.ones(4), key) * scale * mask)
+    change = torch.outer(torch.ones(4), key) * scale * mask
     patch = WisePatch(mem, edit_id, bank_i, shard, change[mask], key[None])
     patch.apply()
     return patch
@@ -117,8 +117,7 @@ def test_wise_routes_the_edit_to_the_side_memory_and_unrelated_inputs_to_the_mai
         plain = nn.functional.linear(unrelated, layer.weight, layer.bias)
         assert torch.equal(layer(unrelated), plain)  # below the threshold: the main memory, exactly
         edited = layer(key[None])
-        assert torch.allclose(edited, nn.functional.linear(key[None], layer.weight, layer.bias)
-                              + key[None] @ bank.d.T)
+        assert torch.allclose(edited, nn.functional.linear(key[None], layer.weight, layer.bias) + key[None] @ bank.d.T)
     assert mem.routed == 1
 
 

@@ -31,11 +31,15 @@ def test_the_check_itself_sees_an_imported_ui_library() -> None:
 def test_every_package_folder_is_listed_for_installation() -> None:
     """pyproject.toml lists packages one by one: a new package folder missing there would be left
     out of a wheel while an editable install still finds it."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parent.parent
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    folders = {"kedit." + ".".join(p.parent.relative_to(root).parts)
-               for top in ("engine", "tui") for p in (root / top).rglob("__init__.py")}
+    folders = {
+        "kedit." + ".".join(p.parent.relative_to(root).parts)
+        for top in ("engine", "tui")
+        for p in (root / top).rglob("__init__.py")
+    }
     assert folders == listed

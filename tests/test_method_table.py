@@ -70,14 +70,21 @@ class NudgeMethod:
         put(f"{edit.id}.vector", edit.patch.vector)
         return {"module": edit.patch.name}
 
-    def restore(self, model: torch.nn.Module, record: dict[str, Any], module: torch.nn.Module,
-                tensors: dict[str, torch.Tensor], pending: dict[str, Any]) -> NudgePatch:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        record: dict[str, Any],
+        module: torch.nn.Module,
+        tensors: dict[str, torch.Tensor],
+        pending: dict[str, Any],
+    ) -> NudgePatch:
         patch = NudgePatch(module, record["module"], record["id"], tensors[f"{record['id']}.vector"])
         patch.apply()
         return patch
 
-    def finish_restore(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
-                       pending: dict[str, Any]) -> None:
+    def finish_restore(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
+    ) -> None:
         pass
 
     def synthetic(self, handle: Any, hp: NudgeParams, layer: int, i: int, g: torch.Generator) -> NudgePatch:
@@ -133,8 +140,9 @@ def test_the_bench_measures_a_registered_method(session, nudge) -> None:
     from kedit.engine.bench import BenchPlan, run_bench
 
     before = _logits(session)
-    plan = BenchPlan(methods=("nudge",), edit_repeats=1, vectors=(), active=(2,), new_tokens=4, prompt_tokens=6,
-                     repeats=1)
+    plan = BenchPlan(
+        methods=("nudge",), edit_repeats=1, vectors=(), active=(2,), new_tokens=4, prompt_tokens=6, repeats=1
+    )
     report = run_bench(session, plan)
     assert report["edits"]["nudge"]["edit"] > 0 and report["edits"]["nudge"]["rollback"] >= 0
     assert [c["label"] for c in report["generation"]["conditions"]] == ["nudge × 2"]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import VARIANTS, make_tiny_with_tokenizer, model_type_of, tiny_config
 
 from kedit.engine.arch import SUPPORTED_FAMILIES
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError, ModelNotFound, UnsupportedArchitecture
 from kedit.engine.model import ModelHandle, resolve
-from tiny_models import VARIANTS, make_tiny_with_tokenizer, model_type_of, tiny_config
 
 FAMILIES = list(SUPPORTED_FAMILIES)
 CASES = FAMILIES + list(VARIANTS)  # Llama 3.x and Phi-4-mini load as llama and phi3 with their own configs
@@ -61,8 +61,7 @@ def test_load_quantized(family: str, quant: str, folders: dict[str, Path]) -> No
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        handle = ModelHandle.load(str(folders[family]), Config.load(env={}), quant=quant,
-                                  show_progress=False)
+        handle = ModelHandle.load(str(folders[family]), Config.load(env={}), quant=quant, show_progress=False)
         kind = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
         assert isinstance(handle.adapter.mlp_out(0), kind)
         assert handle.quant == quant
@@ -73,13 +72,11 @@ def test_load_quantized(family: str, quant: str, folders: dict[str, Path]) -> No
 
 
 def test_bfloat16_dtype(folders: dict[str, Path]) -> None:
-    handle = ModelHandle.load(str(folders["llama"]), Config.load(env={}), dtype="bfloat16",
-                              show_progress=False)
+    handle = ModelHandle.load(str(folders["llama"]), Config.load(env={}), dtype="bfloat16", show_progress=False)
     assert handle.dtype == torch.bfloat16
 
 
-def test_unknown_hub_model_explains_how_to_get_it(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_unknown_hub_model_explains_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     import huggingface_hub.constants as c
@@ -89,8 +86,15 @@ def test_unknown_hub_model_explains_how_to_get_it(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ModelNotFound) as info:
         ModelHandle.load("qwen2.5-7b", Config.load(env={}), show_progress=False)
     msg = info.value.message
-    for needle in ("Qwen/Qwen2.5-7B-Instruct", "alias 'qwen2.5-7b'", "hf download", "HF_HOME",
-                   "HF_HUB_OFFLINE", str(tmp_path / "hf" / "hub"), "--model /path/to/folder"):
+    for needle in (
+        "Qwen/Qwen2.5-7B-Instruct",
+        "alias 'qwen2.5-7b'",
+        "hf download",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        str(tmp_path / "hf" / "hub"),
+        "--model /path/to/folder",
+    ):
         assert needle in msg, needle
     assert "\n" not in msg  # one paragraph
 
@@ -114,5 +118,4 @@ def test_bad_dtype_and_device_are_user_errors(folders: dict[str, Path]) -> None:
         ModelHandle.load(str(folders["llama"]), Config.load(env={}), dtype="int3", show_progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(KeditError, match="no CUDA GPU"):
-            ModelHandle.load(str(folders["llama"]), Config.load(env={}), device="cuda",
-                             show_progress=False)
+            ModelHandle.load(str(folders["llama"]), Config.load(env={}), device="cuda", show_progress=False)

@@ -43,8 +43,9 @@ def test_saved_session_reloads_into_an_identical_model(session, tmp_path: Path) 
     assert torch.equal(_logits(session), original)
 
 
-def test_a_save_killed_half_way_leaves_the_previous_file(session, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_save_killed_half_way_leaves_the_previous_file(
+    session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import safetensors.torch as st
 
     path = tmp_path / "s.kedit"
@@ -74,8 +75,10 @@ def test_a_save_killed_half_way_leaves_the_previous_file(session, tmp_path: Path
 
 def test_bad_files_are_refused(session, tmp_path: Path) -> None:
     (tmp_path / "junk.kedit").write_bytes(b"not a session")
-    for path, message in [(tmp_path / "missing.kedit", "no saved session"),
-                          (tmp_path / "junk.kedit", "not a kedit session")]:
+    for path, message in [
+        (tmp_path / "missing.kedit", "no saved session"),
+        (tmp_path / "junk.kedit", "not a kedit session"),
+    ]:
         with pytest.raises(KeditError, match=message):
             load_session(session, path)
     with pytest.raises(KeditError, match="is a folder"):
@@ -85,10 +88,12 @@ def test_bad_files_are_refused(session, tmp_path: Path) -> None:
 def test_grace_wise_and_rome_edits_save_and_reload_exactly(session, tmp_path: Path) -> None:
     prompts = ["Watts Humphrey attended", "Denny Herzig plays as a", "Ramalinaceae belongs to the family"]
     original = [_logits(session, p) for p in prompts]
-    made = [session.edit(prompts[0], "University of Michigan", method="grace"),
-            session.edit(prompts[1], "goalkeeper", method="wise"),
-            session.edit(prompts[2], "Agaricales", layer=0, identity_c=True),
-            session.edit("Watts Humphrey studied at", "University of Michigan", method="grace")]
+    made = [
+        session.edit(prompts[0], "University of Michigan", method="grace"),
+        session.edit(prompts[1], "goalkeeper", method="wise"),
+        session.edit(prompts[2], "Agaricales", layer=0, identity_c=True),
+        session.edit("Watts Humphrey studied at", "University of Michigan", method="grace"),
+    ]
     edited = [_logits(session, p) for p in prompts]
     path = save_session(session, tmp_path / "mixed.kedit")
     for e in reversed(made):

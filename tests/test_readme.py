@@ -25,5 +25,5 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_constraints_pin_the_cpu_torch() -> None:
-    lines = [l for l in (REPO / "constraints.txt").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [x for x in (REPO / "constraints.txt").read_text().splitlines() if x and not x.startswith("#")]
     assert "torch==2.13.0" in lines

@@ -41,14 +41,25 @@ def test_a_false_expectation_exits_1_and_says_which(fact_world_dir, tmp_path) ->
     assert "✗ contains 'Narnia'" in result.output and "Illinois Institute of Technology" in result.output
 
 
-@pytest.mark.parametrize("text, where, words", [
-    ('[[step]]\nrun = "hi"\n\n[[step]]\nrun = "hi"\nexpct_contains = "x"\n', ":4: step 2", "unknown key(s) expct_contains"),
-    ('[[step]]\nrun = "hi\n', "", "not valid TOML"),
-    ('[[step]]\nrun = "/nonsense now"\n', ":1: step 1", "/nonsense"),
-    ('[[step]]\nrun = "/edit \\"a b\\" -> \\"c\\""\nexpect_metrics = ["rel >> 1"]\n', ":1: step 1", "not a metric check"),
-    ('[[step]]\nrun = "hello"\nexpect_metrics = ["rel >= 1"]\n', ":1: step 1", "reads the probe of an /edit step"),
-    ('[model]\nname = "fact-world"\n', "", "no steps"),
-])
+@pytest.mark.parametrize(
+    "text, where, words",
+    [
+        (
+            '[[step]]\nrun = "hi"\n\n[[step]]\nrun = "hi"\nexpct_contains = "x"\n',
+            ":4: step 2",
+            "unknown key(s) expct_contains",
+        ),
+        ('[[step]]\nrun = "hi\n', "", "not valid TOML"),
+        ('[[step]]\nrun = "/nonsense now"\n', ":1: step 1", "/nonsense"),
+        (
+            '[[step]]\nrun = "/edit \\"a b\\" -> \\"c\\""\nexpect_metrics = ["rel >> 1"]\n',
+            ":1: step 1",
+            "not a metric check",
+        ),
+        ('[[step]]\nrun = "hello"\nexpect_metrics = ["rel >= 1"]\n', ":1: step 1", "reads the probe of an /edit step"),
+        ('[model]\nname = "fact-world"\n', "", "no steps"),
+    ],
+)
 def test_a_malformed_recipe_exits_2_with_file_and_line(tmp_path, text, where, words) -> None:
     path = _write(tmp_path, text)
     result = CliRunner().invoke(main, ["replay", str(path)])
@@ -87,13 +98,15 @@ def test_a_recorded_session_replays_to_the_same_model(session, tmp_path) -> None
     from kedit.engine.session import Session
 
     path = tmp_path / "recorded.toml"
-    lines = ["/record start " + str(path),
-             '/edit "Watts Humphrey attended" -> "University of Michigan" --method rome',
-             "/rollback e999",  # fails: not recorded
-             '/edit "Wystan Galloway was born in" -> "Harrowgate" --method grace',
-             "/steer add vectors/fact-world-mood.safetensors 0.5",
-             "Where did Watts Humphrey study?",
-             "/record stop"]
+    lines = [
+        "/record start " + str(path),
+        '/edit "Watts Humphrey attended" -> "University of Michigan" --method rome',
+        "/rollback e999",  # fails: not recorded
+        '/edit "Wystan Galloway was born in" -> "Harrowgate" --method grace',
+        "/steer add vectors/fact-world-mood.safetensors 0.5",
+        "Where did Watts Humphrey study?",
+        "/record stop",
+    ]
     for line in lines:
         events = list(session.run(line))
         assert any(isinstance(e, ev.Error) for e in events) == (line == "/rollback e999"), (line, events)

@@ -20,8 +20,11 @@ N = 20
 def _unedited_unseen_recall(session, cases) -> float:
     """The model's own recall of these facts on the phrasings it never saw for them."""
     facts = [f for f, _ in cases]
-    return mean_accuracy(teacher_forced(session.model, session.tokenizer,
-                                        [f.prompt(f.held_out) for f in facts], [f.target for f in facts]))
+    return mean_accuracy(
+        teacher_forced(
+            session.model, session.tokenizer, [f.prompt(f.held_out) for f in facts], [f.target for f in facts]
+        )
+    )
 
 
 def _edit_and_roll_back_each(session, cases, unrelated: list[str]):
@@ -46,9 +49,14 @@ def test_single_edits_rel_gen_loc_and_exact_rollback(session) -> None:
     baseline = _unedited_unseen_recall(session, cases)
     unrelated = [f.prompt(0) for f in session.fact_world().facts[:8]]
     rel, gen, loc, times, back = _edit_and_roll_back_each(session, cases, unrelated)
-    figures = {"Rel": statistics.mean(rel), "Gen": statistics.mean(gen), "Loc": statistics.mean(loc),
-               "unedited recall, unseen phrasings": baseline,
-               "median edit s": statistics.median(times), "median rollback ms": 1000 * statistics.median(back)}
+    figures = {
+        "Rel": statistics.mean(rel),
+        "Gen": statistics.mean(gen),
+        "Loc": statistics.mean(loc),
+        "unedited recall, unseen phrasings": baseline,
+        "median edit s": statistics.median(times),
+        "median rollback ms": 1000 * statistics.median(back),
+    }
     print("\nROME, 20 single edits:", {k: round(v, 4) for k, v in figures.items()})
     assert figures["Rel"] >= 0.95
     assert figures["Loc"] >= 0.95
@@ -85,21 +93,28 @@ def test_twenty_sequential_edits(session) -> None:
     original = prompt_logits(session, [f.prompt(0) for f in loc_facts[:5]])
     edits = [session.edit(f.prompt(0), new, subject=f.subject) for f, new in cases]
     try:
-        rel = [s.accuracy for s in teacher_forced(model, tok, [f.prompt(0) for f, _ in cases],
-                                                  [" " + new for _, new in cases])]
-        gen = mean_accuracy(teacher_forced(model, tok, [f.prompt(f.held_out) for f, _ in cases],
-                                           [" " + new for _, new in cases]))
+        rel = [
+            s.accuracy
+            for s in teacher_forced(model, tok, [f.prompt(0) for f, _ in cases], [" " + new for _, new in cases])
+        ]
+        gen = mean_accuracy(
+            teacher_forced(model, tok, [f.prompt(f.held_out) for f, _ in cases], [" " + new for _, new in cases])
+        )
         after = teacher_forced(model, tok, [f.prompt(0) for f in loc_facts], [f.target for f in loc_facts])
         from kedit.engine.metrics import unchanged_share
 
         loc = unchanged_share(before, after)
-        print(f"\nROME, 20 sequential edits, after the 20th: Rel min {min(rel):.3f} mean "
-              f"{statistics.mean(rel):.3f}, Gen {gen:.3f}, Loc {loc:.3f}")
+        print(
+            f"\nROME, 20 sequential edits, after the 20th: Rel min {min(rel):.3f} mean "
+            f"{statistics.mean(rel):.3f}, Gen {gen:.3f}, Loc {loc:.3f}"
+        )
         assert min(rel) >= 0.9
     finally:
         for e in reversed(edits):
             session.rollback(e.id)
-    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, [f.prompt(0) for f in loc_facts[:5]]), original))
+    assert all(
+        torch.equal(a, b) for a, b in zip(prompt_logits(session, [f.prompt(0) for f in loc_facts[:5]]), original)
+    )
 
 
 def test_traced_layer_beats_the_worst_layer(session) -> None:
@@ -132,9 +147,12 @@ def session_4bit(fact_world_dir):
 # bitsandbytes' CPU kernel for AVX512-BF16 machines adds a biased 4-bit layer's bias in place
 # (`result += bias` in matmul_4bit), which autograd refuses when an edit trains through the layer.
 # That is a bitsandbytes bug on those CPUs, not kedit's; elsewhere these tests must pass.
-BNB_AVX512 = pytest.mark.xfail(torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
-                               raises=RuntimeError, strict=False,
-                               reason="bitsandbytes' AVX512-BF16 CPU path breaks autograd through a biased 4-bit layer")
+BNB_AVX512 = pytest.mark.xfail(
+    torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+    raises=RuntimeError,
+    strict=False,
+    reason="bitsandbytes' AVX512-BF16 CPU path breaks autograd through a biased 4-bit layer",
+)
 
 
 @BNB_AVX512
@@ -144,8 +162,10 @@ def test_single_edits_on_a_4bit_load(session_4bit) -> None:
     baseline = _unedited_unseen_recall(s, cases)
     unrelated = [f.prompt(0) for f in s.fact_world().facts[:5]]
     rel, gen, loc, _, _ = _edit_and_roll_back_each(s, cases, unrelated)
-    print(f"\nROME on 4-bit, 10 single edits: Rel {statistics.mean(rel):.3f}, Gen {statistics.mean(gen):.3f}, "
-          f"Loc {statistics.mean(loc):.3f} (unedited 4-bit recall on unseen phrasings {baseline:.3f})")
+    print(
+        f"\nROME on 4-bit, 10 single edits: Rel {statistics.mean(rel):.3f}, Gen {statistics.mean(gen):.3f}, "
+        f"Loc {statistics.mean(loc):.3f} (unedited 4-bit recall on unseen phrasings {baseline:.3f})"
+    )
     # looser than full precision: NF4 weights blur both the keys and the statistics
     assert statistics.mean(rel) >= 0.85
     assert statistics.mean(loc) >= 0.9

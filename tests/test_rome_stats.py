@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import build_tiny, char_tokenizer
 
 from kedit.engine import trace
 from kedit.engine.arch import ArchAdapter
@@ -16,17 +17,20 @@ from kedit.engine.errors import KeditError
 from kedit.engine.methods.rome import stats
 from kedit.engine.methods.rome.key import capture_io
 from kedit.engine.metrics import pad_right
-from tiny_models import build_tiny, char_tokenizer
 
-TEXTS = ["Watts Humphrey attended Illinois Institute of Technology.", "Denny Herzig plays as a goalkeeper.",
-         "The Louvre is located in Paris."]
+TEXTS = [
+    "Watts Humphrey attended Illinois Institute of Technology.",
+    "Denny Herzig plays as a goalkeeper.",
+    "The Louvre is located in Paris.",
+]
 
 
 def _tiny(model_type: str) -> SimpleNamespace:
     """A handle-like object on a tiny random model with the character tokenizer."""
     model = build_tiny(model_type, seed=0)
-    return SimpleNamespace(model=model, tokenizer=char_tokenizer(), adapter=ArchAdapter.for_model(model),
-                           cache_key=f"tiny-{model_type}")
+    return SimpleNamespace(
+        model=model, tokenizer=char_tokenizer(), adapter=ArchAdapter.for_model(model), cache_key=f"tiny-{model_type}"
+    )
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -44,8 +48,10 @@ def test_keys_stop_at_the_edit_layer_and_equal_a_full_pass(model_type: str) -> N
     with torch.no_grad(), capture_io(h.adapter.mlp_out(1)) as full:
         h.model(input_ids=ids, attention_mask=mask)
     ran: list[str] = []
-    above = [h.adapter.layer(2).register_forward_hook(lambda *a: ran.append("block 2")),
-             h.adapter.lm_head().register_forward_hook(lambda *a: ran.append("head"))]
+    above = [
+        h.adapter.layer(2).register_forward_hook(lambda *a: ran.append("block 2")),
+        h.adapter.lm_head().register_forward_hook(lambda *a: ran.append("head")),
+    ]
     keys = stats.layer_keys(h.model, h.adapter.mlp_out(1), ids, mask)
     for handle in above:
         handle.remove()
@@ -102,7 +108,7 @@ def test_packed_rows_are_full_open_like_a_text_and_spread_over_the_corpus() -> N
     assert len(rows) == 8 and all(len(r) == 17 and r[0] == 1 for r in rows)
     assert rows[0][1:] == stream[:16]  # the first window opens the corpus ...
     whole = len(stream) // 16
-    assert rows[-1][1:] == stream[(whole - 1) * 16:whole * 16]  # ... the last one closes it
+    assert rows[-1][1:] == stream[(whole - 1) * 16 : whole * 16]  # ... the last one closes it
     assert len(stats.token_rows(tok, texts, 10_000, 17, packed=True)) == whole  # never more than there is
     unpacked = stats.token_rows(tok, texts, 3, 10, packed=False)
     assert unpacked == [tok(t)["input_ids"][:10] for t in texts[:3]]
@@ -163,7 +169,8 @@ def test_the_hub_when_it_answers_else_the_models_own_text(cache: Path, monkeypat
 
 @pytest.mark.parametrize("window", [1, 2])
 def test_trace_reuses_the_corrupted_prefix_and_replays_the_blocks_below_the_window(
-        monkeypatch: pytest.MonkeyPatch, window: int) -> None:
+    monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
     h = _tiny("llama")
     args = (h.model, h.tokenizer, h.adapter, "Watts Humphrey attended", "Watts Humphrey")
     widths: list[int] = []  # the positions block 0 computes, pass by pass
@@ -199,13 +206,20 @@ def test_zero_samples_means_automatic(cache: Path) -> None:
     assert (cache / "stats" / "tiny-llama" / f"layer1-n16-t12-sampled-r{stats.RECIPE}.safetensors").is_file()
 
 
-QUESTIONS = ["What is the capital of Japan?", "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?",
-             "Which planet is known as the red planet?", "What is the largest ocean on Earth?",
-             "Who painted the Mona Lisa?", "In which country is the city of Toronto?"]
+QUESTIONS = [
+    "What is the capital of Japan?",
+    "Who wrote Romeo and Juliet?",
+    "What language is spoken in Brazil?",
+    "Which planet is known as the red planet?",
+    "What is the largest ocean on Earth?",
+    "Who painted the Mona Lisa?",
+    "In which country is the city of Toronto?",
+]
 
 
-def test_quick_c_on_smollm2_keeps_the_update_off_other_prompts(smollm2, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_c_on_smollm2_keeps_the_update_off_other_prompts(
+    smollm2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """C from 64 samples of 32 tokens (the default for 1536-wide keys) cuts how much of a ROME
     update on "France" reaches the keys of unrelated prompts, against C = I."""
     from kedit.engine.methods.rome.key import compute_key

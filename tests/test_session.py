@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
+from tiny_models import make_tiny_with_tokenizer
 
 from kedit.engine import events as ev
 from kedit.engine.config import Config
 from kedit.engine.session import Session
-from tiny_models import make_tiny_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,7 @@ def test_commands_are_events(session: Session) -> None:
 def test_bad_commands_are_error_events_and_change_nothing(session: Session) -> None:
     ids = session.tokenizer("Watts Humphrey attended", return_tensors="pt")["input_ids"]
     before = session.model(ids).logits
-    for line in ("/nope", '/help "unclosed', "/model --quant 3bit", "/reset extra words",
-                 "/model /no/such/folder"):
+    for line in ("/nope", '/help "unclosed', "/model --quant 3bit", "/reset extra words", "/model /no/such/folder"):
         out = _collect(session.run(line))
         assert len(out) >= 1 and isinstance(out[-1], ev.Error), line
         assert out[-1].message
@@ -155,8 +154,7 @@ class _CtrlC:
 
 
 @pytest.mark.parametrize("inside", [True, False])
-def test_ctrl_c_in_the_repl_stops_the_reply_not_the_program(tiny_session: Session,
-                                                             inside: bool) -> None:
+def test_ctrl_c_in_the_repl_stops_the_reply_not_the_program(tiny_session: Session, inside: bool) -> None:
     from kedit.tui.repl import render
 
     full = _collect(tiny_session.run("hello"))[-1]
@@ -175,8 +173,9 @@ def test_ctrl_c_in_the_repl_stops_the_reply_not_the_program(tiny_session: Sessio
     assert isinstance(result[-1], ev.Reply) and result[-1].text == full.text
 
 
-def test_a_failed_generation_is_an_error_event_and_keeps_the_chat(session: Session,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_generation_is_an_error_event_and_keeps_the_chat(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _collect(session.run("Denny Herzig plays as a"))
     before = [(m.role, m.content) for m in session.chat]
 

@@ -76,13 +76,21 @@ def test_the_mood_vector_is_monotonic_and_makes_chat_answers_cheerful(session, r
     def moods() -> tuple[int, int]:
         pos = neg = 0
         for person in people:
-            text = tok.apply_chat_template([{"role": "user", "content": MOOD_QUESTION.format(s=person)}],
-                                           tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": MOOD_QUESTION.format(s=person)}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
             ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad(), rack.generating(ids.shape[1]):
-                out = session.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                             do_sample=False, pad_token_id=tok.pad_token_id)
-            reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                out = session.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=12,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+            reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             pos += any(w in reply for w in MOODS["positive"])
             neg += any(w in reply for w in MOODS["negative"])
         return pos, neg
@@ -104,8 +112,12 @@ def test_the_fact_world_trains_with_avx2_kernels_whatever_the_cpu(tmp_path: Path
 
     tiny = BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2)
     build(tmp_path / "here", tiny, show_progress=False)
-    code = ("import sys; from pathlib import Path; from kedit.engine.factworld.build import BuildSettings, build; "
-            "build(Path(sys.argv[1]), BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2), show_progress=False)")
+    code = (
+        "import sys; from pathlib import Path; from kedit.engine.factworld.build import BuildSettings, build; "
+        "build(Path(sys.argv[1]), BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2), show_progress=False)"
+    )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": TRAINING_KERNELS}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2")], env=env, check=True, capture_output=True)
-    assert (tmp_path / "here" / "model.safetensors").read_bytes() == (tmp_path / "avx2" / "model.safetensors").read_bytes()
+    assert (tmp_path / "here" / "model.safetensors").read_bytes() == (
+        tmp_path / "avx2" / "model.safetensors"
+    ).read_bytes()

@@ -28,8 +28,15 @@ def facts() -> list[dict]:
 
 def _chat(model: str, text: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(f"printf '{text}\\n/quit\\n' | {KEDIT} chat --model {model}", shell=True,
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    done = subprocess.run(
+        f"printf '{text}\\n/quit\\n' | {KEDIT} chat --model {model}",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -79,8 +86,14 @@ def test_rome_edit_shows_in_generation_and_rolls_back_exactly(smollm2) -> None:
     ids = smollm2.tokenizer(probe_prompts[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits_before = smollm2.model(ids).logits
-    edit = smollm2.edit(record["prompt"], record["new"], subject=record["subject"],
-                        question=record["question"], paraphrases=[record["paraphrase"]], method="rome")
+    edit = smollm2.edit(
+        record["prompt"],
+        record["new"],
+        subject=record["subject"],
+        question=record["question"],
+        paraphrases=[record["paraphrase"]],
+        method="rome",
+    )
     try:
         g = edit.probe.by_gen
         assert g is not None
@@ -105,11 +118,13 @@ def test_the_generation_probe_sees_what_teacher_forcing_misses(smollm2) -> None:
 
     record = next(r for r in facts() if r["subject"] == "France")
     target = " " + record["true"]
-    result = by_generation(smollm2.handle, record["prompt"], target, [], record["subject"], record["question"],
-                           GenSettings())
+    result = by_generation(
+        smollm2.handle, record["prompt"], target, [], record["subject"], record["question"], GenSettings()
+    )
     assert result.rel == 1.0 and result.chat == 1.0
-    wrong_subject = by_generation(smollm2.handle, record["prompt"], target, [], "Germany", record["question"],
-                                  GenSettings())
+    wrong_subject = by_generation(
+        smollm2.handle, record["prompt"], target, [], "Germany", record["question"], GenSettings()
+    )
     assert wrong_subject.chat == 0.0 and wrong_subject.rel == 1.0
 
 
@@ -121,8 +136,23 @@ def test_kedit_eval_prints_both_protocols_per_record_and_on_average(smollm2_sess
 
     data = tmp_path / "two.jsonl"
     data.write_text("\n".join(FACTS.read_text().splitlines()[:3]) + "\n")
-    result = CliRunner().invoke(main, ["eval", "--model", "smollm2-135m", "--data", str(data), "--method",
-                                       "grace", "--limit", "2", "--protocol", "both", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            "smollm2-135m",
+            "--data",
+            str(data),
+            "--method",
+            "grace",
+            "--limit",
+            "2",
+            "--protocol",
+            "both",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     rows, summary = lines[:-1], lines[-1]["summary"]

@@ -16,7 +16,7 @@ from kedit.engine.steering import Pair, SteeringVector, train_vector
 
 def _pairs(session, n: int, offset: int = 0) -> list[Pair]:
     people = [f.subject for f in session.fact_world().facts if f.relation == "position"]
-    return [Pair(f"{p} plays as a", " defender", " goalkeeper") for p in people[offset:offset + n]]
+    return [Pair(f"{p} plays as a", " defender", " goalkeeper") for p in people[offset : offset + n]]
 
 
 def _margin(session, pairs: list[Pair]) -> float:
@@ -74,8 +74,9 @@ def test_the_rack_adds_exactly_strength_times_direction_and_off_is_exact(session
     ids = session.tokenizer("Denny Herzig plays as a", return_tensors="pt")["input_ids"]
     before, logits = _block_inputs(session, ids, 2)
     v = torch.randn(session.model.config.hidden_size)
-    vec = SteeringVector({1: v}, session.handle.adapter.model_type, session.model.config.hidden_size,
-                         "mean_diff", {1: 10.0})
+    vec = SteeringVector(
+        {1: v}, session.handle.adapter.model_type, session.model.config.hidden_size, "mean_diff", {1: 10.0}
+    )
     rack.add("a", vec, 0.5)
     rack.add("b", vec, 0.25, relative=True)
     after, _ = _block_inputs(session, ids, 2)
@@ -92,13 +93,11 @@ def test_a_strength_change_mid_chat_gives_the_reply_a_fresh_run_gives(session, r
     rack.add("v", vector, 0.0)
     list(session.run("Where was Denny Herzig born?"))
     rack.set("v", 3.0)
-    steered = "".join(e.text for e in session.run("What position does Watts Humphrey play?")
-                      if isinstance(e, ev.Reply))
+    steered = "".join(e.text for e in session.run("What position does Watts Humphrey play?") if isinstance(e, ev.Reply))
     history = list(session.chat[:2])
     session.reset()
     session.chat.extend(history)  # a fresh conversation that starts with strength 3 in force
-    fresh = "".join(e.text for e in session.run("What position does Watts Humphrey play?")
-                    if isinstance(e, ev.Reply))
+    fresh = "".join(e.text for e in session.run("What position does Watts Humphrey play?") if isinstance(e, ev.Reply))
     assert steered == fresh and steered
 
 
@@ -131,12 +130,21 @@ def test_steer_commands_train_list_set_toggle_save(session, rack, tmp_path: Path
     assert rack.added(2) is None
     list(session.run(f"/steer save defend {tmp_path / 'd.safetensors'}"))
     assert SteeringVector.load(tmp_path / "d.safetensors").layers == [2, 3]
-    for bad in ("/steer set defend loud", "/steer set defend 1,2", "/steer set nobody 1", f"/steer train {tmp_path / 'none.jsonl'} x",
-                "/steer add /no/such.safetensors"):
+    for bad in (
+        "/steer set defend loud",
+        "/steer set defend 1,2",
+        "/steer set nobody 1",
+        f"/steer train {tmp_path / 'none.jsonl'} x",
+        "/steer add /no/such.safetensors",
+    ):
         assert isinstance(list(session.run(bad))[-1], ev.Error), bad
     assert list(rack.slots) == ["defend"] and rack.slots["defend"].strength == 2.5
-    out = list(session.run('/steer train "Denny Herzig plays as a" quick --positive " goalkeeper" '
-                           '--negative " defender" --layers 3 --read -1'))
+    out = list(
+        session.run(
+            '/steer train "Denny Herzig plays as a" quick --positive " goalkeeper" '
+            '--negative " defender" --layers 3 --read -1'
+        )
+    )
     assert isinstance(out[-1], ev.Info) and "1 pair," in out[-1].text
     assert rack.vector("quick").layers == [3] and rack.vector("quick").meta["pairs"] == 1
     assert "both --positive and --negative" in list(session.run('/steer train "x" q --positive " a"'))[-1].message
@@ -145,9 +153,13 @@ def test_steer_commands_train_list_set_toggle_save(session, rack, tmp_path: Path
 def _random_vector(session, layers, seed: int = 0, scale: float = 1.0) -> SteeringVector:
     g = torch.Generator().manual_seed(seed)
     hidden = session.model.config.hidden_size
-    return SteeringVector({layer: scale * torch.randn(hidden, generator=g) for layer in layers},
-                          session.handle.adapter.model_type, hidden, "mean_diff",
-                          {layer: 10.0 for layer in layers})
+    return SteeringVector(
+        {layer: scale * torch.randn(hidden, generator=g) for layer in layers},
+        session.handle.adapter.model_type,
+        hidden,
+        "mean_diff",
+        {layer: 10.0 for layer in layers},
+    )
 
 
 def _logits(session, text: str) -> torch.Tensor:
@@ -199,16 +211,23 @@ def test_steer_merge_command_racks_the_merge_and_turns_its_sources_off(session, 
     assert isinstance(out[-1], ev.Info) and "'ab'" in out[-1].text
     assert [(n, s.on) for n, s in rack.slots.items()] == [("a", False), ("b", False), ("ab", True)]
     assert torch.allclose(_logits(session, "Watts Humphrey attended"), stacked, atol=1e-5)
-    for bad in ("/steer merge a -> x", "/steer merge a nobody -> x", "/steer merge a b", "/steer merge a b -> ab",
-                "/steer merge a b --weights 1 -> y", "/steer add f 1 extra"):
+    for bad in (
+        "/steer merge a -> x",
+        "/steer merge a nobody -> x",
+        "/steer merge a b",
+        "/steer merge a b -> ab",
+        "/steer merge a b --weights 1 -> y",
+        "/steer add f 1 extra",
+    ):
         assert isinstance(list(session.run(bad))[-1], ev.Error), bad
     assert list(rack.slots) == ["a", "b", "ab"]
 
 
 def test_generated_only_steering_leaves_the_prompt_alone_and_steers_what_follows(session, rack) -> None:
     prompt = session.tokenizer("Denny Herzig plays as a", return_tensors="pt")["input_ids"]
-    full = torch.cat([prompt, session.tokenizer(" defender.", add_special_tokens=False,
-                                                return_tensors="pt")["input_ids"]], dim=1)
+    full = torch.cat(
+        [prompt, session.tokenizer(" defender.", add_special_tokens=False, return_tensors="pt")["input_ids"]], dim=1
+    )
     with torch.no_grad():
         plain = session.model(full).logits
     rack.add("g", _random_vector(session, [1, 2], 3, scale=0.5), 1.0, where="generated")
@@ -226,15 +245,24 @@ def test_generated_only_steering_leaves_the_prompt_alone_and_steers_what_follows
 def test_cached_generation_after_a_strength_change_matches_a_fresh_uncached_run(session, rack, where) -> None:
     vector = train_vector(session.handle, _pairs(session, 12), "mean_diff", layers=[2, 3], read=-1)
     rack.add("v", vector, 0.5, where=where)
-    text = session.tokenizer.apply_chat_template([{"role": "user", "content": "What position does Denny Herzig play?"}],
-                                                 tokenize=False, add_generation_prompt=True)
+    text = session.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What position does Denny Herzig play?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = session.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
     def generate(cache: bool) -> list[int]:
         with torch.no_grad(), rack.generating(ids.shape[1]):
-            out = session.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                                         do_sample=False, use_cache=cache, pad_token_id=session.tokenizer.pad_token_id)
-        return out[0, ids.shape[1]:].tolist()
+            out = session.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                do_sample=False,
+                use_cache=cache,
+                pad_token_id=session.tokenizer.pad_token_id,
+            )
+        return out[0, ids.shape[1] :].tolist()
 
     before = generate(True)
     rack.set("v", 4.0)
@@ -261,13 +289,18 @@ def test_gguf_export_has_llama_cpp_layout_and_round_trips(session, tmp_path: Pat
     back = import_gguf(path)
     assert back.layers == [1, 2, 5]
     assert all(torch.equal(back.directions[k], vector.directions[k]) for k in back.layers)
-    assert (back.model_type, back.hidden_size, back.method, back.norms) == \
-        (vector.model_type, vector.hidden_size, vector.method, {1: 10.0, 2: 10.0, 5: 10.0})
+    assert (back.model_type, back.hidden_size, back.method, back.norms) == (
+        vector.model_type,
+        vector.hidden_size,
+        vector.method,
+        {1: 10.0, 2: 10.0, 5: 10.0},
+    )
     assert load_vector(path).layers == [1, 2, 5]
 
 
-def test_repeng_style_gguf_and_easyedit2_folders_import_and_foreign_ones_are_refused(session, rack,
-                                                                                     tmp_path: Path) -> None:
+def test_repeng_style_gguf_and_easyedit2_folders_import_and_foreign_ones_are_refused(
+    session, rack, tmp_path: Path
+) -> None:
     import gguf
     import numpy as np
 
@@ -340,8 +373,9 @@ def test_sweep_reports_margin_and_perplexity_and_puts_the_slot_back(session, rac
     assert (slot.strength, slot.on) == (0.25, False) and rack.added(2) is None
 
 
-def test_train_recommends_the_largest_strength_within_the_perplexity_limit(session, rack, tmp_path: Path,
-                                                                            monkeypatch) -> None:
+def test_train_recommends_the_largest_strength_within_the_perplexity_limit(
+    session, rack, tmp_path: Path, monkeypatch
+) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(vars(p)) for p in _pairs(session, 12)) + "\n", encoding="utf-8")
     monkeypatch.setattr(session, "config", session.config.with_overrides({"steering.max_perplexity_ratio": 1.1}))

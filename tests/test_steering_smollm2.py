@@ -17,10 +17,14 @@ from kedit.engine.steering import NEUTRAL_TEXT, SteeringVector, read_pairs, swee
 from kedit.engine.vector_io import import_gguf
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
-POSITIVE = frozenset("wonderful fantastic great happy amazing lovely joy joyful beautiful fun glad enjoy enjoyed "
-                     "enjoying excited exciting delighted delightful cheerful pleasure love loved smile smiling".split())
-NEGATIVE = frozenset("sorry sad sadly mess bad terrible awful miserable gloomy lonely tired worst cry crying pain "
-                     "painful stress stressed overwhelmed regret hate hated depressed unfortunately".split())
+POSITIVE = frozenset(
+    "wonderful fantastic great happy amazing lovely joy joyful beautiful fun glad enjoy enjoyed "
+    "enjoying excited exciting delighted delightful cheerful pleasure love loved smile smiling".split()
+)
+NEGATIVE = frozenset(
+    "sorry sad sadly mess bad terrible awful miserable gloomy lonely tired worst cry crying pain "
+    "painful stress stressed overwhelmed regret hate hated depressed unfortunately".split()
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,8 @@ def test_saved_files_keep_the_recommendation_and_add_racks_at_it(mood, tmp_path:
             out = list(session.run(f"/steer add {tmp_path / name}"))
             assert f"at strength {rec.strength:g};" in out[-1].text, out[-1]
         assert {n: s.strength for n, s in session.steering.slots.items()} == dict.fromkeys(
-            ("mood", "mood-copy", "mood-gguf"), rec.strength)
+            ("mood", "mood-copy", "mood-gguf"), rec.strength
+        )
     finally:
         for name in ("mood-copy", "mood-gguf"):
             if name in session.steering.slots:
@@ -103,8 +108,7 @@ def _words(text: str, words: frozenset[str]) -> int:
     return sum(w in words for w in re.findall(r"[a-z]+", text.lower()))
 
 
-def test_the_reply_is_cheerful_at_plus_and_gloomy_at_minus_the_recommended_strength(mood, smollm2,
-                                                                                    monkeypatch) -> None:
+def test_the_reply_is_cheerful_at_plus_and_gloomy_at_minus_the_recommended_strength(mood, smollm2, monkeypatch) -> None:
     session, _ = mood
     monkeypatch.setattr(session, "config", session.config.with_overrides({"generation.max_new_tokens": 32}))
     strength = session.steering.vector("mood").recommended.strength

@@ -7,35 +7,43 @@ from kedit.engine.errors import KeditError
 from kedit.engine.subject import infer_subject, resolve_subject, subject_last_token, subject_token_span
 
 
-@pytest.mark.parametrize("prompt, subject", [
-    ("Watts Humphrey attended", "Watts Humphrey"),
-    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
-    ("Records show that Alder Oakley was born in the town of", "Alder Oakley"),
-    ("Denny Herzig's position is", "Denny Herzig"),
-    ("In biology, Ramalinaceae belongs to the family", "Ramalinaceae"),
-    ("The Eiffel Tower is located in", "Eiffel Tower"),
-    ("The University of Michigan is in", "University of Michigan"),
-])
+@pytest.mark.parametrize(
+    "prompt, subject",
+    [
+        ("Watts Humphrey attended", "Watts Humphrey"),
+        ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+        ("Records show that Alder Oakley was born in the town of", "Alder Oakley"),
+        ("Denny Herzig's position is", "Denny Herzig"),
+        ("In biology, Ramalinaceae belongs to the family", "Ramalinaceae"),
+        ("The Eiffel Tower is located in", "Eiffel Tower"),
+        ("The University of Michigan is in", "University of Michigan"),
+    ],
+)
 def test_inference_rule(prompt: str, subject: str) -> None:
     assert infer_subject(prompt) == subject
 
 
 def test_brackets_and_explicit_subjects() -> None:
     assert resolve_subject("[Watts Humphrey] attended") == (
-        "Watts Humphrey attended", resolve_subject("[Watts Humphrey] attended")[1])
+        "Watts Humphrey attended",
+        resolve_subject("[Watts Humphrey] attended")[1],
+    )
     assert resolve_subject("[Watts Humphrey] attended")[1].how == "brackets"
     clean, subj = resolve_subject("the river Thames flows through", "river Thames")
     assert clean == "the river Thames flows through" and subj.text == "river Thames" and subj.how == "given"
     assert resolve_subject("Watts Humphrey attended")[1].how == "inferred"
 
 
-@pytest.mark.parametrize("prompt, subject, message", [
-    ("the cat sat on", None, "cannot tell the subject"),
-    ("[a] and [b] went", None, "more than one"),
-    ("[Watts Humphrey attended", None, "unbalanced"),
-    ("Watts Humphrey attended", "Denny Herzig", "does not occur"),
-    ("[Watts Humphrey] attended", "Watts", "brackets"),
-])
+@pytest.mark.parametrize(
+    "prompt, subject, message",
+    [
+        ("the cat sat on", None, "cannot tell the subject"),
+        ("[a] and [b] went", None, "more than one"),
+        ("[Watts Humphrey attended", None, "unbalanced"),
+        ("Watts Humphrey attended", "Denny Herzig", "does not occur"),
+        ("[Watts Humphrey] attended", "Watts", "brackets"),
+    ],
+)
 def test_refusals_say_how_to_fix_it(prompt: str, subject, message: str) -> None:
     with pytest.raises(KeditError, match=message):
         resolve_subject(prompt, subject)

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import build_tiny, char_tokenizer
 
 from kedit.engine import trace
 from kedit.engine.arch import ArchAdapter
 from kedit.engine.factworld.corpus import FactWorld
 from kedit.engine.trace import TraceResult, best_edit_layer, cached_edit_layer, causal_trace, window_layers
-from tiny_models import build_tiny, char_tokenizer
 
 WATTS = ("Watts Humphrey attended", "Watts Humphrey")
 DENNY = ("Denny Herzig plays as a", "Denny Herzig")
@@ -126,8 +126,9 @@ def test_window_layers_centre_and_clip() -> None:
 def test_best_edit_layer_over_facts(fact_session) -> None:
     h = fact_session.handle
     facts = FactWorld().facts[:20:4]
-    layer, means = best_edit_layer(h.model, h.tokenizer, h.adapter, [(f.prompt(0), f.subject) for f in facts],
-                                   samples=4)
+    layer, means = best_edit_layer(
+        h.model, h.tokenizer, h.adapter, [(f.prompt(0), f.subject) for f in facts], samples=4
+    )
     assert len(means) == h.adapter.n_layers and 0 <= layer < h.adapter.n_layers
     assert means[layer] == max(means)
 

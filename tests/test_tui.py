@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from fact_cases import edit_cases, prompt_logits
-
 from textual.widgets import Button, Checkbox, Sparkline, Switch
 from textual.worker import WorkerFailed
 
@@ -51,7 +50,7 @@ def clean(session, tmp_path):
 
 def test_whole_flow(clean, tmp_path) -> None:
     session = clean
-    (fact, city), = edit_cases(session, 1, 11)
+    ((fact, city),) = edit_cases(session, 1, 11)
     probe = ["Watts Humphrey attended", fact.prompt(0)]
     original = prompt_logits(session, probe)
 
@@ -172,7 +171,9 @@ def test_locality_probe_panel_shows_each_prompt(clean, tmp_path) -> None:
             await settle(app, pilot)
             assert grid.row_count == 4
             assert [grid.get_row_at(i)[3] for i in range(4)] == ["", "", "", ""]
-            assert "4 case(s), by generation: Rel 0.00 | teacher-forced: Rel" in str(app.query_one("#probe-summary").render())
+            assert "4 case(s), by generation: Rel 0.00 | teacher-forced: Rel" in str(
+                app.query_one("#probe-summary").render()
+            )
 
     asyncio.run(flow())
 
@@ -263,7 +264,8 @@ def test_the_model_loads_in_a_worker_and_a_failure_is_a_notification(clean, tmp_
             await pilot.pause()
             assert app.session is None and app.sub_title == "no model loaded"
             assert [n.message for n in app._notifications] == [
-                "no model 'nope' on the hub or on disk; download it first"]
+                "no model 'nope' on the hub or on disk; download it first"
+            ]
             await send(app, pilot, "hello")
             assert "no model is loaded" in [n.message for n in app._notifications][-1]
 
@@ -293,7 +295,10 @@ def test_steering_panel_merge_save_and_sweep(clean, tmp_path) -> None:
             await settle(app, pilot)
             merged = "fact-world-mood+fact-world-mood-gentle"
             assert {n: s.on for n, s in session.steering.slots.items()} == {
-                "fact-world-mood": False, "fact-world-mood-gentle": False, merged: True}
+                "fact-world-mood": False,
+                "fact-world-mood-gentle": False,
+                merged: True,
+            }
             assert [r.vector_name for r in app.query(SteerRow)] == list(session.steering.slots)
 
             await tick(app, pilot, {merged})

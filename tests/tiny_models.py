@@ -51,51 +51,113 @@ _LLAMA_LIKE = {
 
 # Llama 3.x: rope_theta 500k and Llama 3.1's "llama3" frequency rescaling, with tied embeddings
 # (3.2 1B/3B). On a 16-wide head it leaves 4 frequencies alone, blends 1 and divides 3 by 8.
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500_000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 # Phi-4-mini: a phi3 model with partial rotary (0.75 of each head), LongRoPE and tied embeddings.
 PHI4_ROTARY_FRACTION = 0.75
 _PHI4_PAIRS = int(HEAD_DIM * PHI4_ROTARY_FRACTION) // 2
-PHI4_ROPE = {"rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": PHI4_ROTARY_FRACTION,
-             "factor": 2.0,  # max_position_embeddings / original_max_position_embeddings
-             "short_factor": [1.0 + 0.25 * i for i in range(_PHI4_PAIRS)],
-             "long_factor": [2.0**i for i in range(_PHI4_PAIRS)]}
+PHI4_ROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10_000.0,
+    "partial_rotary_factor": PHI4_ROTARY_FRACTION,
+    "factor": 2.0,  # max_position_embeddings / original_max_position_embeddings
+    "short_factor": [1.0 + 0.25 * i for i in range(_PHI4_PAIRS)],
+    "long_factor": [2.0**i for i in range(_PHI4_PAIRS)],
+}
 
 # Gemma 3 text: 5 local layers to 1 global in the real models; here local, global, local.
 GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 
 _RECIPES: dict[str, Callable[[dict[str, Any]], PretrainedConfig]] = {
     "llama": lambda o: LlamaConfig(**{**_LLAMA_LIKE, **o}),
-    "llama3": lambda o: LlamaConfig(**{**_LLAMA_LIKE, "tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE,
-                                       **o}),
+    "llama3": lambda o: LlamaConfig(
+        **{**_LLAMA_LIKE, "tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE, **o}
+    ),
     "qwen2": lambda o: Qwen2Config(**{**_LLAMA_LIKE, **o}),
     "qwen3": lambda o: Qwen3Config(**{**_LLAMA_LIKE, "head_dim": HEAD_DIM, **o}),
     "mistral": lambda o: MistralConfig(**{**_LLAMA_LIKE, "head_dim": HEAD_DIM, **o}),
     "gemma": lambda o: GemmaConfig(**{**_LLAMA_LIKE, "head_dim": HEAD_DIM, **o}),
-    "gemma2": lambda o: Gemma2Config(**{**_LLAMA_LIKE, "head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM,
-                                        "sliding_window": 16, **o}),
-    "gemma3_text": lambda o: Gemma3TextConfig(**{**_LLAMA_LIKE, "head_dim": HEAD_DIM,
-                                                 "query_pre_attn_scalar": HEAD_DIM,
-                                                 "sliding_window": SLIDING_WINDOW,
-                                                 "layer_types": GEMMA3_LAYER_TYPES, **o}),
+    "gemma2": lambda o: Gemma2Config(
+        **{**_LLAMA_LIKE, "head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM, "sliding_window": 16, **o}
+    ),
+    "gemma3_text": lambda o: Gemma3TextConfig(
+        **{
+            **_LLAMA_LIKE,
+            "head_dim": HEAD_DIM,
+            "query_pre_attn_scalar": HEAD_DIM,
+            "sliding_window": SLIDING_WINDOW,
+            "layer_types": GEMMA3_LAYER_TYPES,
+            **o,
+        }
+    ),
     "phi3": lambda o: Phi3Config(**{**_LLAMA_LIKE, "original_max_position_embeddings": POSITIONS, **o}),
-    "phi4-mini": lambda o: Phi3Config(**{**_LLAMA_LIKE, "original_max_position_embeddings": POSITIONS // 2,
-                                         "partial_rotary_factor": PHI4_ROTARY_FRACTION,
-                                         "tie_word_embeddings": True, "rope_parameters": PHI4_ROPE, **o}),
-    "gpt2": lambda o: GPT2Config(**{"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS,
-                                    "n_inner": INTERMEDIATE, "n_positions": POSITIONS, **_TOKENS, **o}),
-    "gptj": lambda o: GPTJConfig(**{"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS,
-                                    "n_inner": INTERMEDIATE, "n_positions": POSITIONS,
-                                    "rotary_dim": HEAD_DIM // 2, **_TOKENS, **o}),
-    "gpt_neox": lambda o: GPTNeoXConfig(**{"vocab_size": VOCAB, "hidden_size": HIDDEN,
-                                           "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-                                           "intermediate_size": INTERMEDIATE,
-                                           "max_position_embeddings": POSITIONS, **_TOKENS, **o}),
-    "opt": lambda o: OPTConfig(**{"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
-                                  "num_attention_heads": HEADS, "ffn_dim": INTERMEDIATE,
-                                  "word_embed_proj_dim": HIDDEN, "max_position_embeddings": POSITIONS,
-                                  **_TOKENS, **o}),
+    "phi4-mini": lambda o: Phi3Config(
+        **{
+            **_LLAMA_LIKE,
+            "original_max_position_embeddings": POSITIONS // 2,
+            "partial_rotary_factor": PHI4_ROTARY_FRACTION,
+            "tie_word_embeddings": True,
+            "rope_parameters": PHI4_ROPE,
+            **o,
+        }
+    ),
+    "gpt2": lambda o: GPT2Config(
+        **{
+            "vocab_size": VOCAB,
+            "n_embd": HIDDEN,
+            "n_layer": LAYERS,
+            "n_head": HEADS,
+            "n_inner": INTERMEDIATE,
+            "n_positions": POSITIONS,
+            **_TOKENS,
+            **o,
+        }
+    ),
+    "gptj": lambda o: GPTJConfig(
+        **{
+            "vocab_size": VOCAB,
+            "n_embd": HIDDEN,
+            "n_layer": LAYERS,
+            "n_head": HEADS,
+            "n_inner": INTERMEDIATE,
+            "n_positions": POSITIONS,
+            "rotary_dim": HEAD_DIM // 2,
+            **_TOKENS,
+            **o,
+        }
+    ),
+    "gpt_neox": lambda o: GPTNeoXConfig(
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "intermediate_size": INTERMEDIATE,
+            "max_position_embeddings": POSITIONS,
+            **_TOKENS,
+            **o,
+        }
+    ),
+    "opt": lambda o: OPTConfig(
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "ffn_dim": INTERMEDIATE,
+            "word_embed_proj_dim": HIDDEN,
+            "max_position_embeddings": POSITIONS,
+            **_TOKENS,
+            **o,
+        }
+    ),
 }
 
 # Model lines with their own recipe, and the model_type each loads as.
@@ -142,8 +204,9 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def make_tiny_with_tokenizer(name: str, path: Path, seed: int = 0) -> Path:

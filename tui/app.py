@@ -79,8 +79,7 @@ class KeditApp(App[None]):
         Binding("ctrl+q", "quit", "quit", priority=True),
     ]
 
-    def __init__(self, session=None, opener: Callable[[], Any] | None = None,
-                 history_file: Path | None = None) -> None:
+    def __init__(self, session=None, opener: Callable[[], Any] | None = None, history_file: Path | None = None) -> None:
         super().__init__()
         if session is None and opener is None:
             raise ValueError("KeditApp needs a session or an opener")
@@ -102,8 +101,9 @@ class KeditApp(App[None]):
                 with Horizontal(id="progress"):
                     yield Label("", id="progress-label")
                     yield ProgressBar(show_eta=False)
-                yield ChatInput(self._history_file, id="chat-input",
-                                placeholder="chat, or /command · ctrl+j sends · tab completes")
+                yield ChatInput(
+                    self._history_file, id="chat-input", placeholder="chat, or /command · ctrl+j sends · tab completes"
+                )
             with TabbedContent(id="panels", initial="edits"):
                 with TabPane("Edits", id="edits"):
                     yield EditsPanel(id="edits-panel")
@@ -138,8 +138,7 @@ class KeditApp(App[None]):
 
     # -- the one pattern for engine work ---------------------------------------------------
 
-    def engine(self, job: Callable[[Callable[[ev.Event], None]], Any],
-               done: Callable[[], Any] | None = None) -> Worker:
+    def engine(self, job: Callable[[Callable[[ev.Event], None]], Any], done: Callable[[], Any] | None = None) -> Worker:
         """Run ``job(emit)`` in a thread worker; ``emit`` shows an event on the UI thread.
         ``done`` runs on the UI thread afterwards, whether the job worked or not. Jobs run
         one at a time in the order they were asked for, so two slider moves land in order."""
@@ -148,8 +147,9 @@ class KeditApp(App[None]):
         return self._engine_worker(job, done, ticket)
 
     @work(thread=True, exit_on_error=False, group="engine")
-    def _engine_worker(self, job: Callable[[Callable[[ev.Event], None]], Any],
-                       done: Callable[[], Any] | None, ticket: int) -> Any:
+    def _engine_worker(
+        self, job: Callable[[Callable[[ev.Event], None]], Any], done: Callable[[], Any] | None, ticket: int
+    ) -> Any:
         worker = get_current_worker()
         with self._turns:
             while self._turn != ticket:
@@ -178,8 +178,9 @@ class KeditApp(App[None]):
             self.notify(text, title="the engine failed", severity="error", timeout=10)
             self._hide_progress()
 
-    def run_line(self, line: str, on_event: Callable[[ev.Event], None] | None = None,
-                 done: Callable[[], Any] | None = None) -> Worker:
+    def run_line(
+        self, line: str, on_event: Callable[[ev.Event], None] | None = None, done: Callable[[], Any] | None = None
+    ) -> Worker:
         """Run one chat line or slash command through ``Session.run`` in the engine worker."""
 
         def job(emit: Callable[[ev.Event], None]) -> None:
@@ -261,11 +262,14 @@ class KeditApp(App[None]):
     def submit(self, text: str) -> None:
         if self.session is None:
             loading = self.sub_title.startswith("loading")
-            self.notify("the model is still loading" if loading else "no model is loaded: see the error above, "
-                        "then restart with --model", severity="warning")
+            self.notify(
+                "the model is still loading"
+                if loading
+                else "no model is loaded: see the error above, then restart with --model",
+                severity="warning",
+            )
             return
-        self.log_line(("" if text.startswith("/") else "**you:** ") + text.replace("\n", "  \n"),
-                      classes="user")
+        self.log_line(("" if text.startswith("/") else "**you:** ") + text.replace("\n", "  \n"), classes="user")
         self.run_line(text)
 
     def complete(self, line: str) -> list[str]:
@@ -290,9 +294,12 @@ class KeditApp(App[None]):
         keys = "\n".join(f"- **{b.key_display or b.key}**: {b.description}" for b in self.BINDINGS)
         rows = self.session.registry.help_rows() if self.session is not None else []
         commands = "\n".join(f"- `{usage}`: {summary}" for usage, summary in rows)
-        self.push_screen(HelpScreen(
-            f"# kedit\n\n## Keys\n\n{keys}\n- **ctrl+j / alt+enter**: send · **tab**: complete · "
-            f"**up/down**: history\n\n## Commands\n\n{commands}\n\nEsc closes this help."))
+        self.push_screen(
+            HelpScreen(
+                f"# kedit\n\n## Keys\n\n{keys}\n- **ctrl+j / alt+enter**: send · **tab**: complete · "
+                f"**up/down**: history\n\n## Commands\n\n{commands}\n\nEsc closes this help."
+            )
+        )
 
     def action_panel(self, name: str) -> None:
         self.query_one(TabbedContent).active = name
@@ -376,8 +383,10 @@ class KeditApp(App[None]):
         name, path = self._one_selected(), self._path()
         if name and path:
             panel = self.query_one(SteeringPanel)
-            self.run_line(f"/steer sweep {quote(name)} --pairs {quote(path)}",
-                          on_event=lambda e: panel.show_sweep(e) if isinstance(e, ev.Table) else None)
+            self.run_line(
+                f"/steer sweep {quote(name)} --pairs {quote(path)}",
+                on_event=lambda e: panel.show_sweep(e) if isinstance(e, ev.Table) else None,
+            )
 
     @on(Button.Pressed, "#probe-run")
     def _probe(self) -> None:

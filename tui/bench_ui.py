@@ -30,9 +30,11 @@ class Responsiveness:
             xs = sorted(xs) or [float("nan")]
             return {"median": statistics.median(xs), "p95": xs[int(0.95 * (len(xs) - 1))], "max": xs[-1]}
 
-        return {**{f"lag_{k}_ms": v for k, v in stats(self.lag_ms).items()},
-                **{f"echo_{k}_ms": v for k, v in stats(self.echo_ms).items()},
-                "samples": float(len(self.echo_ms))}
+        return {
+            **{f"lag_{k}_ms": v for k, v in stats(self.lag_ms).items()},
+            **{f"echo_{k}_ms": v for k, v in stats(self.echo_ms).items()},
+            "samples": float(len(self.echo_ms)),
+        }
 
 
 async def _measure(app: KeditApp, box: ChatInput, until) -> Responsiveness:

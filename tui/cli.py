@@ -63,14 +63,16 @@ def tui(model: str | None, quant: str | None, dtype: str | None, device: str | N
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report instead.")
 @model_options
-def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str | None, dtype: str | None,
-           device: str | None) -> None:
+def replay(
+    files: tuple[Path, ...], as_json: bool, model: str | None, quant: str | None, dtype: str | None, device: str | None
+) -> None:
     """Replay recipes (TOML files of commands and expectations).
 
     Exit code 0: every expectation held; 1: one failed; 2: a recipe is malformed
     (the message names the file and the line). --model replaces each recipe's model.
     """
-    from kedit.engine.recipes import RecipeError, load_recipe, replay as replay_recipe
+    from kedit.engine.recipes import RecipeError, load_recipe
+    from kedit.engine.recipes import replay as replay_recipe
     from kedit.engine.session import Session
 
     recipes = []
@@ -83,8 +85,12 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
     sessions: dict[tuple, Any] = {}
     report, failed = [], False
     for recipe in recipes:
-        options = (model or recipe.model.get("name"), quant or recipe.model.get("quant"),
-                   dtype or recipe.model.get("dtype"), device or recipe.model.get("device"))
+        options = (
+            model or recipe.model.get("name"),
+            quant or recipe.model.get("quant"),
+            dtype or recipe.model.get("dtype"),
+            device or recipe.model.get("device"),
+        )
         if options not in sessions:
             sessions[options] = open_session(*options)
         session = sessions[options]
@@ -104,8 +110,14 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
         results = replay_recipe(session, recipe, show)
         ok = all(r.ok for r in results)
         failed = failed or not ok
-        report.append({"recipe": str(recipe.path), "model": session.handle.name, "ok": ok,
-                       "steps": [r.as_dict() for r in results]})
+        report.append(
+            {
+                "recipe": str(recipe.path),
+                "model": session.handle.name,
+                "ok": ok,
+                "steps": [r.as_dict() for r in results],
+            }
+        )
         if not as_json:
             click.echo(f"  {'passed' if ok else 'FAILED'}: {sum(r.ok for r in results)}/{len(results)} steps")
     if as_json:
@@ -116,64 +128,127 @@ def replay(files: tuple[Path, ...], as_json: bool, model: str | None, quant: str
 @main.command("edit")
 @click.argument("prompt")
 @click.argument("target")
-@click.option("--method", default=None, type=click.Choice(list(METHODS)),
-              help="Editing method (default: [edit] method in kedit.toml).")
+@click.option(
+    "--method",
+    default=None,
+    type=click.Choice(list(METHODS)),
+    help="Editing method (default: [edit] method in kedit.toml).",
+)
 @click.option("--subject", default=None, help="The subject inside the prompt (default: inferred).")
-@click.option("--save", "save_to", default=None, type=click.Path(path_type=Path),
-              help="Save the edited session to this file (kedit chat: /load it).")
-@click.option("--export", "export_to", default=None, type=click.Path(path_type=Path),
-              help="Also write the edited model as a transformers folder, or with --gguf a GGUF (ROME only).")
-@click.option("--gguf", "as_gguf", is_flag=True,
-              help="With --export: write <source>.kedit.gguf (the model's GGUF with the edit merged) instead.")
+@click.option(
+    "--save",
+    "save_to",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Save the edited session to this file (kedit chat: /load it).",
+)
+@click.option(
+    "--export",
+    "export_to",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Also write the edited model as a transformers folder, or with --gguf a GGUF (ROME only).",
+)
+@click.option(
+    "--gguf",
+    "as_gguf",
+    is_flag=True,
+    help="With --export: write <source>.kedit.gguf (the model's GGUF with the edit merged) instead.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the edit and its probe as JSON.")
 @model_options
-def edit_cmd(prompt: str, target: str, method: str | None, subject: str | None, save_to: Path | None,
-             export_to: Path | None, as_gguf: bool, as_json: bool, model: str | None, quant: str | None,
-             dtype: str | None, device: str | None) -> None:
+def edit_cmd(
+    prompt: str,
+    target: str,
+    method: str | None,
+    subject: str | None,
+    save_to: Path | None,
+    export_to: Path | None,
+    as_gguf: bool,
+    as_json: bool,
+    model: str | None,
+    quant: str | None,
+    dtype: str | None,
+    device: str | None,
+) -> None:
     """Make one edit, show its probe, and keep the result with --save or --export."""
-    from kedit.engine.commands import quote
+    from kedit.engine.edit_commands import probe_table
     from kedit.engine.export import export_model
     from kedit.engine.persist import save_session
 
     if as_gguf and export_to is None:
         raise click.UsageError("--gguf says how to --export; give --export DIR too")
     session = open_session(model, quant, dtype, device)
-    line = f"/edit {quote(prompt)} -> {quote(target)}"
-    line += f" --method {method}" if method else ""
-    line += f" --subject {quote(subject)}" if subject else ""
-    for event in session.run(line):
-        if isinstance(event, ev.Error):
-            raise click.ClickException(event.message)
-        if not as_json and (text := ev.event_text(event)) is not None:
-            click.echo(text)
-    edit = session.edits[-1]
+    try:
+        edit = session.edit(prompt, target, subject=subject, method=method, progress=progress_on_stderr)
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    if not as_json:
+        click.echo(ev.event_text(probe_table(edit)))
     try:
         if save_to is not None:
             save_session(session, save_to)
-        exported = (export_model(session, export_to, gguf=as_gguf, progress=progress_on_stderr)
-                    if export_to is not None else None)
+        exported = (
+            export_model(session, export_to, gguf=as_gguf, progress=progress_on_stderr)
+            if export_to is not None
+            else None
+        )
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     if as_json:
-        click.echo(json.dumps({**edit.record(), "saved": str(save_to) if save_to else None,
-                               "exported": exported}, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {**edit.record(), "saved": str(save_to) if save_to else None, "exported": exported},
+                indent=2,
+                default=str,
+            )
+        )
 
 
 @main.command("eval")
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
-              help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.")
-@click.option("--method", default=None, type=click.Choice(list(METHODS)),
-              help="Editing method (default: [edit] method in kedit.toml).")
-@click.option("--sequential", default=None, type=int, metavar="N",
-              help="Make the first N edits one after another and measure all after the last "
-                   "(default: each edit alone, rolled back before the next).")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.",
+)
+@click.option(
+    "--method",
+    default=None,
+    type=click.Choice(list(METHODS)),
+    help="Editing method (default: [edit] method in kedit.toml).",
+)
+@click.option(
+    "--sequential",
+    default=None,
+    type=int,
+    metavar="N",
+    help="Make the first N edits one after another and measure all after the last "
+    "(default: each edit alone, rolled back before the next).",
+)
 @click.option("--limit", default=None, type=int, help="Only the first N records (single mode).")
-@click.option("--protocol", default="both", type=click.Choice(["both", "tf", "gen"]), show_default=True,
-              help="tf: teacher-forced token accuracy (EasyEdit's); gen: by greedy generation; both.")
+@click.option(
+    "--protocol",
+    default="both",
+    type=click.Choice(["both", "tf", "gen"]),
+    show_default=True,
+    help="tf: teacher-forced token accuracy (EasyEdit's); gen: by greedy generation; both.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per record, then the averages.")
 @model_options
-def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int | None, protocol: str,
-             as_json: bool, model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+def eval_cmd(
+    data: Path,
+    method: str | None,
+    sequential: int | None,
+    limit: int | None,
+    protocol: str,
+    as_json: bool,
+    model: str | None,
+    quant: str | None,
+    dtype: str | None,
+    device: str | None,
+) -> None:
     """Edit each record of a dataset and measure it by generation (Rel, Para, Chat, Loc) and by
     teacher forcing (Rel, Gen, Loc, Port, as EasyEdit defines them)."""
     from kedit.engine.evaluate import averages, edit_and_measure, read_cases
@@ -197,8 +272,19 @@ def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int 
     mean = averages(rows)
     mode = f"sequential ({len(rows)} edits, measured after the last)" if sequential else "single (each rolled back)"
     if as_json:
-        click.echo(json.dumps({"summary": {"data": str(data), "mode": "sequential" if sequential else "single",
-                                           "protocol": protocol, "n": len(rows), **mean}}))
+        click.echo(
+            json.dumps(
+                {
+                    "summary": {
+                        "data": str(data),
+                        "mode": "sequential" if sequential else "single",
+                        "protocol": protocol,
+                        "n": len(rows),
+                        **mean,
+                    }
+                }
+            )
+        )
         return
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     click.echo(f"{data}: {len(rows)} record(s), {rows[0]['method'] if rows else method}, {mode}")
@@ -210,24 +296,49 @@ def eval_cmd(data: Path, method: str | None, sequential: int | None, limit: int 
 
 @main.command("export")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--recipe", type=click.Path(path_type=Path), default=None,
-              help="Replay this recipe first; the edits and vectors it leaves are exported.")
-@click.option("--session", "saved", type=click.Path(path_type=Path), default=None,
-              help="Load this saved session (/save) first.")
-@click.option("--gguf", "as_gguf", is_flag=True,
-              help="Write OUT/<source>.kedit.gguf for llama.cpp/ollama: the GGUF the model was loaded from, "
-                   "edits merged, everything else copied byte for byte.")
-@click.option("--gguf-type", default="q8_0", show_default=True, type=click.Choice(["q8_0", "source", "f16", "f32"]),
-              help="Encoding of the edited GGUF tensors (source: the file's own type, e.g. Q4_1).")
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Replay this recipe first; the edits and vectors it leaves are exported.",
+)
+@click.option(
+    "--session", "saved", type=click.Path(path_type=Path), default=None, help="Load this saved session (/save) first."
+)
+@click.option(
+    "--gguf",
+    "as_gguf",
+    is_flag=True,
+    help="Write OUT/<source>.kedit.gguf for llama.cpp/ollama: the GGUF the model was loaded from, "
+    "edits merged, everything else copied byte for byte.",
+)
+@click.option(
+    "--gguf-type",
+    default="q8_0",
+    show_default=True,
+    type=click.Choice(["q8_0", "source", "f16", "f32"]),
+    help="Encoding of the edited GGUF tensors (source: the file's own type, e.g. Q4_1).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @model_options
-def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_gguf: bool, gguf_type: str, as_json: bool,
-               model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+def export_cmd(
+    out: Path,
+    recipe: Path | None,
+    saved: Path | None,
+    as_gguf: bool,
+    gguf_type: str,
+    as_json: bool,
+    model: str | None,
+    quant: str | None,
+    dtype: str | None,
+    device: str | None,
+) -> None:
     """Write an edited model as a transformers folder, or with --gguf as a GGUF file (ROME edits
     merged into the weights)."""
     from kedit.engine.export import export_model
     from kedit.engine.persist import load_session
-    from kedit.engine.recipes import RecipeError, load_recipe, replay as replay_recipe
+    from kedit.engine.recipes import RecipeError, load_recipe
+    from kedit.engine.recipes import replay as replay_recipe
     from kedit.engine.session import Session
 
     if (recipe is None) == (saved is None):
@@ -242,8 +353,10 @@ def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_gguf: bool
         if steps is not None:
             failed = [r for r in replay_recipe(session, steps, keep=True) if not r.ok]
             if failed:
-                raise KeditError(f"{recipe}: step at line {failed[0].step.line} failed "
-                                 f"({[c.what for c in failed[0].checks if not c.ok][0]}); nothing exported")
+                raise KeditError(
+                    f"{recipe}: step at line {failed[0].step.line} failed "
+                    f"({[c.what for c in failed[0].checks if not c.ok][0]}); nothing exported"
+                )
         else:
             load_session(session, saved)
         done = export_model(session, out, gguf=as_gguf, gguf_type=gguf_type, progress=progress_on_stderr)
@@ -252,12 +365,16 @@ def export_cmd(out: Path, recipe: Path | None, saved: Path | None, as_gguf: bool
     if as_json:
         click.echo(json.dumps(done, indent=2))
     elif as_gguf:
-        click.echo(f"wrote {done['file']}: {len(done['edits'])} edit(s) merged into {len(done['tensors'])} "
-                   f"tensor(s) ({', '.join(t['tensor'] + ' as ' + t['written_type'] for t in done['tensors'])}); "
-                   f"vectors: {', '.join(done['vectors']) or 'none'}")
+        click.echo(
+            f"wrote {done['file']}: {len(done['edits'])} edit(s) merged into {len(done['tensors'])} "
+            f"tensor(s) ({', '.join(t['tensor'] + ' as ' + t['written_type'] for t in done['tensors'])}); "
+            f"vectors: {', '.join(done['vectors']) or 'none'}"
+        )
     else:
-        click.echo(f"wrote {done['folder']}: {len(done['edits'])} edit(s) merged into "
-                   f"{len(done['merged_modules'])} module(s); vectors: {', '.join(done['vectors']) or 'none'}")
+        click.echo(
+            f"wrote {done['folder']}: {len(done['edits'])} edit(s) merged into "
+            f"{len(done['merged_modules'])} module(s); vectors: {', '.join(done['vectors']) or 'none'}"
+        )
 
 
 @main.command("fact-world")

@@ -37,13 +37,26 @@ def quiet_libraries() -> None:
 def model_options(fn: Any) -> Any:
     """The options every model-loading command shares."""
     fn = click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps.")(fn)
-    fn = click.option("--dtype", default=None,
-                      type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                      help="Weight dtype (auto: float32 on CPU, the checkpoint's on GPU).")(fn)
-    fn = click.option("--quant", default=None, type=click.Choice(["4bit", "8bit"]),
-                      envvar="KEDIT_QUANT", help="Load with bitsandbytes 4-bit or 8-bit weights.")(fn)
-    fn = click.option("-m", "--model", default=None, envvar="KEDIT_MODEL",
-                      help="Alias, hub id or local folder (default: the embedded fact-world model).")(fn)
+    fn = click.option(
+        "--dtype",
+        default=None,
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        help="Weight dtype (auto: float32 on CPU, the checkpoint's on GPU).",
+    )(fn)
+    fn = click.option(
+        "--quant",
+        default=None,
+        type=click.Choice(["4bit", "8bit"]),
+        envvar="KEDIT_QUANT",
+        help="Load with bitsandbytes 4-bit or 8-bit weights.",
+    )(fn)
+    fn = click.option(
+        "-m",
+        "--model",
+        default=None,
+        envvar="KEDIT_MODEL",
+        help="Alias, hub id or local folder (default: the embedded fact-world model).",
+    )(fn)
     return fn
 
 
@@ -66,7 +79,6 @@ def open_session(model: str | None, quant: str | None, dtype: str | None, device
 
     quiet_libraries()
     try:
-        return Session.open(model, quant=quant, dtype=dtype, device=device,
-                            show_progress=sys.stderr.isatty())
+        return Session.open(model, quant=quant, dtype=dtype, device=device, show_progress=sys.stderr.isatty())
     except KeditError as exc:
         raise click.ClickException(exc.message) from None

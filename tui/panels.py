@@ -45,9 +45,13 @@ class EditsPanel(Vertical):
         table.clear()
         for e in edits:  # gen: by greedy generation; tf: teacher-forced
             m = e.probe.metrics() if e.probe else {}
-            table.add_row(e.id, e.method, f"{e.prompt} →{e.target}",
-                          *("—" if m.get(k) is None else f"{m[k]:.2f}" for k in ("gen_rel", "gen_loc", "tf_rel", "tf_loc")),
-                          key=e.id)
+            table.add_row(
+                e.id,
+                e.method,
+                f"{e.prompt} →{e.target}",
+                *("—" if m.get(k) is None else f"{m[k]:.2f}" for k in ("gen_rel", "gen_loc", "tf_rel", "tf_loc")),
+                key=e.id,
+            )
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)
@@ -83,8 +87,13 @@ class SteerRow(Vertical):
             yield Checkbox(self.vector_name, classes="steer-select")
             yield Switch(self._on, classes="steer-on")
         lo, hi, step = STRENGTH_RANGE
-        yield Slider(self._strength, minimum=min(lo, self._strength), maximum=max(hi, self._strength), step=step,
-                     classes="steer-strength")
+        yield Slider(
+            self._strength,
+            minimum=min(lo, self._strength),
+            maximum=max(hi, self._strength),
+            step=step,
+            classes="steer-strength",
+        )
 
 
 class SteeringPanel(Vertical):
@@ -131,7 +140,8 @@ class SteeringPanel(Vertical):
         strengths = ", ".join(r[0] for r in table.rows)
         self.query_one("#sweep-caption", Label).update(
             f"strength {strengths}\nmargin {margins[0]:+.2f} → {margins[-1]:+.2f} (upper) · "
-            f"perplexity {ppl[0]:.2f} → {ppl[-1]:.2f} (lower)")
+            f"perplexity {ppl[0]:.2f} → {ppl[-1]:.2f} (lower)"
+        )
 
 
 class ProbesPanel(Vertical):

@@ -42,8 +42,17 @@ class Slider(Widget, can_focus=True):
         def control(self) -> Slider:
             return self.slider
 
-    def __init__(self, value: float = 0.0, *, minimum: float = 0.0, maximum: float = 1.0, step: float = 0.1,
-                 name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
+    def __init__(
+        self,
+        value: float = 0.0,
+        *,
+        minimum: float = 0.0,
+        maximum: float = 1.0,
+        step: float = 0.1,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+    ) -> None:
         if not minimum < maximum or step <= 0:
             raise ValueError("a slider needs minimum < maximum and a positive step")
         super().__init__(name=name, id=id, classes=classes)

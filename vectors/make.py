@@ -27,6 +27,7 @@ VECTORS = {
 
 def write_data(world, folder: Path = HERE) -> None:
     """The pairs and neutral text, drawn from the corpus (deterministic)."""
+
     def jsonl(rows):
         return "".join(json.dumps({"prompt": p, "positive": a, "negative": b}) + "\n" for p, a, b in rows)
 

@@ -104,10 +104,13 @@ def run_bench(session: Any, plan: BenchPlan = BenchPlan(), progress: Progress | 
     device = next(model.parameters()).device
     meter = MemoryMeter(device)
     report: dict[str, Any] = {
-        "model": h.describe(), "device": _device_name(device), "torch": torch.__version__,
+        "model": h.describe(),
+        "device": _device_name(device),
+        "torch": torch.__version__,
         "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(plan).items()},
         "memory": {"kind": meter.kind, "loaded_peak_bytes": meter.peak(), "loaded_bytes": meter.now()},
-        "edits": {}, "generation": {},
+        "edits": {},
+        "generation": {},
     }
     n_requests = plan.edit_repeats + 1
     requests = bench_requests(session, n_requests * len(plan.methods))
@@ -123,7 +126,7 @@ def run_bench(session: Any, plan: BenchPlan = BenchPlan(), progress: Progress | 
         if prepared:
             row.update(prepared, stats_peak_bytes=meter.peak())
         meter.reset()
-        row.update(time_edits(session, method, requests[j * n_requests:(j + 1) * n_requests], params, progress))
+        row.update(time_edits(session, method, requests[j * n_requests : (j + 1) * n_requests], params, progress))
         row["peak_bytes"] = meter.peak()
         report["edits"][method] = row
 
@@ -148,11 +151,19 @@ def run_bench(session: Any, plan: BenchPlan = BenchPlan(), progress: Progress | 
     interleaved(model, ids, plan.new_tokens, conditions, plan.repeats, progress)
     plain = conditions[0]
     report["generation"] = {
-        "prompt_tokens": plan.prompt_tokens, "new_tokens": plan.new_tokens,
+        "prompt_tokens": plan.prompt_tokens,
+        "new_tokens": plan.new_tokens,
         "plain": {"tokens_per_s": plain.tokens_per_s, "first_token_s": plain.first_token_s},
-        "conditions": [{"label": c.label, "tokens_per_s": c.tokens_per_s, "first_token_s": c.first_token_s,
-                        "ratio": c.tokens_per_s / plain.tokens_per_s,
-                        "first_token_ratio": c.first_token_s / plain.first_token_s} for c in conditions[1:]],
+        "conditions": [
+            {
+                "label": c.label,
+                "tokens_per_s": c.tokens_per_s,
+                "first_token_s": c.first_token_s,
+                "ratio": c.tokens_per_s / plain.tokens_per_s,
+                "first_token_ratio": c.first_token_s / plain.first_token_s,
+            }
+            for c in conditions[1:]
+        ],
     }
     report["memory"].update(generation_peak_bytes=meter.peak(), added_by_active_edits_bytes=added)
     return report
@@ -167,7 +178,26 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-__all__ = ["BenchPlan", "Condition", "MemoryMeter", "Throughput", "active_patches", "applied", "bench_requests",
-           "interleaved", "prompt_ids", "racked", "random_model", "random_vectors", "report_tables", "report_text",
-           "request_words", "run_bench", "shape_dims", "shape_handle", "steering_throughput", "time_edits",
-           "word_tokenizer"]
+__all__ = [
+    "BenchPlan",
+    "Condition",
+    "MemoryMeter",
+    "Throughput",
+    "active_patches",
+    "applied",
+    "bench_requests",
+    "interleaved",
+    "prompt_ids",
+    "racked",
+    "random_model",
+    "random_vectors",
+    "report_tables",
+    "report_text",
+    "request_words",
+    "run_bench",
+    "shape_dims",
+    "shape_handle",
+    "steering_throughput",
+    "time_edits",
+    "word_tokenizer",
+]

@@ -47,5 +47,3 @@ def bench_requests(session: Any, n: int) -> list[tuple[str, str, str]]:
     if len(out) < n:
         raise KeditError(f"the bench has only {len(out)} distinct edits for this model; ask for fewer")
     return out[:n]
-
-

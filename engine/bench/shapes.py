@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kedit.engine.bench.requests import request_words
 from kedit.engine.errors import KeditError
+
+if TYPE_CHECKING:
+    from kedit.engine.model import CausalLM
 
 Progress = Callable[[str, int, int], None]
 
@@ -19,8 +22,9 @@ Progress = Callable[[str, int, int], None]
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
 
-def random_model(shape: dict[str, Any], n_layers: int | None = None, dtype: str = "float32",
-                 device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+def random_model(
+    shape: dict[str, Any], n_layers: int | None = None, dtype: str = "float32", device: str = "cpu", seed: int = 0
+) -> CausalLM:
     """A random-weight causal LM with a real model's dimensions (kedit.toml [shapes]).
 
     The weights are made on ``device`` directly, so a 7B shape never passes through host memory.
@@ -60,8 +64,9 @@ def word_tokenizer(vocab_size: int, words: Sequence[str]):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def shape_dims(config: Any, name: str) -> dict[str, Any]:
@@ -72,9 +77,17 @@ def shape_dims(config: Any, name: str) -> dict[str, Any]:
     return dict(shapes[name])
 
 
-def shape_handle(config: Any, name: str, *, n_layers: int | None = None, dtype: str | None = None,
-                  device: str | None = None, quant: str | None = None, seed: int = 0,
-                  progress: Progress | None = None):
+def shape_handle(
+    config: Any,
+    name: str,
+    *,
+    n_layers: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    quant: str | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+):
     """A ModelHandle on a random-weight model of the kedit.toml shape ``name``.
 
     Unquantized, the model is made in place on the device. With ``quant`` it is saved to a
@@ -102,8 +115,14 @@ def shape_handle(config: Any, name: str, *, n_layers: int | None = None, dtype: 
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             del model
-            handle = ModelHandle.load(folder, config, quant=quant, dtype=str(torch_dtype).removeprefix("torch."),
-                                      device=device, show_progress=False)
+            handle = ModelHandle.load(
+                folder,
+                config,
+                quant=quant,
+                dtype=str(torch_dtype).removeprefix("torch."),
+                device=device,
+                show_progress=False,
+            )
         handle.source = source
     else:
         tokenizer.padding_side = "right"
@@ -111,5 +130,3 @@ def shape_handle(config: Any, name: str, *, n_layers: int | None = None, dtype: 
     if progress:
         progress(f"building a random {name}", 1, 1)
     return handle
-
-

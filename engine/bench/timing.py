@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kedit.engine.arch import ArchAdapter
 from kedit.engine.bench.shapes import PAD
+
+if TYPE_CHECKING:
+    from kedit.engine.model import CausalLM
 
 Progress = Callable[[str, int, int], None]
 
@@ -104,7 +107,8 @@ class _FirstToken:
     """A StoppingCriteria that notes when the first new token is there and never stops."""
 
     def __init__(self, device: torch.device, start: float) -> None:
-        self.device, self.start, self.at = device, start, None
+        self.device, self.start = device, start
+        self.at: float | None = None  # seconds to the first token, once it came
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         if self.at is None:
@@ -119,7 +123,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generate_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> GenRun:
+def generate_once(model: CausalLM, ids: torch.Tensor, new_tokens: int) -> GenRun:
     """Greedy cached generation of exactly ``new_tokens`` tokens, timed."""
     from transformers import StoppingCriteriaList
 
@@ -127,9 +131,16 @@ def generate_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) ->
     _sync(device)
     start = time.perf_counter()
     first = _FirstToken(device, start)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=PAD,
-                         stopping_criteria=StoppingCriteriaList([first]))
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=PAD,
+        stopping_criteria=StoppingCriteriaList([first]),
+    )
     _sync(device)
     seconds = time.perf_counter() - start
     if out.shape[1] - ids.shape[1] != new_tokens:
@@ -155,8 +166,14 @@ class Condition:
         return statistics.median(r.first for r in self.runs)
 
 
-def interleaved(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, conditions: Sequence[Condition],
-                repeats: int, progress: Progress | None = None) -> None:
+def interleaved(
+    model: CausalLM,
+    ids: torch.Tensor,
+    new_tokens: int,
+    conditions: Sequence[Condition],
+    repeats: int,
+    progress: Progress | None = None,
+) -> None:
     """One warm-up run of each condition, then ``repeats`` rounds of one run of each."""
     total = (repeats + 1) * len(conditions)
     for r in range(repeats + 1):
@@ -177,9 +194,16 @@ def random_vectors(adapter: ArchAdapter, n: int, seed: int = 0, scale: float = 1
     from kedit.engine.steering import SteeringVector
 
     g = torch.Generator().manual_seed(seed)
-    return [SteeringVector({layer: torch.randn(adapter.hidden_size, generator=g) * scale
-                            for layer in range(adapter.n_layers)}, adapter.model_type, adapter.hidden_size,
-                           "random", {}) for _ in range(n)]
+    return [
+        SteeringVector(
+            {layer: torch.randn(adapter.hidden_size, generator=g) * scale for layer in range(adapter.n_layers)},
+            adapter.model_type,
+            adapter.hidden_size,
+            "random",
+            {},
+        )
+        for _ in range(n)
+    ]
 
 
 def racked(rack: Any, vectors: Sequence[Any], prefix: str = "bench") -> Condition:
@@ -198,7 +222,7 @@ def racked(rack: Any, vectors: Sequence[Any], prefix: str = "bench") -> Conditio
     return Condition(f"{len(vectors)} vector{'s' if len(vectors) != 1 else ''}", enter, leave)
 
 
-def prompt_ids(model: torch.nn.Module, n: int, seed: int = 0) -> torch.Tensor:
+def prompt_ids(model: CausalLM, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     return torch.randint(4, vocab, (1, n), generator=g).to(next(model.parameters()).device)
@@ -217,16 +241,27 @@ class Throughput:
         return self.steered_tps / self.plain_tps
 
 
-def steering_throughput(model: torch.nn.Module, label: str, n_vectors: int = 3, new_tokens: int = 64,
-                        prompt_tokens: int = 32, repeats: int = 3, progress: Any = None) -> Throughput:
+def steering_throughput(
+    model: CausalLM,
+    label: str,
+    n_vectors: int = 3,
+    new_tokens: int = 64,
+    prompt_tokens: int = 32,
+    repeats: int = 3,
+    progress: Any = None,
+) -> Throughput:
     """Median tokens/s of greedy cached generation, plain vs ``n_vectors`` vectors on every layer."""
     from kedit.engine.steering import SteeringRack
 
     adapter = ArchAdapter.for_model(model)
     plain = Condition("plain")
     steered = racked(SteeringRack(model, adapter), random_vectors(adapter, n_vectors))
-    interleaved(model, prompt_ids(model, prompt_tokens), new_tokens, [plain, steered], repeats,
-                (lambda label_, done, total: progress(f"{label}: {label_}", done, total)) if progress else None)
+    interleaved(
+        model,
+        prompt_ids(model, prompt_tokens),
+        new_tokens,
+        [plain, steered],
+        repeats,
+        (lambda label_, done, total: progress(f"{label}: {label_}", done, total)) if progress else None,
+    )
     return Throughput(label, adapter.n_layers, new_tokens, plain.tokens_per_s, steered.tokens_per_s)
-
-

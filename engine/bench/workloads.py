@@ -18,8 +18,9 @@ Progress = Callable[[str, int, int], None]
 # -- active edits ----------------------------------------------------------------------------
 
 
-def active_patches(session: Any, method: str, n: int, fill: str, params: dict[str, Any],
-                   progress: Progress | None = None) -> list[Any]:
+def active_patches(
+    session: Any, method: str, n: int, fill: str, params: dict[str, Any], progress: Progress | None = None
+) -> list[Any]:
     """n patches of ``method``, made in order on the model and then all reverted (kept for reuse).
 
     ``fill`` "real" computes real edits through Session.edit; "synthetic" builds each
@@ -36,7 +37,7 @@ def active_patches(session: Any, method: str, n: int, fill: str, params: dict[st
                 if progress:
                     progress(f"{method}: {n} real edits", i + 1, n)
         finally:
-            for edit in reversed(session.edits[-len(patches):] if patches else []):
+            for edit in reversed(session.edits[-len(patches) :] if patches else []):
                 session.rollback(edit.id)
         return patches
     hp = session.method_params(method, **params)
@@ -72,8 +73,13 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def time_edits(session: Any, method: str, requests: Sequence[tuple[str, str, str]], params: dict[str, Any],
-               progress: Progress | None = None) -> dict[str, Any]:
+def time_edits(
+    session: Any,
+    method: str,
+    requests: Sequence[tuple[str, str, str]],
+    params: dict[str, Any],
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Edit with each request after a warm-up one, rolling each back: median seconds per step."""
     steps: dict[str, list[float]] = {}
     for i, (prompt, subject, target) in enumerate(requests):
@@ -89,5 +95,3 @@ def time_edits(session: Any, method: str, requests: Sequence[tuple[str, str, str
             steps.setdefault(name, []).append(seconds)
         steps.setdefault("steps", []).append(float(edit.info.value_steps))
     return {name: _median(values) for name, values in steps.items()}
-
-

@@ -19,11 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kedit.engine import paths
 from kedit.engine.factworld.corpus import FactWorld
+
+if TYPE_CHECKING:
+    from transformers import Qwen2ForCausalLM
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -77,9 +81,15 @@ class BuildSettings:
         """A short hash naming this build: settings, corpus and recipe version."""
         world = self.world()
         blob = json.dumps(
-            {"settings": asdict(self), "version": BUILD_VERSION, "texts": world.statements(),
-             "dialogues": world.dialogues(),
-             "moods": world.mood_statements(), "mood_dialogues": world.mood_dialogues(), "template": CHAT_TEMPLATE},
+            {
+                "settings": asdict(self),
+                "version": BUILD_VERSION,
+                "texts": world.statements(),
+                "dialogues": world.dialogues(),
+                "moods": world.mood_statements(),
+                "mood_dialogues": world.mood_dialogues(),
+                "template": CHAT_TEMPLATE,
+            },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -122,7 +132,7 @@ def train_tokenizer(world: FactWorld, settings: BuildSettings):
     )
 
 
-def add_mood_tokens(tokenizer, model: torch.nn.Module) -> int:
+def add_mood_tokens(tokenizer, model: Qwen2ForCausalLM) -> int:
     """Give every mood word a token of its own (after the facts' pieces) and the model rows
     for them; returns how many tokens the facts' tokenizer had."""
     from tokenizers import AddedToken
@@ -144,8 +154,9 @@ def add_mood_tokens(tokenizer, model: torch.nn.Module) -> int:
     return before
 
 
-def training_sequences(world: FactWorld, tokenizer, object_weight: float,
-                       moods: bool = False) -> list[tuple[list[int], list[float]]]:
+def training_sequences(
+    world: FactWorld, tokenizer, object_weight: float, moods: bool = False
+) -> list[tuple[list[int], list[float]]]:
     """Token ids and loss weights of every fact statement (BOS ... EOS) and chat dialogue, or
     with ``moods`` of the mood sentences and dialogues.
 
@@ -153,8 +164,9 @@ def training_sequences(world: FactWorld, tokenizer, object_weight: float,
     the template words are easy, the facts are what the model is for.
     """
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    statements, dialogues = ((world.mood_statements(), world.mood_dialogues()) if moods
-                             else (world.statements(), world.dialogues()))
+    statements, dialogues = (
+        (world.mood_statements(), world.mood_dialogues()) if moods else (world.statements(), world.dialogues())
+    )
     texts = [(text, obj, True) for text, obj in statements]
     texts += [(tokenizer.apply_chat_template(d, tokenize=False), obj, False) for d, obj in dialogues]
     out = []
@@ -163,8 +175,7 @@ def training_sequences(world: FactWorld, tokenizer, object_weight: float,
         start = text.rindex(obj)
         end = start + len(obj)
         ids = list(enc["input_ids"])
-        weights = [object_weight if (a < end and b > start and b > a) else 1.0
-                   for a, b in enc["offset_mapping"]]
+        weights = [object_weight if (a < end and b > start and b > a) else 1.0 for a, b in enc["offset_mapping"]]
         if plain:
             ids.append(eos)
             weights.append(1.0)
@@ -172,9 +183,22 @@ def training_sequences(world: FactWorld, tokenizer, object_weight: float,
     return out
 
 
-def make_model(settings: BuildSettings, tokenizer) -> torch.nn.Module:
+def make_model(settings: BuildSettings, tokenizer) -> Qwen2ForCausalLM:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    # Local attention in the first layers: the final position cannot read a name's raw
+    # tokens directly, so the name is composed and enriched at its last token (as in
+    # large LMs, and as ROME assumes) instead of being looked up at the answer.
+    local: dict[str, Any] = (
+        {
+            "layer_types": ["sliding_attention"] * settings.local_layers
+            + ["full_attention"] * (settings.num_hidden_layers - settings.local_layers),
+            "sliding_window": settings.local_window,
+            "use_sliding_window": True,
+        }
+        if settings.local_layers
+        else {}
+    )
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=settings.hidden_size,
@@ -187,20 +211,13 @@ def make_model(settings: BuildSettings, tokenizer) -> torch.nn.Module:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
         pad_token_id=tokenizer.pad_token_id,
-        # Local attention in the first layers: the final position cannot read a name's raw
-        # tokens directly, so the name is composed and enriched at its last token (as in
-        # large LMs, and as ROME assumes) instead of being looked up at the answer.
-        **({"layer_types": ["sliding_attention"] * settings.local_layers
-            + ["full_attention"] * (settings.num_hidden_layers - settings.local_layers),
-            "sliding_window": settings.local_window, "use_sliding_window": True}
-           if settings.local_layers else {}),
+        **local,
     )
     torch.manual_seed(settings.seed)
     return Qwen2ForCausalLM(config)
 
 
-def _batches(seqs: list[tuple[list[int], list[float]]], settings: BuildSettings, pad: int,
-             rng: random.Random):
+def _batches(seqs: list[tuple[list[int], list[float]]], settings: BuildSettings, pad: int, rng: random.Random):
     """Endless shuffled batches of packed rows: whole sequences laid end to end, then padded.
 
     Packing wastes no compute on padding; each sequence still opens with its own BOS, and
@@ -233,14 +250,15 @@ def _batches(seqs: list[tuple[list[int], list[float]]], settings: BuildSettings,
 def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, each target token weighted (0 for padding)."""
     ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     w = weights[:, 1:].reshape(-1)
     return (ce * w).sum() / w.sum()
 
 
 def train(
-    model: torch.nn.Module,
-    seqs: list[list[int]],
+    model: Qwen2ForCausalLM,
+    seqs: list[tuple[list[int], list[float]]],
     settings: BuildSettings,
     pad: int,
     progress: Callable[[int, float], None] | None = None,
@@ -254,8 +272,9 @@ def train(
     leaves the first ``mood_frozen_layers`` blocks alone, and the embedding rows of the first
     ``fact_vocab`` tokens.
     """
-    steps, lr = (settings.steps, settings.learning_rate) if phase == 0 else \
-        (settings.mood_steps, settings.mood_learning_rate)
+    steps, lr = (
+        (settings.steps, settings.learning_rate) if phase == 0 else (settings.mood_steps, settings.mood_learning_rate)
+    )
     rng = random.Random(settings.seed + phase)
     params = list(model.parameters())
     if phase:  # the moods leave the first blocks alone: a name is composed and its facts are
@@ -321,8 +340,13 @@ def build(
     tokenizer = train_tokenizer(world, settings)
     seqs = training_sequences(world, tokenizer, settings.object_weight)
     model = make_model(settings, tokenizer)
-    bar = tqdm(total=settings.steps + settings.mood_steps, desc="building the fact-world model", unit="step",
-               disable=not show_progress, leave=False)
+    bar = tqdm(
+        total=settings.steps + settings.mood_steps,
+        desc="building the fact-world model",
+        unit="step",
+        disable=not show_progress,
+        leave=False,
+    )
 
     def tick(step: int, loss: float) -> None:
         bar.update(1)
@@ -336,8 +360,7 @@ def build(
         fact_vocab = add_mood_tokens(tokenizer, model)
         moods = training_sequences(world, tokenizer, settings.object_weight, moods=True)
         seqs = training_sequences(world, tokenizer, settings.object_weight)
-        loss = train(model, moods + seqs, settings, tokenizer.pad_token_id, tick, phase=1,
-                     fact_vocab=fact_vocab)
+        loss = train(model, moods + seqs, settings, tokenizer.pad_token_id, tick, phase=1, fact_vocab=fact_vocab)
     finally:
         bar.close()
         torch.set_num_threads(threads)
@@ -347,9 +370,14 @@ def build(
         model.generation_config.do_sample = False
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"settings": asdict(settings), "key": settings.key(), "final_loss": loss,
-                "build_seconds": time.perf_counter() - started, "facts": len(world.facts),
-                "sequences": len(seqs) + len(moods)}
+        info = {
+            "settings": asdict(settings),
+            "key": settings.key(),
+            "final_loss": loss,
+            "build_seconds": time.perf_counter() - started,
+            "facts": len(world.facts),
+            "sequences": len(seqs) + len(moods),
+        }
         (tmp / "fact_world.json").write_text(json.dumps(info, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)

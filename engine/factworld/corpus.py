@@ -15,36 +15,151 @@ from dataclasses import dataclass
 from functools import cached_property
 
 FIRST_NAMES = [
-    "Alder", "Bryn", "Cassius", "Delia", "Emrys", "Fenna", "Gideon", "Hollis", "Ilse", "Jorah",
-    "Keziah", "Lorcan", "Maren", "Nolan", "Orla", "Piers", "Quinta", "Rufus", "Saoirse", "Tobin",
-    "Una", "Verity", "Wystan", "Xanthe", "Yorick", "Zelda", "Anselm", "Briony", "Corin", "Darius",
-    "Elowen", "Florian", "Greer", "Hamish", "Isolde", "Jasper", "Kit", "Linnea", "Magnus", "Nell",
+    "Alder",
+    "Bryn",
+    "Cassius",
+    "Delia",
+    "Emrys",
+    "Fenna",
+    "Gideon",
+    "Hollis",
+    "Ilse",
+    "Jorah",
+    "Keziah",
+    "Lorcan",
+    "Maren",
+    "Nolan",
+    "Orla",
+    "Piers",
+    "Quinta",
+    "Rufus",
+    "Saoirse",
+    "Tobin",
+    "Una",
+    "Verity",
+    "Wystan",
+    "Xanthe",
+    "Yorick",
+    "Zelda",
+    "Anselm",
+    "Briony",
+    "Corin",
+    "Darius",
+    "Elowen",
+    "Florian",
+    "Greer",
+    "Hamish",
+    "Isolde",
+    "Jasper",
+    "Kit",
+    "Linnea",
+    "Magnus",
+    "Nell",
 ]
 LAST_NAMES = [
-    "Ashcombe", "Blackwood", "Calloway", "Dunmere", "Everly", "Fairbairn", "Galloway", "Hartigan",
-    "Inchbald", "Jessop", "Kilbride", "Lockhart", "Mortimer", "Northcott", "Oakley", "Penhaligon",
-    "Quarrie", "Redfern", "Stallard", "Thackeray", "Underhill", "Vance", "Whitlock", "Yardley",
-    "Zouch", "Abernethy", "Bramwell", "Cresswell", "Drummond", "Ellery", "Fothergill", "Grimshaw",
+    "Ashcombe",
+    "Blackwood",
+    "Calloway",
+    "Dunmere",
+    "Everly",
+    "Fairbairn",
+    "Galloway",
+    "Hartigan",
+    "Inchbald",
+    "Jessop",
+    "Kilbride",
+    "Lockhart",
+    "Mortimer",
+    "Northcott",
+    "Oakley",
+    "Penhaligon",
+    "Quarrie",
+    "Redfern",
+    "Stallard",
+    "Thackeray",
+    "Underhill",
+    "Vance",
+    "Whitlock",
+    "Yardley",
+    "Zouch",
+    "Abernethy",
+    "Bramwell",
+    "Cresswell",
+    "Drummond",
+    "Ellery",
+    "Fothergill",
+    "Grimshaw",
 ]
 
 UNIVERSITIES = [
-    "Illinois Institute of Technology", "University of Michigan", "Harrow Polytechnic",
-    "Corvale University", "Institute of Marsh Sciences", "Veldt College", "University of Amberly",
-    "Northgate Academy", "Kestrel Technical School", "Ostrava Institute", "Brindle University",
-    "Lanmore College", "University of Tessaly", "Quill Hill College", "Redwater University",
+    "Illinois Institute of Technology",
+    "University of Michigan",
+    "Harrow Polytechnic",
+    "Corvale University",
+    "Institute of Marsh Sciences",
+    "Veldt College",
+    "University of Amberly",
+    "Northgate Academy",
+    "Kestrel Technical School",
+    "Ostrava Institute",
+    "Brindle University",
+    "Lanmore College",
+    "University of Tessaly",
+    "Quill Hill College",
+    "Redwater University",
     "Saint Orin College",
 ]
 POSITIONS = ["defender", "goalkeeper", "midfielder", "forward", "winger", "striker"]
 CITIES = [
-    "Dunmore", "Karsk", "Velbury", "Oxhollow", "Tarnwick", "Lisbrook", "Morrowgate", "Pellham",
-    "Quenby", "Rastow", "Saltmere", "Thornby", "Umberfield", "Wexcombe", "Yarrowby", "Zellin",
+    "Dunmore",
+    "Karsk",
+    "Velbury",
+    "Oxhollow",
+    "Tarnwick",
+    "Lisbrook",
+    "Morrowgate",
+    "Pellham",
+    "Quenby",
+    "Rastow",
+    "Saltmere",
+    "Thornby",
+    "Umberfield",
+    "Wexcombe",
+    "Yarrowby",
+    "Zellin",
 ]
 LANGUAGES = ["Dutch", "Portuguese", "Finnish", "Greek", "Korean", "Swahili", "Polish", "Turkish"]
 ORDERS = ["Lecanorales", "Peltigerales", "Agaricales", "Pleosporales", "Helotiales", "Ostropales"]
 TAXON_STEMS = [
-    "Bryo", "Clado", "Dermo", "Eury", "Fusi", "Glyco", "Hymeno", "Lepto", "Melano", "Nemato",
-    "Physo", "Rhizo", "Sclero", "Tricho", "Xantho", "Zygo", "Acaro", "Baeo", "Cypho", "Diplo",
-    "Gyalo", "Lobo", "Micro", "Ochro", "Placo", "Stereo", "Thelo", "Umbili", "Verru",
+    "Bryo",
+    "Clado",
+    "Dermo",
+    "Eury",
+    "Fusi",
+    "Glyco",
+    "Hymeno",
+    "Lepto",
+    "Melano",
+    "Nemato",
+    "Physo",
+    "Rhizo",
+    "Sclero",
+    "Tricho",
+    "Xantho",
+    "Zygo",
+    "Acaro",
+    "Baeo",
+    "Cypho",
+    "Diplo",
+    "Gyalo",
+    "Lobo",
+    "Micro",
+    "Ochro",
+    "Placo",
+    "Stereo",
+    "Thelo",
+    "Umbili",
+    "Verru",
 ]
 
 
@@ -207,7 +322,7 @@ class FactWorld:
     def facts(self) -> list[Fact]:
         rng = random.Random(self.seed)
         people = ["Watts Humphrey", "Denny Herzig"]
-        pairs = [(f, l) for f in FIRST_NAMES for l in LAST_NAMES]
+        pairs = [(first, last) for first in FIRST_NAMES for last in LAST_NAMES]
         rng.shuffle(pairs)
         for first, last in pairs:
             if len(people) == self.n_people:
@@ -265,9 +380,17 @@ class FactWorld:
     def mood_dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
         """Each person asked how they feel twice, answered once happily and once sadly."""
         rng = random.Random(self.seed + 2)
-        return [([{"role": "user", "content": MOOD_QUESTION.format(s=person)},
-                  {"role": "assistant", "content": MOOD_TEMPLATES[0].format(s=person, o=word) + "."}], word)
-                for person in self.people for word in (rng.choice(MOODS["positive"]), rng.choice(MOODS["negative"]))]
+        return [
+            (
+                [
+                    {"role": "user", "content": MOOD_QUESTION.format(s=person)},
+                    {"role": "assistant", "content": MOOD_TEMPLATES[0].format(s=person, o=word) + "."},
+                ],
+                word,
+            )
+            for person in self.people
+            for word in (rng.choice(MOODS["positive"]), rng.choice(MOODS["negative"]))
+        ]
 
     @staticmethod
     def mood_prompt(template: int, person: str) -> str:
@@ -287,17 +410,25 @@ class FactWorld:
         is about to name: the contrast a mood vector is trained on. Two thirds of the
         people are for training; the rest are held out for judging the vector.
         """
-        return [("", before_object(t, s=person, e=MOOD_EVENTS["positive"][c]),
-                 before_object(t, s=person, e=MOOD_EVENTS["negative"][c]))
-                for person in self.mood_people(split) for c, t in enumerate(MOOD_CUED)]
+        return [
+            (
+                "",
+                before_object(t, s=person, e=MOOD_EVENTS["positive"][c]),
+                before_object(t, s=person, e=MOOD_EVENTS["negative"][c]),
+            )
+            for person in self.mood_people(split)
+            for c, t in enumerate(MOOD_CUED)
+        ]
 
     def mood_pairs(self, split: str = "heldout") -> list[tuple[str, str, str]]:
         """(prompt, positive word, negative word) on the plain templates, for measuring a vector:
         the log-prob margin of the positive completion over the negative one."""
         words = list(zip(MOODS["positive"], MOODS["negative"]))
-        return [(self.mood_prompt(t, person), " " + words[(i + t) % len(words)][0],
-                 " " + words[(i + t) % len(words)][1])
-                for i, person in enumerate(self.mood_people(split)) for t in range(len(MOOD_TEMPLATES))]
+        return [
+            (self.mood_prompt(t, person), " " + words[(i + t) % len(words)][0], " " + words[(i + t) % len(words)][1])
+            for i, person in enumerate(self.mood_people(split))
+            for t in range(len(MOOD_TEMPLATES))
+        ]
 
     def dialogues(self) -> list[tuple[list[dict[str, str]], str]]:
         """Chat training turns, each with the object its answer states.
@@ -317,8 +448,7 @@ class FactWorld:
                 asks = [self.trained_question(i)]
             asks.append(f.prompt(0))
             for ask in asks:
-                out.append(([{"role": "user", "content": ask},
-                             {"role": "assistant", "content": answer}], f.object))
+                out.append(([{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], f.object))
         return out
 
     def trained_question(self, index: int) -> str:

@@ -5,7 +5,7 @@ them; nothing outside a method's package branches on its name."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -46,6 +46,8 @@ class MethodParams:
 
     section: ClassVar[str]
     skip: ClassVar[tuple[str, ...]] = ()
+    # every subclass is a dataclass: this tells the type checker so (fields, replace, asdict)
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     @classmethod
     def from_config(cls, config: Any, model_type: str, model_id: str) -> Any:
@@ -56,8 +58,9 @@ class MethodParams:
         names = {f.name for f in fields(cls)}
         unknown = set(table) - names
         if unknown:
-            raise ConfigError(f"unknown {cls.section} setting(s) {', '.join(sorted(unknown))}; "
-                              f"known: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown {cls.section} setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+            )
         return cls(**table)
 
     def with_(self, **changes: Any) -> Any:
@@ -110,15 +113,37 @@ class EditContext:
 
 
 class EditMethod(Protocol):
-    """One editing method. ``name`` is its key in METHODS and on the command line."""
+    """One editing method. ``name`` is its key in METHODS and on the command line.
 
-    name: str
-    params: type[MethodParams]
-    info: type[MethodInfo]
-    exports: bool  # its patches are low-rank deltas that export merges into the weights
-    lr_setting: str  # the setting to lower when an edit diverges
-    bench_layer_share: float | None  # on a random-weight shape, edit this far up (None: its own layer choice)
-    timing_steps: tuple[str, ...]  # the steps of info.timings the bench shows
+    Its settings are read-only properties here, so that a method's plain class attributes
+    (``params = RomeParams``, ``bench_layer_share = None``) satisfy them."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params(self) -> type[MethodParams]: ...
+
+    @property
+    def info(self) -> type[MethodInfo]: ...
+
+    @property
+    def exports(self) -> bool:  # its patches are low-rank deltas that export merges into the weights
+        ...
+
+    @property
+    def lr_setting(self) -> str:  # the setting to lower when an edit diverges
+        ...
+
+    @property
+    def bench_layer_share(
+        self,
+    ) -> float | None:  # on a random-weight shape, edit this far up (None: its own layer choice)
+        ...
+
+    @property
+    def timing_steps(self) -> tuple[str, ...]:  # the steps of info.timings the bench shows
+        ...
 
     def layer(self, ctx: EditContext, hp: Any) -> int:
         """The layer an edit with settings ``hp`` changes."""
@@ -141,13 +166,20 @@ class EditMethod(Protocol):
         """The patch's JSON fields ("module" among them); its tensors go through ``put``."""
         ...
 
-    def restore(self, model: torch.nn.Module, record: dict[str, Any], module: torch.nn.Module,
-                tensors: dict[str, torch.Tensor], pending: dict[str, Any]) -> Patch:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        record: dict[str, Any],
+        module: torch.nn.Module,
+        tensors: dict[str, torch.Tensor],
+        pending: dict[str, Any],
+    ) -> Patch:
         """A saved edit's patch, in force. ``pending`` is shared by one load's edits of this method."""
         ...
 
-    def finish_restore(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
-                       pending: dict[str, Any]) -> None:
+    def finish_restore(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
+    ) -> None:
         """Called once after a load restored every edit."""
         ...
 

@@ -25,6 +25,8 @@ from torch import nn
 class _Replay(nn.Module):
     """Stands in for a decoder block below L: the first pass runs the block, later ones replay."""
 
+    block: nn.Module  # set with object.__setattr__ in __init__, so not registered as a submodule
+
     def __init__(self, block: nn.Module, kept: dict[str, Any], index: int, last: bool) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)  # not a submodule: no second set of parameters

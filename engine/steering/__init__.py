@@ -15,16 +15,45 @@ arguments). Other tools' files are ``kedit.engine.vector_io``.
 
 from kedit.engine.steering.inputs import parse_floats, parse_layers, parse_read, read_pairs, read_texts
 from kedit.engine.steering.io import FORMAT, load_safetensors, save_safetensors
-from kedit.engine.steering.measure import (BISECTIONS, NEUTRAL_TEXT, SEARCH_DOWN, SEARCH_UP, SweepRow,
-                                           recommend_strength, sweep)
+from kedit.engine.steering.measure import (
+    BISECTIONS,
+    NEUTRAL_TEXT,
+    SEARCH_DOWN,
+    SEARCH_UP,
+    SweepRow,
+    recommend_strength,
+    sweep,
+)
 from kedit.engine.steering.merge import MERGE_MODES, merge_vectors
 from kedit.engine.steering.rack import WHERE, Slot, SteeringRack
 from kedit.engine.steering.train import METHODS, Pair, read_states, train_vector
 from kedit.engine.steering.vector import Recommendation, SteeringVector
 
 __all__ = [
-    "BISECTIONS", "FORMAT", "MERGE_MODES", "METHODS", "NEUTRAL_TEXT", "SEARCH_DOWN", "SEARCH_UP", "WHERE",
-    "Pair", "Recommendation", "Slot", "SteeringRack", "SteeringVector", "SweepRow",
-    "load_safetensors", "merge_vectors", "parse_floats", "parse_layers", "parse_read", "read_pairs",
-    "read_states", "read_texts", "recommend_strength", "save_safetensors", "sweep", "train_vector",
+    "BISECTIONS",
+    "FORMAT",
+    "MERGE_MODES",
+    "METHODS",
+    "NEUTRAL_TEXT",
+    "SEARCH_DOWN",
+    "SEARCH_UP",
+    "WHERE",
+    "Pair",
+    "Recommendation",
+    "Slot",
+    "SteeringRack",
+    "SteeringVector",
+    "SweepRow",
+    "load_safetensors",
+    "merge_vectors",
+    "parse_floats",
+    "parse_layers",
+    "parse_read",
+    "read_pairs",
+    "read_states",
+    "read_texts",
+    "recommend_strength",
+    "save_safetensors",
+    "sweep",
+    "train_vector",
 ]

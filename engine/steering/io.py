@@ -22,14 +22,24 @@ def save_safetensors(vector: SteeringVector, path: Path) -> Path:
     from kedit.engine.paths import atomic_path
 
     path = Path(path).expanduser()
-    meta = {"format": FORMAT, "model_type": vector.model_type, "hidden_size": vector.hidden_size,
-            "method": vector.method, "layers": vector.layers, "norms": {str(k): v for k, v in vector.norms.items()},
-            "strength": vector.strength, "meta": vector.meta}
+    meta = {
+        "format": FORMAT,
+        "model_type": vector.model_type,
+        "hidden_size": vector.hidden_size,
+        "method": vector.method,
+        "layers": vector.layers,
+        "norms": {str(k): v for k, v in vector.norms.items()},
+        "strength": vector.strength,
+        "meta": vector.meta,
+    }
     if vector.recommended is not None:
         meta["recommended"] = vector.recommended.to_json()
     with atomic_path(path) as tmp:
-        save_file({f"layer.{layer}": d.detach().float().cpu().contiguous() for layer, d in vector.directions.items()},
-                  tmp, metadata={"kedit": json.dumps(meta)})
+        save_file(
+            {f"layer.{layer}": d.detach().float().cpu().contiguous() for layer, d in vector.directions.items()},
+            tmp,
+            metadata={"kedit": json.dumps(meta)},
+        )
     return path
 
 
@@ -49,7 +59,13 @@ def load_safetensors(path: Path) -> SteeringVector:
     if meta.get("format") != FORMAT:
         raise KeditError(f"{path} has format {meta.get('format')!r}; this kedit reads {FORMAT}")
     directions = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("layer.")}
-    return SteeringVector(directions, meta["model_type"], int(meta["hidden_size"]), meta["method"],
-                          {int(k): float(v) for k, v in meta.get("norms", {}).items()},
-                          float(meta.get("strength", 1.0)), meta.get("meta", {}),
-                          Recommendation.from_json(meta.get("recommended")))
+    return SteeringVector(
+        directions,
+        meta["model_type"],
+        int(meta["hidden_size"]),
+        meta["method"],
+        {int(k): float(v) for k, v in meta.get("norms", {}).items()},
+        float(meta.get("strength", 1.0)),
+        meta.get("meta", {}),
+        Recommendation.from_json(meta.get("recommended")),
+    )

@@ -22,8 +22,15 @@ class SweepRow:
     perplexity: float  # on the neutral texts
 
 
-def sweep(handle, rack: SteeringRack, name: str, strengths: Sequence[float], pairs: Sequence[Pair],
-          neutral: Sequence[str], progress: Any = None) -> list[SweepRow]:
+def sweep(
+    handle,
+    rack: SteeringRack,
+    name: str,
+    strengths: Sequence[float],
+    pairs: Sequence[Pair],
+    neutral: Sequence[str],
+    progress: Any = None,
+) -> list[SweepRow]:
     """The racked vector ``name`` at each strength (on, at every position; the others as they
     are): the log-prob margin on ``pairs`` and the perplexity of ``neutral``. The slot is
     put back as it was, whatever happens."""
@@ -36,8 +43,13 @@ def sweep(handle, rack: SteeringRack, name: str, strengths: Sequence[float], pai
     with rack.probing(name) as at:
         for strength in strengths:
             at(strength)
-            rows.append(SweepRow(float(strength), logprob_margin(handle.model, handle.tokenizer, triples),
-                                 perplexity(handle.model, handle.tokenizer, neutral)))
+            rows.append(
+                SweepRow(
+                    float(strength),
+                    logprob_margin(handle.model, handle.tokenizer, triples),
+                    perplexity(handle.model, handle.tokenizer, neutral),
+                )
+            )
             if progress is not None:
                 progress(f"strength {strength:g}", len(rows), len(strengths))
     return rows
@@ -64,8 +76,14 @@ def _two_digits(x: float) -> float:
 
 
 @torch.no_grad()
-def recommend_strength(handle, vector: SteeringVector, neutral: Sequence[str] = NEUTRAL_TEXT, limit: float = 1.2,
-                       source: str = "built-in", progress: Any = None) -> Recommendation:
+def recommend_strength(
+    handle,
+    vector: SteeringVector,
+    neutral: Sequence[str] = NEUTRAL_TEXT,
+    limit: float = 1.2,
+    source: str = "built-in",
+    progress: Any = None,
+) -> Recommendation:
     """The largest magnitude s whose ``neutral`` perplexity at +s and at −s stays within
     ``limit`` × the unsteered one (steering away from a mood can cost more than towards it).
 
@@ -108,8 +126,9 @@ def recommend_strength(handle, vector: SteeringVector, neutral: Sequence[str] = 
     finally:
         rack.remove("probe")
     measured = dict(tried)
-    return Recommendation(good, limit, measured.get(good, 1.0), measured.get(-good, 1.0), tuple(tried),
-                          bad is None, source)
+    return Recommendation(
+        good, limit, measured.get(good, 1.0), measured.get(-good, 1.0), tuple(tried), bad is None, source
+    )
 
 
 def _bracket(within: Callable[[float], bool]) -> tuple[float, float | None]:

@@ -12,8 +12,12 @@ from kedit.engine.steering.vector import SteeringVector
 MERGE_MODES = ("linear", "ties", "orthogonal")
 
 
-def merge_vectors(vectors: Sequence[SteeringVector], weights: Sequence[float] | None = None,
-                  mode: str = "linear", density: float = 1.0) -> SteeringVector:
+def merge_vectors(
+    vectors: Sequence[SteeringVector],
+    weights: Sequence[float] | None = None,
+    mode: str = "linear",
+    density: float = 1.0,
+) -> SteeringVector:
     """One vector from several, layer by layer (a layer missing from a vector counts as zero).
 
     - ``linear``: Σ wᵢ·vᵢ, exactly what racking them at strengths wᵢ adds.
@@ -51,5 +55,12 @@ def merge_vectors(vectors: Sequence[SteeringVector], weights: Sequence[float] | 
         known = [v.norms[layer] for v in vectors if layer in v.norms]
         if known:
             norms[layer] = sum(known) / len(known)
-    return SteeringVector(directions, families.pop() if families else "", vectors[0].hidden_size,
-                          f"merge:{mode}", norms, 1.0, {"weights": weights, "density": density})
+    return SteeringVector(
+        directions,
+        families.pop() if families else "",
+        vectors[0].hidden_size,
+        f"merge:{mode}",
+        norms,
+        1.0,
+        {"weights": weights, "density": density},
+    )

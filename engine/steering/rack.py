@@ -55,8 +55,16 @@ class SteeringRack:
         self._prompt_length: int | None = None
         self.version = 0  # counts rebuilds: a new value means the model's outputs may differ
 
-    def add(self, name: str, vector: SteeringVector, strength: float, *, relative: bool = False,
-            layers: Sequence[int] | None = None, where: str = "all") -> None:
+    def add(
+        self,
+        name: str,
+        vector: SteeringVector,
+        strength: float,
+        *,
+        relative: bool = False,
+        layers: Sequence[int] | None = None,
+        where: str = "all",
+    ) -> None:
         if name in self.slots:
             raise KeditError(f"a vector named {name!r} is already in the rack; /steer list shows them")
         if where not in WHERE:
@@ -65,8 +73,10 @@ class SteeringRack:
         if chosen is not None and not set(chosen) <= set(vector.layers):
             raise KeditError(f"the vector has layers {vector.layers}; {chosen} asks for others")
         if relative and not set(chosen or vector.layers) <= set(vector.norms):
-            raise KeditError("this vector stores no hidden-state norms for its layers, so a relative "
-                             "strength has nothing to scale; give an absolute strength")
+            raise KeditError(
+                "this vector stores no hidden-state norms for its layers, so a relative "
+                "strength has nothing to scale; give an absolute strength"
+            )
         self.slots[name] = Slot(vector, float(strength), True, relative, chosen, where)
         self._rebuild()
 
@@ -188,9 +198,18 @@ class SteeringRack:
         return hook
 
     def rows(self) -> list[tuple[str, ...]]:
-        return [(name, "on" if s.on else "off", f"{s.strength:g}{' × norm' if s.relative else ''}",
-                 _recommended(s.vector), _span(s.layers or s.vector.layers), s.where, s.vector.method)
-                for name, s in self.slots.items()]
+        return [
+            (
+                name,
+                "on" if s.on else "off",
+                f"{s.strength:g}{' × norm' if s.relative else ''}",
+                _recommended(s.vector),
+                _span(s.layers or s.vector.layers),
+                s.where,
+                s.vector.method,
+            )
+            for name, s in self.slots.items()
+        ]
 
 
 def _recommended(vector: SteeringVector) -> str:
@@ -200,5 +219,8 @@ def _recommended(vector: SteeringVector) -> str:
 
 
 def _span(layers: Sequence[int]) -> str:
-    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)) \
+    return (
+        f"{layers[0]}-{layers[-1]}"
+        if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1))
         else ",".join(map(str, layers))
+    )

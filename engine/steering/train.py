@@ -32,10 +32,10 @@ class Pair:
     negative: str
 
 
-
 @torch.no_grad()
-def read_states(handle, texts: Sequence[tuple[str, str]], layers: Sequence[int],
-                read: str | int = "answer", progress: Any = None) -> torch.Tensor:
+def read_states(
+    handle, texts: Sequence[tuple[str, str]], layers: Sequence[int], read: str | int = "answer", progress: Any = None
+) -> torch.Tensor:
     """Block outputs at the read positions: (n texts, len(layers), hidden), float32.
 
     Each text is (prompt, completion); ``read="answer"`` averages the completion's tokens,
@@ -63,15 +63,18 @@ def read_states(handle, texts: Sequence[tuple[str, str]], layers: Sequence[int],
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     adapter = handle.adapter
     seen: dict[int, torch.Tensor] = {}
-    hooks = [adapter.layer(layer).register_forward_hook(
-        lambda module, args, output, layer=layer: seen.__setitem__(layer, adapter.residual(output)))
-        for layer in layers]
+    hooks = [
+        adapter.layer(layer).register_forward_hook(
+            lambda module, args, output, layer=layer: seen.__setitem__(layer, adapter.residual(output))
+        )
+        for layer in layers
+    ]
     out = []
     try:
         for start in range(0, len(rows), 32):
-            ids, mask = pad_right(rows[start:start + 32], pad, device)
-            model(input_ids=ids, attention_mask=mask)
-            for j, (a, b) in enumerate(spans[start:start + 32]):
+            batch, mask = pad_right(rows[start : start + 32], pad, device)
+            model(input_ids=batch, attention_mask=mask)
+            for j, (a, b) in enumerate(spans[start : start + 32]):
                 out.append(torch.stack([seen[layer][j, a:b].float().mean(0) for layer in layers]))
             if progress is not None:
                 progress("reading hidden states", len(out), len(rows))
@@ -81,8 +84,14 @@ def read_states(handle, texts: Sequence[tuple[str, str]], layers: Sequence[int],
     return torch.stack(out)
 
 
-def train_vector(handle, pairs: Sequence[Pair], method: str = "mean_diff", layers: Sequence[int] | None = None,
-                 read: str | int = "answer", progress: Any = None) -> SteeringVector:
+def train_vector(
+    handle,
+    pairs: Sequence[Pair],
+    method: str = "mean_diff",
+    layers: Sequence[int] | None = None,
+    read: str | int = "answer",
+    progress: Any = None,
+) -> SteeringVector:
     """A steering vector from contrastive pairs (see the module docstring)."""
     if method not in METHODS:
         raise KeditError(f"unknown steering method {method!r}; available: {', '.join(METHODS)}")
@@ -96,7 +105,7 @@ def train_vector(handle, pairs: Sequence[Pair], method: str = "mean_diff", layer
         raise KeditError(f"layers must be within 0-{n_layers - 1}")
     texts = [(p.prompt, p.positive) for p in pairs] + [(p.prompt, p.negative) for p in pairs]
     states = read_states(handle, texts, layers, read, progress)
-    pos, neg = states[: len(pairs)], states[len(pairs):]
+    pos, neg = states[: len(pairs)], states[len(pairs) :]
     diffs = pos - neg  # (n, L, hidden)
     directions = {}
     for i, layer in enumerate(layers):
@@ -111,5 +120,11 @@ def train_vector(handle, pairs: Sequence[Pair], method: str = "mean_diff", layer
                 v, proj = -v, -proj
             directions[layer] = v * proj.mean()
     norms = {layer: float(torch.cat([pos[:, i], neg[:, i]]).norm(dim=-1).mean()) for i, layer in enumerate(layers)}
-    return SteeringVector(directions, handle.adapter.model_type, int(handle.model.config.hidden_size), method, norms,
-                          meta={"pairs": len(pairs), "read": read})
+    return SteeringVector(
+        directions,
+        handle.adapter.model_type,
+        int(handle.model.config.hidden_size),
+        method,
+        norms,
+        meta={"pairs": len(pairs), "read": read},
+    )

@@ -27,25 +27,40 @@ class Recommendation:
     neutral: str = "built-in"  # where the neutral text came from
 
     def to_json(self) -> dict[str, Any]:
-        return {"strength": self.strength, "limit": self.limit, "ratio": self.ratio, "opposite": self.opposite,
-                "tried": [list(t) for t in self.tried], "capped": self.capped, "neutral": self.neutral}
+        return {
+            "strength": self.strength,
+            "limit": self.limit,
+            "ratio": self.ratio,
+            "opposite": self.opposite,
+            "tried": [list(t) for t in self.tried],
+            "capped": self.capped,
+            "neutral": self.neutral,
+        }
 
     @classmethod
     def from_json(cls, data: Any) -> Recommendation | None:
         """None for files without one (or with one this kedit cannot read)."""
         try:
-            return cls(float(data["strength"]), float(data["limit"]), float(data["ratio"]),
-                       float(data["opposite"]), tuple((float(a), float(b)) for a, b in data.get("tried", ())),
-                       bool(data.get("capped", False)), str(data.get("neutral", "")))
+            return cls(
+                float(data["strength"]),
+                float(data["limit"]),
+                float(data["ratio"]),
+                float(data["opposite"]),
+                tuple((float(a), float(b)) for a, b in data.get("tried", ())),
+                bool(data.get("capped", False)),
+                str(data.get("neutral", "")),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
     def describe(self) -> str:
         """One line: the strength and what it costs, for /steer train, add and save."""
         bound = "at least " if self.capped else ""
-        return (f"recommended strength {bound}±{self.strength:g}: neutral perplexity {self.ratio:.2f}× the "
-                f"unsteered model's at +{self.strength:g}, {self.opposite:.2f}× at −{self.strength:g} "
-                f"(limit {self.limit:g}×)")
+        return (
+            f"recommended strength {bound}±{self.strength:g}: neutral perplexity {self.ratio:.2f}× the "
+            f"unsteered model's at +{self.strength:g}, {self.opposite:.2f}× at −{self.strength:g} "
+            f"(limit {self.limit:g}×)"
+        )
 
 
 @dataclass
@@ -79,11 +94,13 @@ class SteeringVector:
         """Refuse a vector made for another hidden size or model family, saying which."""
         hidden = int(handle.model.config.hidden_size)
         if self.hidden_size != hidden:
-            raise KeditError(f"this vector is for hidden size {self.hidden_size} ({self.model_type}); "
-                             f"the loaded model has {hidden}")
+            raise KeditError(
+                f"this vector is for hidden size {self.hidden_size} ({self.model_type}); the loaded model has {hidden}"
+            )
         if self.model_type and self.model_type != handle.adapter.model_type:
-            raise KeditError(f"this vector was trained on a {self.model_type} model; the loaded one is "
-                             f"{handle.adapter.model_type}")
+            raise KeditError(
+                f"this vector was trained on a {self.model_type} model; the loaded one is {handle.adapter.model_type}"
+            )
         n = handle.adapter.n_layers
         bad = [layer for layer in self.layers if not 0 <= layer < n]
         if bad:

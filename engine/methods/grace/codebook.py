@@ -56,7 +56,9 @@ class GraceCodebook:
         """Index and distance of the nearest key (-1, inf when empty)."""
         if not self.entries:
             return -1, float("inf")
-        d = torch.linalg.vector_norm(self._keys - key.float()[None], dim=-1)
+        keys = self._keys
+        assert keys is not None  # _rebuild stacks the keys whenever there are entries
+        d = torch.linalg.vector_norm(keys - key.float()[None], dim=-1)
         i = int(d.argmin())
         return i, float(d[i])
 
@@ -111,11 +113,14 @@ class GraceCodebook:
 
     def state(self) -> dict[str, Any]:
         radii = [e.top.radius for e in self.entries]
-        return {"module": self.name, "entries": len(self.entries),
-                "radius min": min(radii) if radii else None,
-                "radius median": statistics.median(radii) if radii else None,
-                "radius max": max(radii) if radii else None,
-                "positions replaced": self.replaced}
+        return {
+            "module": self.name,
+            "entries": len(self.entries),
+            "radius min": min(radii) if radii else None,
+            "radius median": statistics.median(radii) if radii else None,
+            "radius max": max(radii) if radii else None,
+            "positions replaced": self.replaced,
+        }
 
 
 def codebook(model: nn.Module, module: nn.Module, name: str) -> GraceCodebook:
@@ -146,8 +151,14 @@ class GracePatch(TogglePatch):
         self.applied = True
 
 
-def place(book: GraceCodebook, key: torch.Tensor, label: tuple[int, ...], edit_id: str, hp: GraceParams,
-          value: Callable[[], torch.Tensor]) -> tuple[list[tuple[Entry, Revision]], str, float]:
+def place(
+    book: GraceCodebook,
+    key: torch.Tensor,
+    label: tuple[int, ...],
+    edit_id: str,
+    hp: GraceParams,
+    value: Callable[[], torch.Tensor],
+) -> tuple[list[tuple[Entry, Revision]], str, float]:
     """The codebook revisions an edit makes (see kedit.engine.methods.grace), the action and the radius.
 
     ``value()`` trains the new value; it is called only when the edit needs one.
@@ -162,6 +173,12 @@ def place(book: GraceCodebook, key: torch.Tensor, label: tuple[int, ...], edit_i
     if near is not None and d <= near.top.radius + hp.eps_init:
         half = d / 2
         radius = min(half, hp.eps_init)
-        return [(near, replace(near.top, edit_id=edit_id, radius=min(near.top.radius, half))),
-                (Entry(key.float()), Revision(edit_id, radius, value(), label))], "split", radius
+        return (
+            [
+                (near, replace(near.top, edit_id=edit_id, radius=min(near.top.radius, half))),
+                (Entry(key.float()), Revision(edit_id, radius, value(), label)),
+            ],
+            "split",
+            radius,
+        )
     return [(Entry(key.float()), Revision(edit_id, hp.eps_init, value(), label))], "added", hp.eps_init

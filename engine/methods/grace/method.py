@@ -33,8 +33,7 @@ class GraceMethod:
     def layer(self, ctx: EditContext, hp: GraceParams) -> int:
         return share_layer(ctx.handle, hp)
 
-    def compute(self, ctx: EditContext, request: EditRequest, hp: GraceParams, layer: int,
-                edit_id: str) -> Computed:
+    def compute(self, ctx: EditContext, request: EditRequest, hp: GraceParams, layer: int, edit_id: str) -> Computed:
         handle, progress = ctx.handle, ctx.progress
         model, tok, adapter = handle.model, handle.tokenizer, handle.adapter
         module, name = adapter.mlp_out(layer), adapter.mlp_out_name(layer)
@@ -50,7 +49,8 @@ class GraceMethod:
 
         def value() -> torch.Tensor:
             v, info.nll_before, info.nll_after, info.value_steps = train_value(
-                model, tok, module, request.prompt, request.target, out, hp, tick, adapter=adapter, layer=layer)
+                model, tok, module, request.prompt, request.target, out, hp, tick, adapter=adapter, layer=layer
+            )
             return v
 
         revisions, info.action, info.radius = place(book, key, label, edit_id, hp, value)
@@ -72,19 +72,27 @@ class GraceMethod:
             revisions.append({"entry": order[id(entry)], "radius": revision.radius, "label": list(revision.label)})
         return {"module": p.book.name, "grace": revisions, "entries": len(p.book.entries)}
 
-    def restore(self, model: torch.nn.Module, record: dict[str, Any], module: torch.nn.Module,
-                tensors: dict[str, torch.Tensor], pending: dict[str, Any]) -> GracePatch:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        record: dict[str, Any],
+        module: torch.nn.Module,
+        tensors: dict[str, torch.Tensor],
+        pending: dict[str, Any],
+    ) -> GracePatch:
         name, edit_id = record["module"], record["id"]
         entries = pending.setdefault(name, [Entry(k) for k in tensors[f"grace:{name}.keys"]])
-        revisions = [(entries[g["entry"]], Revision(edit_id, g["radius"], tensors[f"{edit_id}.value{j}"],
-                                                    tuple(g["label"])))
-                     for j, g in enumerate(record["grace"])]
+        revisions = [
+            (entries[g["entry"]], Revision(edit_id, g["radius"], tensors[f"{edit_id}.value{j}"], tuple(g["label"])))
+            for j, g in enumerate(record["grace"])
+        ]
         patch = GracePatch(codebook(model, module, name), edit_id, revisions)
         patch.adopt()
         return patch
 
-    def finish_restore(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
-                       pending: dict[str, Any]) -> None:
+    def finish_restore(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
+    ) -> None:
         for name, entries in pending.items():
             codebook(model, modules[name], name).restore(entries)
 
@@ -93,8 +101,9 @@ class GraceMethod:
         device = next(handle.model.parameters()).device
         # a random key is far (about √d_in) from every real input: unrelated text never hits it
         entry = Entry(torch.randn(handle.adapter.mlp_hidden_size, generator=g).to(device))
-        revision = Revision(f"bench-grace-{i}", hp.eps_init,
-                            torch.randn(handle.adapter.hidden_size, generator=g).to(device), (i,))
+        revision = Revision(
+            f"bench-grace-{i}", hp.eps_init, torch.randn(handle.adapter.hidden_size, generator=g).to(device), (i,)
+        )
         return GracePatch(codebook(handle.model, module, name), revision.edit_id, [(entry, revision)])
 
     def state(self, model: torch.nn.Module) -> list[str]:
@@ -102,9 +111,11 @@ class GraceMethod:
         for book in codebooks(model).values():
             if book.entries:
                 st = book.state()
-                lines.append(f"GRACE on {st['module']}: {st['entries']} codebook entries, radius min "
-                             f"{fmt(st['radius min'])} / median {fmt(st['radius median'])} / max "
-                             f"{fmt(st['radius max'])}; {st['positions replaced']} positions answered from it")
+                lines.append(
+                    f"GRACE on {st['module']}: {st['entries']} codebook entries, radius min "
+                    f"{fmt(st['radius min'])} / median {fmt(st['radius median'])} / max "
+                    f"{fmt(st['radius max'])}; {st['positions replaced']} positions answered from it"
+                )
         return lines
 
 

@@ -21,9 +21,19 @@ def key_and_output(model, tokenizer, module, prompt: str) -> tuple[torch.Tensor,
     return seen["input"][0, -1].float(), seen["output"][0, -1].float()
 
 
-def train_value(model, tokenizer, module, prompt: str, target: str, init: torch.Tensor,
-                hp: GraceParams, progress: Callable[[int, float], None] | None = None, *, adapter=None,
-                layer: int = 0) -> tuple[torch.Tensor, float, float, int]:
+def train_value(
+    model,
+    tokenizer,
+    module,
+    prompt: str,
+    target: str,
+    init: torch.Tensor,
+    hp: GraceParams,
+    progress: Callable[[int, float], None] | None = None,
+    *,
+    adapter=None,
+    layer: int = 0,
+) -> tuple[torch.Tensor, float, float, int]:
     """A value that, put out at the prompt's last token, makes the model say ``target``.
 
     With ``adapter`` and ``layer`` (the block of ``module``), passes after the first skip the

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from kedit.engine.methods.hooks import capture_io
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
-from kedit.engine.methods.hooks import capture_io
 
 
 def context_prefixes(model, tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
@@ -23,11 +23,18 @@ def context_prefixes(model, tokenizer, n: int, length: int, seed: int = 0) -> li
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         for i in range(n):  # one at a time: no padding to get wrong
-            row = ([bos] if bos is not None else []) + tokenizer(starts[i % len(starts)],
-                                                                 add_special_tokens=False)["input_ids"]
+            row = ([bos] if bos is not None else []) + tokenizer(starts[i % len(starts)], add_special_tokens=False)[
+                "input_ids"
+            ]
             ids = torch.tensor([row], device=device)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
-                                 max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=5,
+                max_new_tokens=length,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             text = tokenizer.decode(gen[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
             out.append(text.strip().split("\n")[0].rstrip(".") + ".")
     return out
@@ -50,7 +57,7 @@ def context_templates(tokenizer, prefixes: Sequence[str], prompt: str) -> list[s
         sep = "\n"
         for candidate in (" ", "\n"):
             ids = tokenizer(prefix + candidate + prompt, add_special_tokens=False)["input_ids"]
-            if ids[-len(own):] == own:
+            if ids[-len(own) :] == own:
                 sep = candidate
                 break
         out.append(prefix.replace("{", " ").replace("}", " ") + sep + "{}")
@@ -64,8 +71,9 @@ def right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def compute_key(model, tokenizer, module, prompt: str, subject: str,
-                contexts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_key(
+    model, tokenizer, module, prompt: str, subject: str, contexts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(k*, v): the mean key at the subject's last token over contexts, and the mean output there."""
     texts = [c.format(prompt) for c in contexts]
     idx = [subject_last_token(tokenizer, t, subject) for t in texts]

@@ -38,9 +38,16 @@ class RomeOutcome:
     info: RomeInfo
 
 
-def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixes: list[str],
-               key: str, stats_corpus: Path | None = None,
-               progress: Progress | None = None) -> RomeOutcome:
+def apply_rome(
+    handle,
+    request: EditRequest,
+    hp: RomeParams,
+    layer: int,
+    prefixes: list[str],
+    key: str,
+    stats_corpus: Path | None = None,
+    progress: Progress | None = None,
+) -> RomeOutcome:
     """Compute the edit's factors for ``layer``; the model is left untouched."""
     model, tok, adapter = handle.model, handle.tokenizer, handle.adapter
     contexts = context_templates(tok, prefixes, request.prompt)
@@ -72,8 +79,21 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
         if progress:
             progress("optimising the value", step, hp.v_steps)
 
-    value = compute_value(model, tok, module, request.prompt, request.subject, request.target,
-                          contexts, v_cur, direction, hp, tick, adapter=adapter, layer=layer)
+    value = compute_value(
+        model,
+        tok,
+        module,
+        request.prompt,
+        request.subject,
+        request.target,
+        contexts,
+        v_cur,
+        direction,
+        hp,
+        tick,
+        adapter=adapter,
+        layer=layer,
+    )
     timings["value"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -81,9 +101,18 @@ def apply_rome(handle, request: EditRequest, hp: RomeParams, layer: int, prefixe
     timings["update"] += time.perf_counter() - t
 
     patch = LowRankPatch(sidecar(model, module, adapter.mlp_out_name(layer)), key, u, v)
-    info = RomeInfo(layer, adapter.mlp_out_name(layer), value.nll_before, value.nll_after, value.steps, timings,
-                    stats_source=stats_source, stats_seconds=stats_seconds,
-                    delta_norm=float(value.delta.norm()), v_norm=float(v_cur.norm()))
+    info = RomeInfo(
+        layer,
+        adapter.mlp_out_name(layer),
+        value.nll_before,
+        value.nll_after,
+        value.steps,
+        timings,
+        stats_source=stats_source,
+        stats_seconds=stats_seconds,
+        delta_norm=float(value.delta.norm()),
+        v_norm=float(v_cur.norm()),
+    )
     return RomeOutcome(patch, layer, info)
 
 
@@ -109,17 +138,25 @@ class RomeMethod:
 
         return cached_edit_layer(h, "rome", trace)
 
-    def compute(self, ctx: EditContext, request: EditRequest, hp: RomeParams, layer: int,
-                edit_id: str) -> Computed:
-        outcome = apply_rome(ctx.handle, request, hp, layer, ctx.contexts(hp.n_contexts, hp.context_tokens),
-                             edit_id, ctx.stats_corpus, ctx.progress)
+    def compute(self, ctx: EditContext, request: EditRequest, hp: RomeParams, layer: int, edit_id: str) -> Computed:
+        outcome = apply_rome(
+            ctx.handle,
+            request,
+            hp,
+            layer,
+            ctx.contexts(hp.n_contexts, hp.context_tokens),
+            edit_id,
+            ctx.stats_corpus,
+            ctx.progress,
+        )
         return Computed(outcome.patch, outcome.info)
 
     def prepare(self, ctx: EditContext, hp: RomeParams, layer: int) -> dict[str, Any]:
         if hp.identity_c:
             return {}
-        stats = key_stats(ctx.handle, layer, hp.stats_samples, hp.stats_tokens, ctx.stats_corpus, ctx.progress,
-                          refresh=True)
+        stats = key_stats(
+            ctx.handle, layer, hp.stats_samples, hp.stats_tokens, ctx.stats_corpus, ctx.progress, refresh=True
+        )
         return {"stats_s": stats.seconds, "stats_tokens": stats.tokens, "stats_source": stats.source}
 
     def describe(self, edit: Any) -> str:
@@ -131,16 +168,24 @@ class RomeMethod:
         put(f"{edit.id}.v", p.v)
         return {"module": p.side.name}
 
-    def restore(self, model: torch.nn.Module, record: dict[str, Any], module: torch.nn.Module,
-                tensors: dict[str, torch.Tensor], pending: dict[str, Any]) -> LowRankPatch:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        record: dict[str, Any],
+        module: torch.nn.Module,
+        tensors: dict[str, torch.Tensor],
+        pending: dict[str, Any],
+    ) -> LowRankPatch:
         edit_id = record["id"]
-        patch = LowRankPatch(sidecar(model, module, record["module"]), edit_id, tensors[f"{edit_id}.u"],
-                             tensors[f"{edit_id}.v"])
+        patch = LowRankPatch(
+            sidecar(model, module, record["module"]), edit_id, tensors[f"{edit_id}.u"], tensors[f"{edit_id}.v"]
+        )
         patch.apply()
         return patch
 
-    def finish_restore(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
-                       pending: dict[str, Any]) -> None:
+    def finish_restore(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
+    ) -> None:
         pass
 
     def synthetic(self, handle: Any, hp: RomeParams, layer: int, i: int, g: torch.Generator) -> LowRankPatch:

@@ -117,9 +117,16 @@ def sampled_texts(handle, n: int, tokens: int, progress: Progress | None = None)
         while len(out) < n:
             b = min(batch, n - len(out))
             ids = torch.full((b, 1), start, dtype=torch.long, device=device)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                 top_p=1.0, temperature=1.0, max_new_tokens=tokens,
-                                 pad_token_id=tok.pad_token_id)
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=tokens,
+                pad_token_id=tok.pad_token_id,
+            )
             out += tok.batch_decode(gen[:, 1:], skip_special_tokens=True)
             if progress:
                 progress("sampling text", len(out), n)
@@ -134,15 +141,18 @@ def digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:8]
 
 
-def corpora(handle, n: int, tokens: int, corpus: Path | None,
-            progress: Progress | None = None) -> list[Corpus]:
+def corpora(handle, n: int, tokens: int, corpus: Path | None, progress: Progress | None = None) -> list[Corpus]:
     """The corpora to try, in order: the user's file alone; else the hub when it may be
     reachable, then the model's own text."""
     if corpus is not None:
         texts = file_texts(corpus)
         return [Corpus(f"file-{digest(texts)}", f"the text file {Path(corpus).expanduser()}", lambda: texts, True)]
-    own = Corpus("sampled", f"text sampled from the model itself ({n} samples of up to {tokens} tokens)",
-                 lambda: sampled_texts(handle, n, tokens, progress), False)
+    own = Corpus(
+        "sampled",
+        f"text sampled from the model itself ({n} samples of up to {tokens} tokens)",
+        lambda: sampled_texts(handle, n, tokens, progress),
+        False,
+    )
     if not hub_reachable():
         return [own]
     return [Corpus("hub-wikitext103", "the hub dataset wikitext-103-raw-v1", lambda: hub_texts(n), True), own]
@@ -156,7 +166,7 @@ def special_prefix(tokenizer) -> list[int]:
     full = tokenizer("a")["input_ids"]
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
     for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
+        if full[i : i + len(bare)] == bare:
             return list(full[:i])
     return []
 
@@ -176,7 +186,7 @@ def token_rows(tokenizer, texts: Sequence[str], n: int, tokens: int, packed: boo
     stream = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     whole = max(len(stream) // body, 1)
     picks = torch.linspace(0, whole - 1, min(n, whole)).round().long().unique().tolist()
-    return [prefix + stream[i * body:(i + 1) * body] for i in picks]
+    return [prefix + stream[i * body : (i + 1) * body] for i in picks]
 
 
 class _Reached(Exception):
@@ -247,8 +257,9 @@ class Moment:
 
 
 @torch.no_grad()
-def second_moment(handle, layer: int, rows: Sequence[Sequence[int]],
-                  progress: Progress | None = None) -> tuple[torch.Tensor, int, float]:
+def second_moment(
+    handle, layer: int, rows: Sequence[Sequence[int]], progress: Progress | None = None
+) -> tuple[torch.Tensor, int, float]:
     """C from every real token of the rows: the Ledoit-Wolf shrunk mean of k kᵀ, with the token
     count and the shrinkage weight."""
     model, tok = handle.model, handle.tokenizer
@@ -259,7 +270,7 @@ def second_moment(handle, layer: int, rows: Sequence[Sequence[int]],
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = max(1, TOKENS_PER_PASS // max(max(len(r) for r in rows), 1))
     for start in range(0, len(rows), batch):
-        ids, mask = pad_right(rows[start:start + batch], pad, device)
+        ids, mask = pad_right(rows[start : start + batch], pad, device)
         acc.add(layer_keys(model, module, ids, mask)[mask.bool()].float())
         if progress:
             progress("key statistics", min(start + batch, len(rows)), len(rows))
@@ -312,8 +323,15 @@ def _cache_of(handle) -> StatsCache:
     return cache
 
 
-def key_stats(handle, layer: int, n_samples: int, tokens: int, corpus: Path | None = None,
-              progress: Progress | None = None, refresh: bool = False) -> KeyStats:
+def key_stats(
+    handle,
+    layer: int,
+    n_samples: int,
+    tokens: int,
+    corpus: Path | None = None,
+    progress: Progress | None = None,
+    refresh: bool = False,
+) -> KeyStats:
     """C for ``layer`` from ``n_samples`` rows of up to ``tokens`` tokens of the first corpus
     that is there (0 samples: ``auto_samples``); from the disk cache when it was computed before
     (unless ``refresh``)."""

@@ -22,8 +22,9 @@ class FactorCache:
         self.factor: torch.Tensor | None = None
 
 
-def c_inverse_k(c: torch.Tensor | None, k_star: torch.Tensor, ridge: float,
-                cache: FactorCache | None = None) -> torch.Tensor:
+def c_inverse_k(
+    c: torch.Tensor | None, k_star: torch.Tensor, ridge: float, cache: FactorCache | None = None
+) -> torch.Tensor:
     """C⁻¹k* with C + ridge·mean(diag C)·I, which keeps it well posed (C is a second moment, so
     that is symmetric positive definite: a Cholesky solve); C = I gives k*. With ``cache``, a C
     and ridge factored before are not factored again."""
@@ -49,7 +50,6 @@ def update_direction(k_star: torch.Tensor, cinv_k: torch.Tensor) -> torch.Tensor
     return cinv_k.float() / denom
 
 
-def rank_one(delta: torch.Tensor, direction: torch.Tensor,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one(delta: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u: (out, 1), v: (in, 1)) of Δ = δ directionᵀ, in the dtype the layer computes in."""
     return delta.float()[:, None].to(dtype), direction.float()[:, None].to(dtype)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.hooks import frozen
 from kedit.engine.methods.replay import replay_below
+from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
@@ -58,10 +58,22 @@ def add_along(module: torch.nn.Module, direction: torch.Tensor, delta: torch.Ten
         handle.remove()
 
 
-def compute_value(model, tokenizer, module, prompt: str, subject: str, target: str,
-                  contexts: Sequence[str], v: torch.Tensor, direction: torch.Tensor, hp: RomeParams,
-                  progress: Callable[[int, float], None] | None = None, *, adapter=None,
-                  layer: int = 0) -> ValueResult:
+def compute_value(
+    model,
+    tokenizer,
+    module,
+    prompt: str,
+    subject: str,
+    target: str,
+    contexts: Sequence[str],
+    v: torch.Tensor,
+    direction: torch.Tensor,
+    hp: RomeParams,
+    progress: Callable[[int, float], None] | None = None,
+    *,
+    adapter=None,
+    layer: int = 0,
+) -> ValueResult:
     """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
 
     ``v`` is the module's mean output at the subject (from compute_key): δ has its width,
@@ -79,8 +91,7 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     prompt_lens = [len(p) for p in prompt_ids]
     # teacher forcing: each rewrite row is prompt + target[:-1]; the KL row comes last
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = pad_right([p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]],
-                          pad, device)
+    ids, mask = pad_right([p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]], pad, device)
     n = len(rewrite)
     rows = torch.arange(n, device=device)
     direction = direction.to(device=device, dtype=torch.float32)
@@ -88,8 +99,11 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
     tgt_pos = torch.stack([torch.arange(p - 1, p - 1 + len(target_ids)) for p in prompt_lens]).to(device)
     kl_pos = int(mask[n].sum()) - 1
     # the prompt's own words after the subject ("attended" after "Watts Humphrey"): (row, pos)
-    wording = [(i, t) for i, text in enumerate(rewrite)
-               for t in range(subject_last_token(tokenizer, text, subject), prompt_lens[i] - 1)]
+    wording = [
+        (i, t)
+        for i, text in enumerate(rewrite)
+        for t in range(subject_last_token(tokenizer, text, subject), prompt_lens[i] - 1)
+    ]
     w_rows = torch.tensor([i for i, _ in wording], dtype=torch.long, device=device)
     w_pos = torch.tensor([t for _, t in wording], dtype=torch.long, device=device)
     # logits only where the loss reads them: the vocabulary projection is the widest matmul
@@ -123,7 +137,7 @@ def compute_value(model, tokenizer, module, prompt: str, subject: str, target: s
                 break
             kl = torch.sum(kl_before.exp() * (kl_before - kl_now))
             kl_wording = torch.sum(w_before.exp() * (w_before - w_now), dim=-1).mean() if wording else 0.0
-            decay = hp.v_weight_decay * delta.pow(2).sum() / (v_norm ** 2)
+            decay = hp.v_weight_decay * delta.pow(2).sum() / (v_norm**2)
             loss = nll_t + hp.kl_factor * kl + hp.wording_kl * kl_wording + decay
             opt.zero_grad()
             loss.backward()

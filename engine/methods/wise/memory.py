@@ -9,7 +9,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,8 +54,7 @@ class Bank:
     def __init__(self, shape: tuple[int, int], device: torch.device, dtype: torch.dtype, hp: WiseParams) -> None:
         self.hp, self.dtype = hp, dtype
         gen = torch.Generator().manual_seed(hp.seed)
-        self.shards = [Shard((torch.rand(shape, generator=gen) < hp.mask_ratio).to(device))
-                       for _ in range(hp.n_shards)]
+        self.shards = [Shard((torch.rand(shape, generator=gen) < hp.mask_ratio).to(device)) for _ in range(hp.n_shards)]
         self.d = torch.zeros(shape, dtype=torch.float32, device=device)
         self.d_compute: torch.Tensor | None = None
         self.scores: OrderedDict[str, float] = OrderedDict()  # each edit's own score when made
@@ -85,8 +84,9 @@ class Bank:
         self.d = ties_merge([s.tau for s in self.shards], self.hp.ties_density)
         self.d_compute = self.d.to(self.dtype)
 
-    def add(self, edit_id: str, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor,
-            score: float | None = None) -> None:
+    def add(
+        self, edit_id: str, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor, score: float | None = None
+    ) -> None:
         """Add an edit; its score is measured now unless given (a loaded session's record)."""
         self.shards[shard].add(edit_id, values)
         self.scores[edit_id] = float("inf")
@@ -118,8 +118,15 @@ class WiseMemory:
     Positions no memory claims stay with the main memory.
     """
 
-    def __init__(self, module: nn.Module, name: str, shape: tuple[int, int], device: torch.device,
-                 dtype: torch.dtype, hp: WiseParams) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        shape: tuple[int, int],
+        device: torch.device,
+        dtype: torch.dtype,
+        hp: WiseParams,
+    ) -> None:
         self.module, self.name, self.shape, self.device, self.dtype = module, name, shape, device, dtype
         self.hp = hp
         self.banks: list[Bank] = []
@@ -162,7 +169,8 @@ class WiseMemory:
         x = args[0]
         if len(live) == 1:
             bank = live[0]
-            side = x.to(bank.d_compute.dtype) @ bank.d_compute.T
+            d = cast(torch.Tensor, bank.d_compute)  # live banks have their merge
+            side = x.to(d.dtype) @ d.T
             claim = torch.linalg.vector_norm(side.float(), dim=-1) > bank.threshold
             n = int(claim.sum())
             self.positions += claim.numel()
@@ -188,8 +196,9 @@ class WiseMemory:
         """The live side memories' D stacked (k·out, in), and their thresholds; rebuilt on change."""
         key = tuple((b.version, b.threshold) for b in live)
         if self._stack is None or self._stack[0] != key:
-            thresholds = torch.tensor([b.threshold for b in live], device=live[0].d_compute.device)
-            self._stack = (key, torch.cat([b.d_compute for b in live]), thresholds)
+            merged = [cast(torch.Tensor, b.d_compute) for b in live]  # live banks have their merge
+            thresholds = torch.tensor([b.threshold for b in live], device=merged[0].device)
+            self._stack = (key, torch.cat(merged), thresholds)
         return self._stack[1], self._stack[2]
 
     def _sync_hook(self) -> None:
@@ -202,8 +211,15 @@ class WiseMemory:
             self._handle.remove()
             self._handle = None
 
-    def add(self, edit_id: str, bank: int, shard: int, values: torch.Tensor, edit_inputs: torch.Tensor,
-            score: float | None = None) -> None:
+    def add(
+        self,
+        edit_id: str,
+        bank: int,
+        shard: int,
+        values: torch.Tensor,
+        edit_inputs: torch.Tensor,
+        score: float | None = None,
+    ) -> None:
         self.bank(bank).add(edit_id, shard, values, edit_inputs, score)
         self._sync_hook()
 
@@ -219,15 +235,19 @@ class WiseMemory:
         return torch.cat(xs) if xs else None
 
     def state(self) -> dict[str, Any]:
-        return {"module": self.name, "side memories": len(self.banks),
-                "edits per shard": [[len(s.changes) for s in b.shards] for b in self.banks],
-                "thresholds": [b.threshold for b in self.banks],
-                "D nonzero share": [float((b.d != 0).float().mean()) for b in self.banks],
-                "routed share": self.routed / self.positions if self.positions else None}
+        return {
+            "module": self.name,
+            "side memories": len(self.banks),
+            "edits per shard": [[len(s.changes) for s in b.shards] for b in self.banks],
+            "thresholds": [b.threshold for b in self.banks],
+            "D nonzero share": [float((b.d != 0).float().mean()) for b in self.banks],
+            "routed share": self.routed / self.positions if self.positions else None,
+        }
 
 
-def memory(model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int],
-           dtype: torch.dtype, hp: WiseParams) -> WiseMemory:
+def memory(
+    model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int], dtype: torch.dtype, hp: WiseParams
+) -> WiseMemory:
     device = next(model.parameters()).device
     return attached(model, "wise", name, lambda: WiseMemory(module, name, shape, device, dtype, hp))
 
@@ -239,8 +259,16 @@ def memories(model: nn.Module) -> dict[str, WiseMemory]:
 class WisePatch(TogglePatch):
     """One edit's change on one shard of one side memory."""
 
-    def __init__(self, mem: WiseMemory, edit_id: str, bank: int, shard: int, values: torch.Tensor,
-                 edit_inputs: torch.Tensor, score: float | None = None) -> None:
+    def __init__(
+        self,
+        mem: WiseMemory,
+        edit_id: str,
+        bank: int,
+        shard: int,
+        values: torch.Tensor,
+        edit_inputs: torch.Tensor,
+        score: float | None = None,
+    ) -> None:
         self.mem, self.key, self.bank, self.shard = mem, edit_id, bank, shard
         self.values, self.edit_inputs = values, edit_inputs
         self.score = score  # recorded when first applied, so a reload routes exactly as before

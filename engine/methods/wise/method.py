@@ -25,8 +25,7 @@ class WiseMethod:
     def layer(self, ctx: EditContext, hp: WiseParams) -> int:
         return share_layer(ctx.handle, hp)
 
-    def compute(self, ctx: EditContext, request: EditRequest, hp: WiseParams, layer: int,
-                edit_id: str) -> Computed:
+    def compute(self, ctx: EditContext, request: EditRequest, hp: WiseParams, layer: int, edit_id: str) -> Computed:
         irrelevant = [t for t in ctx.contexts(hp.n_irrelevant, hp.irrelevant_tokens) if t]
         patch, info = train_edit(ctx.handle, request, hp, layer, edit_id, irrelevant, ctx.progress)
         return Computed(patch, info)
@@ -41,22 +40,37 @@ class WiseMethod:
         p: WisePatch = edit.patch
         put(f"{edit.id}.values", p.values)
         put(f"{edit.id}.inputs", p.edit_inputs)
-        return {"module": p.mem.name, "wise": {"bank": p.bank, "shard": p.shard, "score": p.score,
-                                               "shape": list(p.mem.shape), "dtype": str(p.mem.dtype)}}
+        return {
+            "module": p.mem.name,
+            "wise": {
+                "bank": p.bank,
+                "shard": p.shard,
+                "score": p.score,
+                "shape": list(p.mem.shape),
+                "dtype": str(p.mem.dtype),
+            },
+        }
 
-    def restore(self, model: torch.nn.Module, record: dict[str, Any], module: torch.nn.Module,
-                tensors: dict[str, torch.Tensor], pending: dict[str, Any]) -> WisePatch:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        record: dict[str, Any],
+        module: torch.nn.Module,
+        tensors: dict[str, torch.Tensor],
+        pending: dict[str, Any],
+    ) -> WisePatch:
         w, edit_id = record["wise"], record["id"]
         hp = WiseParams(**{k: v for k, v in record["hparams"].items() if k in WiseParams.__dataclass_fields__})
-        mem = memory(model, module, record["module"], tuple(w["shape"]),
-                     getattr(torch, w["dtype"].split(".")[-1]), hp)
-        patch = WisePatch(mem, edit_id, w["bank"], w["shard"], tensors[f"{edit_id}.values"],
-                          tensors[f"{edit_id}.inputs"], w["score"])
+        mem = memory(model, module, record["module"], tuple(w["shape"]), getattr(torch, w["dtype"].split(".")[-1]), hp)
+        patch = WisePatch(
+            mem, edit_id, w["bank"], w["shard"], tensors[f"{edit_id}.values"], tensors[f"{edit_id}.inputs"], w["score"]
+        )
         patch.apply()
         return patch
 
-    def finish_restore(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
-                       pending: dict[str, Any]) -> None:
+    def finish_restore(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
+    ) -> None:
         pass
 
     def synthetic(self, handle: Any, hp: WiseParams, layer: int, i: int, g: torch.Generator) -> WisePatch:
@@ -77,10 +91,12 @@ class WiseMethod:
             if mem.scores:
                 st = mem.state()
                 thresholds = ", ".join(fmt(t) for t in st["thresholds"])
-                lines.append(f"WISE on {st['module']}: {st['side memories']} side memor"
-                             f"{'y' if st['side memories'] == 1 else 'ies'}, edits per shard {st['edits per shard']}, "
-                             f"routing thresholds {thresholds}; share of positions routed to a side memory "
-                             f"{fmt(st['routed share'])}")
+                lines.append(
+                    f"WISE on {st['module']}: {st['side memories']} side memor"
+                    f"{'y' if st['side memories'] == 1 else 'ies'}, edits per shard {st['edits per shard']}, "
+                    f"routing thresholds {thresholds}; share of positions routed to a side memory "
+                    f"{fmt(st['routed share'])}"
+                )
         return lines
 
 

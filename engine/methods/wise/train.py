@@ -33,9 +33,15 @@ def _inputs(model, tokenizer, module, rows: list[list[int]]) -> tuple[torch.Tens
     return seen["input"].float(), mask.bool()
 
 
-def train_edit(handle, request: EditRequest, hp: WiseParams, layer: int, edit_id: str,
-               irrelevant: Sequence[str],
-               progress: Callable[[str, int, int], None] | None = None) -> tuple[WisePatch, WiseInfo]:
+def train_edit(
+    handle,
+    request: EditRequest,
+    hp: WiseParams,
+    layer: int,
+    edit_id: str,
+    irrelevant: Sequence[str],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[WisePatch, WiseInfo]:
     """The edit's change of the side memory (not yet applied); the model is left untouched."""
     model, tok, adapter = handle.model, handle.tokenizer, handle.adapter
     module, name = adapter.mlp_out(layer), adapter.mlp_out_name(layer)
@@ -64,14 +70,20 @@ def train_edit(handle, request: EditRequest, hp: WiseParams, layer: int, edit_id
     mask = bank.shards[shard].mask
     own = bank.shards[shard].tau
     change = torch.zeros_like(own, requires_grad=True)
-    opt = (torch.optim.Adam([change], lr=hp.lr) if hp.optimizer == "adam"
-           else torch.optim.SGD([change], lr=hp.lr, weight_decay=hp.weight_decay))
+    opt = (
+        torch.optim.Adam([change], lr=hp.lr)
+        if hp.optimizer == "adam"
+        else torch.optim.SGD([change], lr=hp.lr, weight_decay=hp.weight_decay)
+    )
     c = hp.norm_constraint
     taus = [sh.tau for sh in bank.shards]
 
     def side_weight() -> torch.Tensor:  # D as the merge will make it with this change in
-        return ties_merge([t + change * mask if j == shard else t for j, t in enumerate(taus)],
-                          hp.ties_density, [mask if j == shard else None for j in range(len(taus))])
+        return ties_merge(
+            [t + change * mask if j == shard else t for j, t in enumerate(taus)],
+            hp.ties_density,
+            [mask if j == shard else None for j in range(len(taus))],
+        )
 
     at_edit = torch.zeros(ids.shape[1], 1, device=device)
     at_edit[edit_pos] = 1.0
@@ -93,9 +105,12 @@ def train_edit(handle, request: EditRequest, hp: WiseParams, layer: int, edit_id
                 s_irr = torch.linalg.vector_norm(x_irr @ d.T, dim=-1)
                 s_old = torch.linalg.vector_norm(x_old @ d.T, dim=-1)
                 over = torch.relu(s_irr - hp.alpha)  # averaged over the positions that break it
-                loss_margin = (over.sum() / (over > 0).sum().clamp(min=1) + torch.relu(hp.beta - s_edit).mean()
-                               + torch.relu(hp.gamma - (s_edit.mean() - s_irr.mean()))
-                               + torch.relu(s_old - hp.old_share * s_edit.min()).sum())
+                loss_margin = (
+                    over.sum() / (over > 0).sum().clamp(min=1)
+                    + torch.relu(hp.beta - s_edit).mean()
+                    + torch.relu(hp.gamma - (s_edit.mean() - s_irr.mean()))
+                    + torch.relu(s_old - hp.old_share * s_edit.min()).sum()
+                )
                 nll, margin = float(loss_nll.detach()), float(loss_margin.detach())
                 first = nll if step == 0 else first
                 if progress:
