@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from kedit.engine.errors import KeditError
-from kedit.engine.steering.vector import Recommendation, SteeringVector
+
+if TYPE_CHECKING:  # SteeringVector.save and .load call this module: no import back at run time
+    from kedit.engine.steering.vector import SteeringVector
 
 FORMAT = "kedit-steering/1"
 
@@ -43,8 +48,9 @@ def save_safetensors(vector: SteeringVector, path: Path) -> Path:
     return path
 
 
-def load_safetensors(path: Path) -> SteeringVector:
-    """A vector written by ``save_safetensors``; anything else is refused, saying why."""
+def load_safetensors(path: Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """The directions by layer and the metadata of a file written by ``save_safetensors``;
+    anything else is refused, saying why (``SteeringVector.load`` builds the vector)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
@@ -59,13 +65,4 @@ def load_safetensors(path: Path) -> SteeringVector:
     if meta.get("format") != FORMAT:
         raise KeditError(f"{path} has format {meta.get('format')!r}; this kedit reads {FORMAT}")
     directions = {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items() if k.startswith("layer.")}
-    return SteeringVector(
-        directions,
-        meta["model_type"],
-        int(meta["hidden_size"]),
-        meta["method"],
-        {int(k): float(v) for k, v in meta.get("norms", {}).items()},
-        float(meta.get("strength", 1.0)),
-        meta.get("meta", {}),
-        Recommendation.from_json(meta.get("recommended")),
-    )
+    return directions, meta

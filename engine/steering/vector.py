@@ -80,15 +80,26 @@ class SteeringVector:
 
     def save(self, path: Path) -> Path:
         """One tensor per layer (``layer.L``) and JSON metadata, written atomically."""
-        from kedit.engine.steering.io import save_safetensors  # io builds vectors: imported here, not above
+        from kedit.engine.steering.io import save_safetensors
 
         return save_safetensors(self, path)
 
     @classmethod
     def load(cls, path: Path) -> SteeringVector:
+        """A vector saved by ``save``; anything else is refused, saying why."""
         from kedit.engine.steering.io import load_safetensors
 
-        return load_safetensors(path)
+        directions, meta = load_safetensors(path)
+        return cls(
+            directions,
+            meta["model_type"],
+            int(meta["hidden_size"]),
+            meta["method"],
+            {int(k): float(v) for k, v in meta.get("norms", {}).items()},
+            float(meta.get("strength", 1.0)),
+            meta.get("meta", {}),
+            Recommendation.from_json(meta.get("recommended")),
+        )
 
     def check_fits(self, handle) -> None:
         """Refuse a vector made for another hidden size or model family, saying which."""
