@@ -29,7 +29,11 @@ def _tiny(model_type: str) -> SimpleNamespace:
     """A handle-like object on a tiny random model with the character tokenizer."""
     model = build_tiny(model_type, seed=0)
     return SimpleNamespace(
-        model=model, tokenizer=char_tokenizer(), adapter=ArchAdapter.for_model(model), cache_key=f"tiny-{model_type}"
+        model=model,
+        tokenizer=char_tokenizer(),
+        adapter=ArchAdapter.for_model(model),
+        cache_key=f"tiny-{model_type}",
+        caches={},
     )
 
 
