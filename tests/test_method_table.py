@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from kedit.engine import events as ev
-from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodInfo, MethodParams, share_layer
+from kedit.engine.methods.base import (
+    Computed,
+    EditContext,
+    EditRequest,
+    MethodDefaults,
+    MethodInfo,
+    MethodParams,
+    share_layer,
+)
 from kedit.engine.methods.table import METHODS
 from kedit.engine.patches import TogglePatch
 
@@ -38,16 +46,13 @@ class NudgePatch(TogglePatch):
         self._hook.remove()
 
 
-class NudgeMethod:
+class NudgeMethod(MethodDefaults):
     """Pushes one MLP's output toward the target's first token's output embedding."""
 
     name = "nudge"
     params = NudgeParams
     info = MethodInfo
-    exports = False
     lr_setting = "scale"
-    bench_layer_share = None
-    timing_steps: tuple[str, ...] = ()
 
     def layer(self, ctx: EditContext, hp: NudgeParams) -> int:
         return share_layer(ctx.handle, hp)
@@ -59,9 +64,6 @@ class NudgeMethod:
         vector = hp.scale * row / row.norm()
         module, name = h.adapter.mlp_out(layer), h.adapter.mlp_out_name(layer)
         return Computed(NudgePatch(module, name, edit_id, vector), MethodInfo(layer, name))
-
-    def prepare(self, ctx: EditContext, hp: Any, layer: int) -> dict[str, Any]:
-        return {}
 
     def describe(self, edit: Any) -> str:
         return f"nudged {edit.patch.name}"
@@ -82,17 +84,9 @@ class NudgeMethod:
         patch.apply()
         return patch
 
-    def finish_restore(
-        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
-    ) -> None:
-        pass
-
     def synthetic(self, handle: Any, hp: NudgeParams, layer: int, i: int, g: torch.Generator) -> NudgePatch:
         module, name = handle.adapter.mlp_out(layer), handle.adapter.mlp_out_name(layer)
         return NudgePatch(module, name, f"bench-nudge-{i}", torch.randn(handle.adapter.hidden_size, generator=g))
-
-    def state(self, model: torch.nn.Module) -> list[str]:
-        return []
 
 
 @pytest.fixture

@@ -15,9 +15,15 @@ import click
 
 from kedit.engine import events as ev
 from kedit.engine.errors import KeditError
-from kedit.engine.methods.table import METHODS
 from kedit.tui.cli_bench import bench
-from kedit.tui.cli_common import ExitCode, model_options, open_session, progress_on_stderr, quiet_libraries
+from kedit.tui.cli_common import (
+    ExitCode,
+    method_option,
+    model_options,
+    open_session,
+    progress_on_stderr,
+    quiet_libraries,
+)
 from kedit.tui.cli_steer import steer
 
 
@@ -128,12 +134,7 @@ def replay(
 @main.command("edit")
 @click.argument("prompt")
 @click.argument("target")
-@click.option(
-    "--method",
-    default=None,
-    type=click.Choice(list(METHODS)),
-    help="Editing method (default: [edit] method in kedit.toml).",
-)
+@method_option
 @click.option("--subject", default=None, help="The subject inside the prompt (default: inferred).")
 @click.option(
     "--save",
@@ -213,12 +214,7 @@ def edit_cmd(
     type=click.Path(path_type=Path),
     help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.",
 )
-@click.option(
-    "--method",
-    default=None,
-    type=click.Choice(list(METHODS)),
-    help="Editing method (default: [edit] method in kedit.toml).",
-)
+@method_option
 @click.option(
     "--sequential",
     default=None,

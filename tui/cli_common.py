@@ -60,6 +60,18 @@ def model_options(fn: Any) -> Any:
     return fn
 
 
+def method_option(fn: Any) -> Any:
+    """--method: one of the engine's editing methods (kedit.engine.methods.table)."""
+    from kedit.engine.methods.table import METHODS
+
+    return click.option(
+        "--method",
+        default=None,
+        type=click.Choice(list(METHODS)),
+        help="Editing method (default: [edit] method in kedit.toml).",
+    )(fn)
+
+
 def json_option(fn: Any) -> Any:
     """--json: print the results as JSON (``as_json``)."""
     return click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")(fn)

@@ -192,6 +192,26 @@ class EditMethod(Protocol):
         ...
 
 
+class MethodDefaults:
+    """What most methods share, for them to inherit: no merge into weights, no once-per-layer
+    work, nothing to finish after a load, no state lines, their own layer on a random shape."""
+
+    exports = False
+    bench_layer_share: float | None = None
+    timing_steps: tuple[str, ...] = ()
+
+    def prepare(self, ctx: EditContext, hp: Any, layer: int) -> dict[str, Any]:
+        return {}
+
+    def finish_restore(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
+    ) -> None:
+        return None
+
+    def state(self, model: torch.nn.Module) -> list[str]:
+        return []
+
+
 def share_layer(handle: ModelHandle, hp: Any) -> int:
     """The configured layer, else ``layer_share`` of the way up the stack."""
     n = handle.adapter.n_layers

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodInfo, fmt, share_layer
+from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, MethodInfo, fmt, share_layer
 from kedit.engine.methods.grace.codebook import Entry, GracePatch, Revision, codebook, codebooks, place
 from kedit.engine.methods.grace.params import GraceParams
 from kedit.engine.methods.grace.value import key_and_output, train_value
@@ -21,14 +21,11 @@ class GraceInfo(MethodInfo):
     radius: float = 0.0
 
 
-class GraceMethod:
+class GraceMethod(MethodDefaults):
     name = "grace"
     params = GraceParams
     info = GraceInfo
-    exports = False
     lr_setting = "lr"
-    bench_layer_share = None
-    timing_steps: tuple[str, ...] = ()
 
     def layer(self, ctx: EditContext, hp: GraceParams) -> int:
         return share_layer(ctx.handle, hp)
@@ -55,9 +52,6 @@ class GraceMethod:
 
         revisions, info.action, info.radius = place(book, key, label, edit_id, hp, value)
         return Computed(GracePatch(book, edit_id, revisions), info)
-
-    def prepare(self, ctx: EditContext, hp: Any, layer: int) -> dict[str, Any]:
-        return {}
 
     def describe(self, edit: Any) -> str:
         return f"codebook entry {edit.info.action or '?'}, radius {edit.info.radius:.3g}"

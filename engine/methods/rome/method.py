@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodInfo, check_layer
+from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, MethodInfo, check_layer
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates
 from kedit.engine.methods.rome.stats import key_stats
@@ -116,7 +116,7 @@ def apply_rome(
     return RomeOutcome(patch, layer, info)
 
 
-class RomeMethod:
+class RomeMethod(MethodDefaults):
     name = "rome"
     params = RomeParams
     info = RomeInfo
@@ -183,20 +183,12 @@ class RomeMethod:
         patch.apply()
         return patch
 
-    def finish_restore(
-        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
-    ) -> None:
-        pass
-
     def synthetic(self, handle: Any, hp: RomeParams, layer: int, i: int, g: torch.Generator) -> LowRankPatch:
         module, name = handle.adapter.mlp_out(layer), handle.adapter.mlp_out_name(layer)
         device = next(handle.model.parameters()).device
         u = (torch.randn(handle.adapter.hidden_size, 1, generator=g) * 1e-2).to(device)
         v = (torch.randn(handle.adapter.mlp_hidden_size, 1, generator=g) * 1e-2).to(device)
         return LowRankPatch(sidecar(handle.model, module, name), f"bench-rome-{i}", u, v)
-
-    def state(self, model: torch.nn.Module) -> list[str]:
-        return []
 
 
 METHOD = RomeMethod()

@@ -7,20 +7,17 @@ from typing import Any
 
 import torch
 
-from kedit.engine.methods.base import Computed, EditContext, EditRequest, fmt, share_layer
+from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, fmt, share_layer
 from kedit.engine.methods.wise.memory import WisePatch, memories, memory
 from kedit.engine.methods.wise.params import WiseParams
 from kedit.engine.methods.wise.train import WiseInfo, train_edit
 
 
-class WiseMethod:
+class WiseMethod(MethodDefaults):
     name = "wise"
     params = WiseParams
     info = WiseInfo
-    exports = False
     lr_setting = "lr"
-    bench_layer_share = None
-    timing_steps: tuple[str, ...] = ()
 
     def layer(self, ctx: EditContext, hp: WiseParams) -> int:
         return share_layer(ctx.handle, hp)
@@ -29,9 +26,6 @@ class WiseMethod:
         irrelevant = [t for t in ctx.contexts(hp.n_irrelevant, hp.irrelevant_tokens) if t]
         patch, info = train_edit(ctx.handle, request, hp, layer, edit_id, irrelevant, ctx.progress)
         return Computed(patch, info)
-
-    def prepare(self, ctx: EditContext, hp: Any, layer: int) -> dict[str, Any]:
-        return {}
 
     def describe(self, edit: Any) -> str:
         return f"side memory shard {edit.info.shard}"
@@ -67,11 +61,6 @@ class WiseMethod:
         )
         patch.apply()
         return patch
-
-    def finish_restore(
-        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], pending: dict[str, Any]
-    ) -> None:
-        pass
 
     def synthetic(self, handle: Any, hp: WiseParams, layer: int, i: int, g: torch.Generator) -> WisePatch:
         module, name = handle.adapter.mlp_out(layer), handle.adapter.mlp_out_name(layer)
