@@ -188,20 +188,12 @@ def cmd_steer(
     neutral: str | None,
     strengths: str | None,
 ) -> Iterator[ev.Event]:
-    rack = session.steering
+    """Read /steer's words and hand them to the action below that does the work."""
     if more_names and action != "merge":
         raise KeditError(f"unexpected {more_names!r}; only /steer merge takes more than two names")
     if action == "list":
-        if not rack.slots:
-            yield ev.Info("no steering vectors loaded; /steer add FILE or /steer train PAIRS NAME")
-            return
-        yield ev.Table(
-            f"{len(rack.slots)} steering vector(s)",
-            ("name", "state", "strength", "recommended", "layers", "positions", "method"),
-            tuple(rack.rows()),
-        )
-        return
-    if action == "train":
+        yield from list_vectors(session)
+    elif action == "train":
         usage = '/steer train PAIRS.jsonl NAME, or /steer train "PROMPT" NAME --positive P --negative N'
         if (positive is None) != (negative is None):
             raise KeditError("a one-pair vector needs both --positive and --negative")
@@ -210,105 +202,212 @@ def cmd_steer(
         else:
             train_pairs = read_pairs(Path(_need(file_or_name, "the pairs file", usage)))
         name = _need(strength_name_or_path, "a name for the vector", usage)
-        if name in rack.slots:
-            raise KeditError(f"a vector named {name!r} is already in the rack; pick another name")
-        chosen, how = parse_layers(layers), parse_read(read)
-        limit, (texts, source) = perplexity_limit(session), calibration_texts(session, neutral)
-        result: list = []
-
-        def work(progress):
-            with session.lock, rack.bypassed():  # trained and measured on the model as it is, unsteered
-                trained = train_vector(session.handle, train_pairs, method, chosen, how, progress=progress)
-                trained.recommended = recommend_strength(session.handle, trained, texts, limit, source, progress)
-                trained.strength = trained.recommended.strength
-                return trained
-
-        yield from with_progress(work, result)
-        vector = result[0]
-        strength = 1.0 if relative else vector.strength  # the recommendation is an absolute strength
-        with session.lock:
-            rack.add(name, vector, strength, relative=relative, where=where)
-        count = len(train_pairs)
-        yield ev.Info(
-            f"trained {name!r} ({method}, {count} pair{'s' if count != 1 else ''}, layers "
-            f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {strength:g}"
-            f"{' × norm' if relative else ''}{_with_recommendation(vector)}; "
-            f"/steer save {name} PATH keeps it"
+        yield from train(
+            session,
+            train_pairs,
+            name,
+            method=method,
+            layers=parse_layers(layers),
+            read=parse_read(read),
+            neutral=neutral,
+            relative=relative,
+            where=where,
         )
-        return
-    if action == "add":
+    elif action == "add":
         path = Path(_need(file_or_name, "the vector file", "/steer add FILE [STRENGTH]"))
-        vector = load_vector(path)
-        vector.check_fits(session.handle)
-        strength = vector.strength if strength_name_or_path is None else _strength(strength_name_or_path)
-        name = vector_name(path)
-        with session.lock:
-            rack.add(name, vector, strength, relative=relative, layers=parse_layers(layers), where=where)
-        yield ev.Info(
-            f"added {name!r} at strength {strength:g}{' × norm' if relative else ''}"
-            f"{', generated tokens only' if where == 'generated' else ''}{_with_recommendation(vector)}"
-        )
-        return
-    if action == "merge":
+        strength = None if strength_name_or_path is None else _strength(strength_name_or_path)
+        yield from add(session, path, strength, relative=relative, layers=parse_layers(layers), where=where)
+    elif action == "merge":
         usage = "/steer merge A B [C ...] -> NAME"
         names = [
             _need(file_or_name, "the vectors to merge", usage),
             _need(strength_name_or_path, "a second vector", usage),
         ] + (more_names or "").split()
         target = _need(merged_name, "the merged vector's name after ->", usage)
-        if target in rack.slots:
-            raise KeditError(f"a vector named {target!r} is already in the rack; pick another name")
-        w = parse_floats(weights, "merge weights") if weights else None
-        with session.lock:
-            merged = merge_vectors([rack.vector(n) for n in names], w, mode, density)
-            rack.add(target, merged, 1.0)
-            for n in names:
-                rack.switch(n, False)
-        yield ev.Info(
-            f"merged {', '.join(names)} ({mode}) into {target!r} at strength 1; "
-            f"{', '.join(names)} are now off so nothing counts twice"
-        )
-        return
-    name = _need(file_or_name, "the vector's name", f"/steer {action} NAME")
-    if action == "sweep":
-        held = read_pairs(Path(_need(pairs, "held-out pairs with --pairs FILE", "/steer sweep NAME --pairs FILE")))
-        levels = sweep_strengths(rack.vector(name), strengths)
-        texts = neutral_texts(session, neutral)
-        result = []
-
-        def work(progress):
-            with session.lock:
-                return sweep(session.handle, rack, name, levels, held, texts, progress)
-
-        yield from with_progress(work, result)
-        rows = result[0]
-        yield ev.Table(
-            f"{name}: margin of positive over negative on {len(held)} pairs; perplexity on {len(texts)} neutral texts",
-            ("strength", "margin", "perplexity"),
-            tuple((f"{r.strength:g}", f"{r.margin:+.3f}", f"{r.perplexity:.3f}") for r in rows),
-        )
-        return
-    with session.lock:
-        if action == "remove":
-            rack.remove(name)
-            yield ev.Info(f"removed {name!r}")
-            return
-        if action == "save":
-            path = Path(_need(strength_name_or_path, "where to save it", "/steer save NAME PATH"))
-            vector = rack.in_use(name)  # the file recommends the strength in use
-            if path.suffix == ".gguf":
-                path, dropped = export_gguf(vector, path)
-                note = " (layer 0 left out: llama.cpp cannot steer it)" if dropped else ""
-                yield ev.Info(f"saved {name!r} as a llama.cpp control vector to {path}{note}")
-            else:
-                yield ev.Info(
-                    f"saved {name!r} to {vector.save(path)} (added at strength {vector.strength:g} "
-                    f"when no strength is given{_with_recommendation(vector)})"
-                )
-            return
-        if action == "set":
-            rack.set(name, _strength(_need(strength_name_or_path, "the strength", "/steer set NAME STRENGTH")))
+        merge_weights = parse_floats(weights, "merge weights") if weights else None
+        yield from merge(session, names, target, weights=merge_weights, mode=mode, density=density)
+    else:
+        name = _need(file_or_name, "the vector's name", f"/steer {action} NAME")
+        if action == "sweep":
+            held = _need(pairs, "held-out pairs with --pairs FILE", "/steer sweep NAME --pairs FILE")
+            yield from sweep_strength(session, name, read_pairs(Path(held)), strengths=strengths, neutral=neutral)
+        elif action == "save":
+            yield from save(
+                session, name, Path(_need(strength_name_or_path, "where to save it", "/steer save NAME PATH"))
+            )
+        elif action == "remove":
+            yield from remove(session, name)
+        elif action == "set":
+            value = _strength(_need(strength_name_or_path, "the strength", "/steer set NAME STRENGTH"))
+            yield from set_strength(session, name, value)
         else:
-            rack.switch(name, action == "on")
-    slot = rack.slots[name]
-    yield ev.Info(f"{name}: {'on' if slot.on else 'off'}, strength {slot.strength:g}; applies from the next reply")
+            yield from switch(session, name, action == "on")
+
+
+# -- the actions: what /steer does, and what ``kedit steer`` calls directly ----------------
+
+
+def list_vectors(session: Session) -> Iterator[ev.Event]:
+    """The rack, one row per vector."""
+    rack = session.steering
+    if not rack.slots:
+        yield ev.Info("no steering vectors loaded; /steer add FILE or /steer train PAIRS NAME")
+        return
+    yield ev.Table(
+        f"{len(rack.slots)} steering vector(s)",
+        ("name", "state", "strength", "recommended", "layers", "positions", "method"),
+        tuple(rack.rows()),
+    )
+
+
+def train(
+    session: Session,
+    pairs: list[Pair],
+    name: str,
+    *,
+    method: str = "mean_diff",
+    layers: list[int] | None = None,
+    read: str | int = "answer",
+    neutral: str | None = None,
+    relative: bool = False,
+    where: str = "all",
+) -> Iterator[ev.Event]:
+    """Train ``name`` from contrastive pairs on the unsteered model, find the strength it
+    recommends (neutral perplexity within the configured ratio), and rack it at that."""
+    rack = session.steering
+    if name in rack.slots:
+        raise KeditError(f"a vector named {name!r} is already in the rack; pick another name")
+    limit, (texts, source) = perplexity_limit(session), calibration_texts(session, neutral)
+    result: list = []
+
+    def work(progress):
+        with session.lock, rack.bypassed():  # trained and measured on the model as it is, unsteered
+            trained = train_vector(session.handle, pairs, method, layers, read, progress=progress)
+            trained.recommended = recommend_strength(session.handle, trained, texts, limit, source, progress)
+            trained.strength = trained.recommended.strength
+            return trained
+
+    yield from with_progress(work, result)
+    vector = result[0]
+    strength = 1.0 if relative else vector.strength  # the recommendation is an absolute strength
+    with session.lock:
+        rack.add(name, vector, strength, relative=relative, where=where)
+    count = len(pairs)
+    yield ev.Info(
+        f"trained {name!r} ({method}, {count} pair{'s' if count != 1 else ''}, layers "
+        f"{vector.layers[0]}-{vector.layers[-1]}) and racked it at strength {strength:g}"
+        f"{' × norm' if relative else ''}{_with_recommendation(vector)}; "
+        f"/steer save {name} PATH keeps it"
+    )
+
+
+def add(
+    session: Session,
+    path: Path,
+    strength: float | None = None,
+    *,
+    relative: bool = False,
+    layers: list[int] | None = None,
+    where: str = "all",
+) -> Iterator[ev.Event]:
+    """Rack a vector file (kedit, llama.cpp/repeng or EasyEdit2), checked against the model, under
+    its file's name; without ``strength``, at the strength the file was saved at."""
+    vector = load_vector(path)
+    vector.check_fits(session.handle)
+    strength = vector.strength if strength is None else strength
+    name = vector_name(path)
+    with session.lock:
+        session.steering.add(name, vector, strength, relative=relative, layers=layers, where=where)
+    yield ev.Info(
+        f"added {name!r} at strength {strength:g}{' × norm' if relative else ''}"
+        f"{', generated tokens only' if where == 'generated' else ''}{_with_recommendation(vector)}"
+    )
+
+
+def merge(
+    session: Session,
+    names: list[str],
+    target: str,
+    *,
+    weights: list[float] | None = None,
+    mode: str = "linear",
+    density: float = 1.0,
+) -> Iterator[ev.Event]:
+    """Rack the merge of racked vectors as ``target`` at strength 1 and turn its sources off."""
+    rack = session.steering
+    if target in rack.slots:
+        raise KeditError(f"a vector named {target!r} is already in the rack; pick another name")
+    with session.lock:
+        merged = merge_vectors([rack.vector(n) for n in names], weights, mode, density)
+        rack.add(target, merged, 1.0)
+        for n in names:
+            rack.switch(n, False)
+    yield ev.Info(
+        f"merged {', '.join(names)} ({mode}) into {target!r} at strength 1; "
+        f"{', '.join(names)} are now off so nothing counts twice"
+    )
+
+
+def sweep_strength(
+    session: Session,
+    name: str,
+    held: list[Pair],
+    *,
+    strengths: str | None = None,
+    neutral: str | None = None,
+) -> Iterator[ev.Event]:
+    """Margin of positive over negative on held-out pairs, and neutral perplexity, per strength."""
+    levels = sweep_strengths(session.steering.vector(name), strengths)
+    texts = neutral_texts(session, neutral)
+    result: list = []
+
+    def work(progress):
+        with session.lock:
+            return sweep(session.handle, session.steering, name, levels, held, texts, progress)
+
+    yield from with_progress(work, result)
+    rows = result[0]
+    yield ev.Table(
+        f"{name}: margin of positive over negative on {len(held)} pairs; perplexity on {len(texts)} neutral texts",
+        ("strength", "margin", "perplexity"),
+        tuple((f"{r.strength:g}", f"{r.margin:+.3f}", f"{r.perplexity:.3f}") for r in rows),
+    )
+
+
+def save(session: Session, name: str, path: Path) -> Iterator[ev.Event]:
+    """Write a racked vector at its strength in use: .gguf as a llama.cpp control vector,
+    anything else as kedit safetensors."""
+    with session.lock:
+        vector = session.steering.in_use(name)  # the file recommends the strength in use
+        if path.suffix == ".gguf":
+            path, dropped = export_gguf(vector, path)
+            note = " (layer 0 left out: llama.cpp cannot steer it)" if dropped else ""
+            yield ev.Info(f"saved {name!r} as a llama.cpp control vector to {path}{note}")
+        else:
+            yield ev.Info(
+                f"saved {name!r} to {vector.save(path)} (added at strength {vector.strength:g} "
+                f"when no strength is given{_with_recommendation(vector)})"
+            )
+
+
+def remove(session: Session, name: str) -> Iterator[ev.Event]:
+    with session.lock:
+        session.steering.remove(name)
+    yield ev.Info(f"removed {name!r}")
+
+
+def set_strength(session: Session, name: str, strength: float) -> Iterator[ev.Event]:
+    with session.lock:
+        session.steering.set(name, strength)
+    yield _slot_state(session, name)
+
+
+def switch(session: Session, name: str, on: bool) -> Iterator[ev.Event]:
+    with session.lock:
+        session.steering.switch(name, on)
+    yield _slot_state(session, name)
+
+
+def _slot_state(session: Session, name: str) -> ev.Info:
+    slot = session.steering.slots[name]
+    return ev.Info(f"{name}: {'on' if slot.on else 'off'}, strength {slot.strength:g}; applies from the next reply")

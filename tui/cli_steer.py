@@ -1,41 +1,52 @@
 """``kedit steer``: train, measure, merge and convert steering vectors from the command line.
 
-Each command is a few /steer lines run through the engine, exactly as the REPL would run them.
+Each command calls the engine's /steer actions (kedit.engine.steer_commands) directly, one step
+after another, and prints what they yield as the REPL would.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
 from kedit.engine import events as ev
+from kedit.engine.errors import KeditError
 from kedit.tui.cli_common import ExitCode, json_option, model_options, open_session
 
+Step = tuple[str, Callable[[], Iterator[ev.Event]]]
 
-def run_lines(session: Any, lines: list[str], as_json: bool = False) -> None:
-    """Run slash commands as the REPL would, printing what they print (or, with ``as_json``,
-    one JSON array of their events at the end); the first error ends the run with exit code 1."""
+
+def run_steps(session: Any, steps: list[Step], as_json: bool = False) -> None:
+    """Run (label, action) steps in order, printing their events as the REPL would (or, with
+    ``as_json``, one JSON array of them at the end, each tagged with its step's label); the
+    first error ends the run with exit code 1."""
     import dataclasses
 
     from kedit.tui.repl import render
 
     seen: list[dict] = []
-    for line in lines:
+    for label, action in steps:
         failed: list[ev.Error] = []
 
-        def watch(events, line: str = line, failed: list[ev.Error] = failed):
-            for event in events:
-                if isinstance(event, ev.Error):
-                    failed.append(event)
-                if as_json and not isinstance(event, (ev.Token, ev.Progress, ev.Error)):
-                    seen.append({"type": type(event).__name__.lower(), "command": line, **dataclasses.asdict(event)})
-                elif not as_json or isinstance(event, ev.Error):
-                    yield event
+        def watch(action: Callable[[], Iterator[ev.Event]], label: str = label, failed: list[ev.Error] = failed):
+            try:
+                for event in action():
+                    if as_json and not isinstance(event, (ev.Token, ev.Progress)):
+                        seen.append(
+                            {"type": type(event).__name__.lower(), "command": label, **dataclasses.asdict(event)}
+                        )
+                    else:
+                        yield event
+            except KeditError as exc:
+                failed.append(ev.Error(exc.message))
+                yield failed[-1]
 
-        render(watch(session.run(line)), session, sys.stdout, sys.stderr)
+        render(watch(action), session, sys.stdout, sys.stderr)
         if failed:
             sys.exit(ExitCode.FAILED)
     if as_json:
@@ -81,14 +92,27 @@ def steer_train(
 ) -> None:
     """Train a vector from contrastive PAIRS (JSONL: prompt, positive, negative) into OUT
     (.safetensors, or .gguf for llama.cpp)."""
-    from kedit.engine.commands import quote
+    from kedit.engine import steer_commands as steer
+    from kedit.engine.steering import parse_layers, parse_read, read_pairs
 
     session = open_session(model, quant, dtype, device)
-    extra = (f" --layers {layers}" if layers else "") + f" --method {method} --read {read}"
-    lines = [f"/steer train {quote(pairs)} trained{extra}"]
+    name = "trained"
+    steps: list[Step] = [
+        (
+            "train",
+            lambda: steer.train(
+                session,
+                read_pairs(Path(pairs)),
+                name,
+                method=method,
+                layers=parse_layers(layers),
+                read=parse_read(read),
+            ),
+        )
+    ]
     if strength is not None:
-        lines.append(f"/steer set trained {strength}")
-    run_lines(session, lines + [f"/steer save trained {quote(out)}"], as_json=as_json)
+        steps.append(("set", lambda: steer.set_strength(session, name, strength)))
+    run_steps(session, steps + [("save", lambda: steer.save(session, name, Path(out)))], as_json=as_json)
 
 
 @steer.command("sweep")
@@ -115,17 +139,22 @@ def steer_sweep(
     as_json: bool = False,
 ) -> None:
     """Margin of positive over negative completions, and perplexity, at each strength."""
-    from kedit.engine.commands import quote
+    from kedit.engine import steer_commands as steer
+    from kedit.engine.steering import read_pairs
     from kedit.engine.vector_io import vector_name
 
     session = open_session(model, quant, dtype, device)
     name = vector_name(vector)
-    extra = f" --neutral {quote(neutral)}" if neutral else ""
-    run_lines(
+    run_steps(
         session,
         [
-            f"/steer add {quote(vector)} 0",
-            f"/steer sweep {quote(name)} --pairs {quote(pairs)} --strengths {strengths}{extra}",
+            ("add", lambda: steer.add(session, Path(vector), 0.0)),
+            (
+                "sweep",
+                lambda: steer.sweep_strength(
+                    session, name, read_pairs(Path(pairs)), strengths=strengths, neutral=neutral
+                ),
+            ),
         ],
         as_json=as_json,
     )
@@ -147,12 +176,16 @@ def steer_convert(
 ) -> None:
     """Convert between kedit .safetensors, llama.cpp/repeng .gguf and EasyEdit2 layer_L.pt
     folders (checked against the model it is for)."""
-    from kedit.engine.commands import quote
+    from kedit.engine import steer_commands as steer
     from kedit.engine.vector_io import vector_name
 
     session = open_session(model, quant, dtype, device)
-    name = quote(vector_name(source))
-    run_lines(session, [f"/steer add {quote(source)}", f"/steer save {name} {quote(out)}"], as_json=as_json)
+    name = vector_name(source)
+    run_steps(
+        session,
+        [("add", lambda: steer.add(session, Path(source))), ("save", lambda: steer.save(session, name, Path(out)))],
+        as_json=as_json,
+    )
 
 
 @steer.command("merge")
@@ -174,15 +207,24 @@ def steer_merge(
     as_json: bool = False,
 ) -> None:
     """Merge two or more vectors into one file."""
-    from kedit.engine.commands import quote
+    from kedit.engine import steer_commands as steer
+    from kedit.engine.steering import parse_floats
     from kedit.engine.vector_io import vector_name
 
     session = open_session(model, quant, dtype, device)
-    names = " ".join(quote(vector_name(v)) for v in vectors)
-    extra = f" --weights {weights}" if weights else ""
-    run_lines(
-        session,
-        [f"/steer add {quote(v)}" for v in vectors]
-        + [f"/steer merge {names} --mode {mode}{extra} -> merged", f"/steer save merged {quote(out)}"],
-        as_json=as_json,
-    )
+    names = [vector_name(v) for v in vectors]
+    steps: list[Step] = [("add", lambda v=v: steer.add(session, Path(v))) for v in vectors]
+    steps += [
+        (
+            "merge",
+            lambda: steer.merge(
+                session,
+                names,
+                "merged",
+                weights=parse_floats(weights, "merge weights") if weights else None,
+                mode=mode,
+            ),
+        ),
+        ("save", lambda: steer.save(session, "merged", Path(out))),
+    ]
+    run_steps(session, steps, as_json=as_json)
