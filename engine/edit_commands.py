@@ -39,12 +39,20 @@ def probe_table(edit: Edit) -> ev.Table:
     g = p.by_gen if p else None
     rows: list[tuple[str, ...]] = []
     if p is not None and g is not None:
+
+        def was(key: str) -> None:  # the unedited model's text under the edited one's
+            if key in g.before:
+                rows.append(("  before the edit", f"⇒ {_clip(g.before[key])}", ""))
+
         rows.append(("gen: rewrite (Rel)", f"{edit.prompt} ⇒{_clip(g.outputs.get(edit.prompt, ''))}", _fmt(g.rel)))
+        was(edit.prompt)
         for para in edit.paraphrases:
             rows.append(("gen: paraphrase", f"{para} ⇒{_clip(g.outputs.get(para, ''))}", _fmt(g.para)))
+            was(para)
         for ask, answer in g.outputs.items():
             if ask.startswith("chat: "):
                 rows.append(("gen: chat (+subject)", f"{ask.removeprefix('chat: ')} ⇒ {_clip(answer)}", _fmt(g.chat)))
+                was(ask)
         rows.append(
             ("gen: locality (Loc)", f"{len(p.rows)} unrelated prompts still generate their answer", _fmt(g.loc))
         )

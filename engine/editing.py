@@ -107,10 +107,12 @@ def make_edit(
         raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with editor.lock:
-        from kedit.engine.probes import GenSettings, locality_generations, probe, snapshot
+        from kedit.engine.probes import GenSettings, generations, locality_generations, probe, snapshot
 
         started_loc = time.perf_counter()
         settings = GenSettings.from_config(ctx.config)
+        # what the user will compare: the prompt, its paraphrases and the chat answer, unedited
+        said_before = generations(handle, clean, list(request.paraphrases), question, settings)
         loc = editor.locality({subj.text})
         before = snapshot(handle, loc)
         loc_before = locality_generations(handle, loc, settings)
@@ -150,6 +152,8 @@ def make_edit(
                 settings=settings,
                 loc_before=loc_before,
             )
+            if result.by_gen is not None:
+                result.by_gen.before = said_before
             timings["probe"] = time.perf_counter() - probing
         except BaseException:
             patch.revert()

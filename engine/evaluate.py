@@ -24,7 +24,8 @@ Two protocols, each figure named by its own (``kedit.engine.probes``):
   appears; ``gen_rel`` on the prompt, ``gen_para`` on the paraphrases (on real-facts records,
   only where the unedited model completed the paraphrase right), ``gen_chat`` on the question
   under the chat template (the answer must name the subject too), ``gen_loc`` the locality
-  prompts that still generate the ground truth they generated before.
+  prompts that still generate the ground truth they generated before, ``gen_loc_chat`` the same
+  for the other records' questions asked in chat (real-facts records on a chat model).
 
 `/eval` scores the model as it is; `kedit eval` edits each record and measures it.
 """
@@ -53,6 +54,7 @@ class EvalCase:
     question: str | None = None  # the fact asked in chat
     true: str | None = None  # what the unedited model says (real-facts records)
     paraphrase_known: bool | None = None  # whether the unedited model completes the paraphrase right
+    locality_chat: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) asked in chat
 
 
 @dataclass
@@ -139,11 +141,14 @@ def _case(record: Any, where: str) -> EvalCase:
 
 
 def _real_facts_locality(cases: list[EvalCase]) -> None:
-    """Real-facts records carry no locality of their own: each gets the other records' facts."""
+    """Real-facts records carry no locality of their own: each gets the other records' facts, as
+    completions and, where they have a question, as chat questions."""
     if not all(c.true and not c.locality for c in cases):
         return
     for c in cases:
-        c.locality = [(o.prompt, o.true) for o in cases if o is not c and o.subject != c.subject and o.true]
+        others = [o for o in cases if o is not c and o.subject != c.subject and o.true]
+        c.locality = [(o.prompt, o.true) for o in others if o.true]
+        c.locality_chat = [(o.question, o.true) for o in others if o.question and o.true]
 
 
 def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
@@ -222,8 +227,32 @@ def evaluate(
 PROTOCOLS = ("both", "tf", "gen")
 
 
+def chat_answers(handle, questions: Sequence[str], settings) -> list[str]:
+    """Greedy chat answers to questions, each the first user turn under the chat template."""
+    from kedit.engine.metrics import chat_text, greedy
+
+    texts = [chat_text(handle.tokenizer, q) for q in questions]
+    return greedy(handle.model, handle.tokenizer, texts, settings.chat_tokens, special=False)
+
+
+def chat_kept(handle, pairs: Sequence[tuple[str, str]], before: dict[str, str], settings) -> float | None:
+    """Of the other facts' chat answers that named their answer before the edit, the share that still do."""
+    from kedit.engine.metrics import kept_share
+
+    now = chat_answers(handle, [q for q, _ in pairs], settings)
+    return kept_share([a for _, a in pairs], [before[q] for q, _ in pairs], now)
+
+
 def _measure(
-    handle, case: EvalCase, subject: str, loc, before, loc_before: list[str] | None, protocol: str, settings
+    handle,
+    case: EvalCase,
+    subject: str,
+    loc,
+    before,
+    loc_before: list[str] | None,
+    protocol: str,
+    settings,
+    chat_before: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One case's figures with its edit in force, by the chosen protocols, with the probes' own code:
     teacher-forced Rel, Gen and Loc (unchanged argmax share against ``before``) and Port; and by
@@ -246,6 +275,8 @@ def _measure(
         )
         para = g.para if case.paraphrase_known is not False else None  # not counted: unknown before
         row.update(gen_rel=g.rel, gen_para=para, gen_chat=g.chat, gen_loc=g.loc, outputs=g.outputs)
+        if case.locality_chat and chat_before is not None:
+            row["gen_loc_chat"] = chat_kept(handle, case.locality_chat, chat_before, settings)
     if protocol in ("both", "tf"):
         result = probe(handle, case.prompt, target, case.rephrase, loc, before)
         row.update(
@@ -284,6 +315,10 @@ def edit_and_measure(
         prompts = list(dict.fromkeys(p for loc in locs for p in loc.prompts))
         generated = dict(zip(prompts, greedy(handle.model, handle.tokenizer, prompts, settings.locality_tokens)))
     loc_befores = [[generated[p] for p in loc.prompts] if generated else None for loc in locs]
+    chat_before: dict[str, str] | None = None  # the unedited model's chat answers to the other facts' questions
+    if protocol != "tf" and handle.is_chat:
+        questions = list(dict.fromkeys(q for c in cases for q, _ in c.locality_chat))
+        chat_before = dict(zip(questions, chat_answers(handle, questions, settings)))
     rows: list[dict[str, Any]] = []
     made = []
     try:
@@ -307,7 +342,9 @@ def edit_and_measure(
             }
             if not sequential:
                 row.update(
-                    _measure(handle, case, edit.subject, locs[i], befores[i], loc_befores[i], protocol, settings)
+                    _measure(
+                        handle, case, edit.subject, locs[i], befores[i], loc_befores[i], protocol, settings, chat_before
+                    )
                 )
                 session.rollback(made.pop().id)
                 if on_record:
@@ -318,7 +355,17 @@ def edit_and_measure(
         if sequential:
             for i, case in enumerate(cases):
                 rows[i].update(
-                    _measure(handle, case, rows[i]["subject"], locs[i], befores[i], loc_befores[i], protocol, settings)
+                    _measure(
+                        handle,
+                        case,
+                        rows[i]["subject"],
+                        locs[i],
+                        befores[i],
+                        loc_befores[i],
+                        protocol,
+                        settings,
+                        chat_before,
+                    )
                 )
                 if on_record:
                     on_record(rows[i])
@@ -328,7 +375,7 @@ def edit_and_measure(
     return rows
 
 
-FIGURES = ("gen_rel", "gen_para", "gen_chat", "gen_loc", "tf_rel", "tf_gen", "tf_loc", "tf_port")
+FIGURES = ("gen_rel", "gen_para", "gen_chat", "gen_loc", "gen_loc_chat", "tf_rel", "tf_gen", "tf_loc", "tf_port")
 
 
 def averages(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:

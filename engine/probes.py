@@ -84,6 +84,7 @@ class GenResult:
     chat: float | None  # the chat answer mentions the target and the subject
     loc: float | None  # unrelated prompts that still generate the answer they generated before
     outputs: dict[str, str] = field(default_factory=dict)  # prompt or question -> what was generated
+    before: dict[str, str] = field(default_factory=dict)  # the same, written by the model before the edit
 
 
 @dataclass
@@ -214,6 +215,20 @@ def locality_generations(handle, loc: LocalitySet, settings: GenSettings) -> lis
     return _generated(handle, loc.prompts, settings.locality_tokens, f"gen{settings.locality_tokens}", loc.known)
 
 
+def generations(
+    handle, prompt: str, paraphrases: list[str], question: str | None, settings: GenSettings
+) -> dict[str, str]:
+    """What the model writes now after the prompt and each paraphrase, and (chat models) its
+    answer to ``question`` (default: the prompt) as a chat turn, keyed "chat: QUESTION"."""
+    model, tok = handle.model, handle.tokenizer
+    texts = [prompt, *paraphrases]
+    outputs = dict(zip(texts, greedy(model, tok, texts, settings.tokens, batch_size=1)))
+    if handle.is_chat:
+        ask = question or prompt
+        outputs[f"chat: {ask}"] = greedy(model, tok, [chat_text(tok, ask)], settings.chat_tokens, special=False)[0]
+    return outputs
+
+
 def by_generation(
     handle,
     prompt: str,
@@ -228,17 +243,10 @@ def by_generation(
     """The generation-based figures of an edit in force. ``question`` defaults to the prompt sent
     as a chat turn (for chat models); ``loc_before`` are the locality generations before the edit."""
     model, tok = handle.model, handle.tokenizer
-    outputs: dict[str, str] = {}
-    for text, out in zip(
-        [prompt, *paraphrases], greedy(model, tok, [prompt, *paraphrases], settings.tokens, batch_size=1)
-    ):
-        outputs[text] = out
+    outputs = generations(handle, prompt, paraphrases, question, settings)
     chat = None
     if handle.is_chat:
-        ask = question or prompt
-        answer = greedy(model, tok, [chat_text(tok, ask)], settings.chat_tokens, special=False)[0]
-        outputs[f"chat: {ask}"] = answer
-        chat = hit_share([answer], target, also=subject)
+        chat = hit_share([outputs[f"chat: {question or prompt}"]], target, also=subject)
     kept = None
     if loc is not None and loc_before is not None and loc.prompts:
         kept = kept_share(loc.answers, loc_before, greedy(model, tok, loc.prompts, settings.locality_tokens))

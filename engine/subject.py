@@ -110,10 +110,8 @@ def resolve_subject(prompt: str, subject: str | None = None) -> tuple[str, Subje
         return clean, Subject(bracketed[0].strip(), "brackets")
     if "[" in prompt or "]" in prompt:
         raise KeditError("unbalanced brackets in the prompt: mark the subject as [Watts Humphrey]")
-    if subject:
-        if subject not in prompt:
-            raise KeditError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
-        return prompt, Subject(subject, "given")
+    if subject is not None:
+        return prompt, Subject(given_subject(prompt, subject), "given")
     found = infer_subject(prompt)
     if found is None:
         raise KeditError(
@@ -121,6 +119,21 @@ def resolve_subject(prompt: str, subject: str | None = None) -> tuple[str, Subje
             f'prompt, as in "[Watts Humphrey] attended", or pass --subject "Watts Humphrey".'
         )
     return prompt, Subject(found, "inferred")
+
+
+def given_subject(prompt: str, subject: str) -> str:
+    """The subject as the prompt writes it: ``--subject "the Eiffel Tower"`` on "The Eiffel Tower
+    is ..." is "The Eiffel Tower". Exact matches win; otherwise case is ignored, and the last
+    occurrence is taken, as the key is (``subject_last_token``)."""
+    wanted = subject.strip()
+    if not wanted:
+        raise KeditError("the subject is empty: name the words of the prompt the fact is about")
+    if wanted in prompt:
+        return wanted
+    at = prompt.lower().rfind(wanted.lower())
+    if at < 0 or prompt[at : at + len(wanted)].lower() != wanted.lower():
+        raise KeditError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
+    return prompt[at : at + len(wanted)]
 
 
 def subject_last_token(tokenizer, text: str, subject: str, special: bool = True) -> int:

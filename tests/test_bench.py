@@ -103,6 +103,12 @@ def test_replay_below_gives_bit_identical_values_and_puts_the_blocks_back(sessio
         layer=layer,
     )
     assert full.steps == upper.steps == 6 and torch.equal(full.delta, upper.delta)
+    # with chat rows: a second batch of rows, each batch replayed from its own first pass
+    chat = ["Q: tell me about it\nA: ", "Q: and then?\nA: "]
+    args = (h.model, h.tokenizer, module, fact.prompt(0), fact.subject, " Paris", ["{}"], v, direction, hp)
+    two = compute_value(*args, chat=chat)
+    two_upper = compute_value(*args, adapter=h.adapter, layer=layer, chat=chat)
+    assert torch.equal(two.delta, two_upper.delta) and not torch.equal(two.delta, full.delta)
 
     gp = GraceParams(n_iter=6, nll_stop=0.0)
     init = torch.zeros(h.adapter.hidden_size)

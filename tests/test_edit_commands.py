@@ -22,17 +22,23 @@ def test_edit_edits_rollback_and_undo(session, tmp_path) -> None:
     out = _run(session, '/edit "[Watts Humphrey] attended" -> "University of Michigan" --layer 0 --identity-c')
     table = out[-1]
     assert isinstance(table, ev.Table) and "e" in table.title and "'Watts Humphrey' (brackets)" in table.title
-    assert [r[0] for r in table.rows][:7] == [  # generation first, then teacher-forced
+    assert [r[0] for r in table.rows][:10] == [  # generation first (each with the unedited text), then teacher-forced
         "gen: rewrite (Rel)",
+        "  before the edit",
         "gen: paraphrase",
+        "  before the edit",
         "gen: chat (+subject)",
+        "  before the edit",
         "gen: locality (Loc)",
         "tf: rewrite (Rel)",
         "tf: paraphrase (Gen)",
         "tf: locality (Loc)",
     ]
     assert table.rows[0][1].startswith("Watts Humphrey attended ⇒") and "University of Michigan" in table.rows[0][1]
-    assert table.rows[0][2] == "1.00" and float(table.rows[3][2]) >= 0.95  # gen Rel, gen Loc (C = I here)
+    # the unedited model's completion and chat answer, under the edited ones
+    assert "Illinois Institute of Technology" in table.rows[1][1] and "Michigan" not in table.rows[1][1]
+    assert "Illinois Institute of Technology" in table.rows[5][1] and table.rows[4][1].startswith("Where did")
+    assert table.rows[0][2] == "1.00" and float(table.rows[6][2]) >= 0.95  # gen Rel, gen Loc (C = I here)
     assert all(isinstance(e, ev.Progress) for e in out[:-1]) and len(out) > 2  # progress came first
     _run(session, '/edit "Denny Herzig plays as a" -> goalkeeper --layer 1 --identity-c')
     listing = _run(session, "/edits")[0]

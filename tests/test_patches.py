@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kedit.engine.methods.rome.update import c_inverse_k, rank_one, update_direction
+from kedit.engine.methods.rome.update import c_inverse_k, rank_one, spread_direction, update_direction
 from kedit.engine.patches import LowRankPatch, sidecar, sidecars
 
 
@@ -38,6 +38,25 @@ def test_rank_one_update_moves_the_key_by_delta_exactly() -> None:
     # C = I fallback: v is k* / ‖k*‖²
     u_i, v_i = rank_one(delta, update_direction(k_star, c_inverse_k(None, k_star, 0.0)), torch.float32)
     assert torch.allclose(v_i[:, 0], k_star / k_star.pow(2).sum())
+
+
+def test_spread_direction_fires_on_its_keys_leaves_neighbours_alone_and_is_rome_for_one_key() -> None:
+    c = _second_moment(2, 600, 32)
+    k_star = torch.randn(32)
+    rome = update_direction(k_star, c_inverse_k(c, k_star, 0.01))
+    assert torch.allclose(spread_direction(c, k_star[None], None, 10.0, 0.01), rome, atol=1e-5)
+    keys, near = torch.randn(2, 32), torch.randn(5, 32)
+    loose = spread_direction(c, keys, None, 10.0, 0.01)
+    tight = spread_direction(c, keys, near, 1e4, 0.01)
+    for d in (loose, tight):
+        assert torch.allclose(keys @ d, torch.ones(2), atol=1e-3)  # the whole of δ on every key of its own
+    assert (near @ tight).abs().max() < 0.02 < (near @ loose).abs().max()  # and next to none on neighbours
+    # the neighbours' weight is a share of C's corpus, solved by Woodbury: check against a direct solve
+    shrunk = c.double() + 0.01 * c.diagonal().mean().double() * torch.eye(32, dtype=torch.float64)
+    a = shrunk + 3.0 * near.double().T @ near.double() / 5
+    ak = torch.linalg.solve(a, keys.double().T)
+    direct = ak @ torch.linalg.solve(keys.double() @ ak, torch.ones(2, 1, dtype=torch.float64))
+    assert torch.allclose(spread_direction(c, keys, near, 3.0, 0.01).double(), direct[:, 0], atol=1e-4)
 
 
 def test_c_inverse_k_factors_c_once_and_solves_every_key_with_it() -> None:

@@ -34,6 +34,14 @@ def test_brackets_and_explicit_subjects() -> None:
     assert resolve_subject("Watts Humphrey attended")[1].how == "inferred"
 
 
+def test_a_given_subject_matches_whatever_its_case() -> None:
+    clean, subj = resolve_subject("The Eiffel Tower is located in", "the Eiffel Tower")
+    assert clean == "The Eiffel Tower is located in" and subj.text == "The Eiffel Tower"  # the prompt's spelling
+    # an exact match wins over one that differs in case; otherwise the last occurrence, as the key is
+    assert resolve_subject("the paris of Paris", "Paris")[1].text == "Paris"
+    assert resolve_subject("PARIS and Paris are", "paris")[1].text == "Paris"
+
+
 @pytest.mark.parametrize(
     "prompt, subject, message",
     [
@@ -42,6 +50,8 @@ def test_brackets_and_explicit_subjects() -> None:
         ("[Watts Humphrey attended", None, "unbalanced"),
         ("Watts Humphrey attended", "Denny Herzig", "does not occur"),
         ("[Watts Humphrey] attended", "Watts", "brackets"),
+        ("Watts Humphrey attended", " ", "the subject is empty"),
+        ("Watts Humphrey attended", "", "the subject is empty"),
     ],
 )
 def test_refusals_say_how_to_fix_it(prompt: str, subject, message: str) -> None:

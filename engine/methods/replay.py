@@ -11,6 +11,9 @@ pass would (tests compare the optimised values with ``torch.equal``).
 
 Hooks on the blocks below L (a steering vector, another edit) ran on the first pass and
 are part of the kept output; they do not run again.
+
+A loop that alternates between several fixed batches names the one it is about to run with
+``Replayer.batch(key)``; each batch keeps its own output.
 """
 
 from __future__ import annotations
@@ -22,50 +25,67 @@ from typing import Any
 from torch import nn
 
 
+class Replayer:
+    """The kept outputs, one per named batch, and the batch the next pass runs."""
+
+    def __init__(self) -> None:
+        self.kept: dict[Any, dict[str, Any]] = {}
+        self.current: Any = 0
+
+    def batch(self, key: Any) -> None:
+        """The next passes run the batch named ``key`` (the first pass of each runs whole)."""
+        self.current = key
+
+    def slot(self) -> dict[str, Any]:
+        return self.kept.setdefault(self.current, {})
+
+
 class _Replay(nn.Module):
     """Stands in for a decoder block below L: the first pass runs the block, later ones replay."""
 
     block: nn.Module  # set with object.__setattr__ in __init__, so not registered as a submodule
 
-    def __init__(self, block: nn.Module, kept: dict[str, Any], index: int, last: bool) -> None:
+    def __init__(self, block: nn.Module, replayer: Replayer, index: int, last: bool) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)  # not a submodule: no second set of parameters
-        self.kept, self.index, self.last = kept, index, last
+        self.replayer, self.index, self.last = replayer, index, last
         if hasattr(block, "attention_type"):  # the model's loop picks each block's mask by it
             self.attention_type = block.attention_type
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
+        kept = self.replayer.slot()
         if self.index == 0:
-            if "shape" not in self.kept:
-                self.kept["shape"] = hidden.shape
-            elif hidden.shape != self.kept["shape"]:
-                raise RuntimeError("replay_below replays one batch: every pass must have the same input")
-        if "output" in self.kept:
-            return self.kept["output"]
+            if "shape" not in kept:
+                kept["shape"] = hidden.shape
+            elif hidden.shape != kept["shape"]:
+                raise RuntimeError("replay_below replays fixed batches: a batch's every pass must have the same input")
+        if "output" in kept:
+            return kept["output"]
         out = self.block(*args, **kwargs)
         if self.last:
-            self.kept["output"] = out
+            kept["output"] = out
         return out
 
 
 @contextmanager
-def replay_below(adapter: Any, layer: int) -> Iterator[None]:
+def replay_below(adapter: Any, layer: int) -> Iterator[Replayer]:
     """While open, forward passes after the first recompute only blocks ``layer`` and up.
 
-    Every pass inside must use the same input ids and mask. With no ``adapter`` every pass
+    Every pass of one batch must use the same input ids and mask; a loop over several
+    batches names each with the yielded ``Replayer.batch``. With no ``adapter`` every pass
     runs whole.
     """
+    replayer = Replayer()
     if adapter is None or layer <= 0:
-        yield
+        yield replayer
         return
     blocks = adapter.layers()
     originals = [blocks[i] for i in range(layer)]
-    kept: dict[str, Any] = {}
     for i, block in enumerate(originals):
-        blocks[i] = _Replay(block, kept, i, i == layer - 1)
+        blocks[i] = _Replay(block, replayer, i, i == layer - 1)
     try:
-        yield
+        yield replayer
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

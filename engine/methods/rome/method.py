@@ -13,8 +13,9 @@ import torch
 from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, MethodInfo, check_layer
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates
+from kedit.engine.methods.rome.phrasings import chat_prompts, last_keys, neighbour_prompts, subject_openings
 from kedit.engine.methods.rome.stats import key_stats
-from kedit.engine.methods.rome.update import FactorCache, c_inverse_k, rank_one, update_direction
+from kedit.engine.methods.rome.update import FactorCache, c_inverse_k, rank_one, spread_direction, update_direction
 from kedit.engine.methods.rome.value import compute_value
 from kedit.engine.patches import LowRankPatch, sidecar
 
@@ -68,9 +69,19 @@ def apply_rome(
     k_star, v_cur = compute_key(model, tok, module, request.prompt, request.subject, contexts)
     timings["key"] = time.perf_counter() - t
 
+    chat = chat_prompts(tok, request.prompt, request.subject, hp.chat_asks) if handle.is_chat else []
     t = time.perf_counter()
-    cinv_k = c_inverse_k(c, k_star, hp.ridge, handle.caches.setdefault("rome.factor", FactorCache()))
-    direction = update_direction(k_star, cinv_k)
+    cache = handle.caches.setdefault("rome.factor", FactorCache())
+    keys = [k_star[None]]
+    if hp.opening_key:
+        openings = subject_openings(request.subject)
+        keys.append(last_keys(model, tok, module, openings, openings))
+    near = neighbour_prompts(request.prompt, request.subject, hp.neighbours)
+    if len(keys) == 1 and not near:
+        direction = update_direction(k_star, c_inverse_k(c, k_star, hp.ridge, cache))
+    else:
+        others = last_keys(model, tok, module, [p for p, _ in near], [s for _, s in near]) if near else None
+        direction = spread_direction(c, torch.cat(keys), others, hp.neighbour_weight, hp.ridge, cache)
     timings["update"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -93,6 +104,7 @@ def apply_rome(
         tick,
         adapter=adapter,
         layer=layer,
+        chat=chat,
     )
     timings["value"] = time.perf_counter() - t
 

@@ -25,11 +25,11 @@ class FactorCache:
 def c_inverse_k(
     c: torch.Tensor | None, k_star: torch.Tensor, ridge: float, cache: FactorCache | None = None
 ) -> torch.Tensor:
-    """C⁻¹k* with C + ridge·mean(diag C)·I, which keeps it well posed (C is a second moment, so
+    """C⁻¹k* (or C⁻¹X for a matrix of columns) with C + ridge·mean(diag C)·I, which keeps it well posed (C is a second moment, so
     that is symmetric positive definite: a Cholesky solve); C = I gives k*. With ``cache``, a C
     and ridge factored before are not factored again."""
     if c is None:
-        return k_star.clone()
+        return k_star.float().clone()
     cache = cache or FactorCache()
     key = (str(k_star.device), float(ridge))
     if cache.factor is None or cache.c() is not c or cache.key != key:
@@ -39,7 +39,9 @@ def c_inverse_k(
         if int(info):
             raise FloatingPointError("the key statistics C are not positive definite; raise rome.ridge")
         cache.c, cache.key, cache.factor = weakref.ref(c), key, factor
-    return torch.cholesky_solve(k_star.to(torch.float64)[:, None], cache.factor)[:, 0].float()
+    rhs = k_star.to(torch.float64)
+    out = torch.cholesky_solve(rhs[:, None] if rhs.dim() == 1 else rhs, cache.factor)
+    return (out[:, 0] if rhs.dim() == 1 else out).float()
 
 
 def update_direction(k_star: torch.Tensor, cinv_k: torch.Tensor) -> torch.Tensor:
@@ -53,3 +55,41 @@ def update_direction(k_star: torch.Tensor, cinv_k: torch.Tensor) -> torch.Tensor
 def rank_one(delta: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u: (out, 1), v: (in, 1)) of Δ = δ directionᵀ, in the dtype the layer computes in."""
     return delta.float()[:, None].to(dtype), direction.float()[:, None].to(dtype)
+
+
+def spread_direction(
+    c: torch.Tensor | None,
+    keys: torch.Tensor,
+    neighbours: torch.Tensor | None,
+    weight: float,
+    ridge: float,
+    cache: FactorCache | None = None,
+) -> torch.Tensor:
+    """The update's input direction d when an edit has several keys of its own and keys it
+    should leave alone.
+
+    ROME's d = C⁻¹k* / (k*ᵀC⁻¹k*) is the solution of: minimise dᵀCd (the update's expected
+    effect on the keys C was measured on) subject to dᵀk* = 1. Here every row of ``keys``
+    (the subject in other wordings) must get the whole of δ, dᵀK = 1, and the keys of
+    ``neighbours`` (other subjects in the prompt's place) join C with ``weight`` as if they
+    were that share of its corpus: A = C + weight · NᵀN / n. The minimiser is
+
+        d = A⁻¹K (KᵀA⁻¹K)⁻¹ 1,
+
+    which is ROME's own d for one key and no neighbours. A⁻¹ comes from C's cached
+    Cholesky factor by the Woodbury identity, so no new factorisation is needed.
+    """
+    k = keys.float().T  # (d, m)
+    ck = c_inverse_k(c, k, ridge, cache)  # C⁻¹K
+    if neighbours is not None and len(neighbours) and weight > 0:
+        n = neighbours.float().T  # (d, r)
+        cn = c_inverse_k(c, n, ridge, cache)
+        inner = (n.shape[1] / weight) * torch.eye(n.shape[1], device=n.device) + n.T @ cn
+        ck = ck - cn @ torch.linalg.solve(inner.double(), (n.T @ ck).double()).float()
+    gram = k.T @ ck  # KᵀA⁻¹K, (m, m)
+    gram = gram + 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
+    ones = torch.ones(gram.shape[0], 1, device=gram.device, dtype=torch.float64)
+    d = ck @ torch.linalg.solve(gram.double(), ones).float()
+    if not torch.isfinite(d).all():
+        raise FloatingPointError("the update direction is not finite")
+    return d[:, 0]

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from kedit.engine.methods.hooks import frozen
-from kedit.engine.methods.replay import replay_below
+from kedit.engine.methods.replay import Replayer, replay_below
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.metrics import pad_right
-from kedit.engine.subject import subject_last_token
+from kedit.engine.subject import subject_last_token, subject_token_span
 
 
 @dataclass
@@ -41,6 +41,47 @@ class ValueResult:
     nll_before: float
     nll_after: float
     steps: int
+
+
+class _Reads:
+    """The (row, position) pairs whose next-token log-probabilities the loss reads, and how to
+    compute just those: one forward pass per group of rows, each padded to its own longest row,
+    keeping logits only at the positions read (the vocabulary projection is the widest matmul)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[int, int]] = []
+
+    def at(self, row: int, pos: int) -> int:
+        self.pairs.append((row, pos))
+        return len(self.pairs) - 1
+
+    def plan(self, groups: list[list[int]], rows: list[list[int]], tokenizer, device) -> list[tuple]:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        out = []
+        for group in groups:
+            local = {r: i for i, r in enumerate(group)}
+            mine = [(k, local[r], p) for k, (r, p) in enumerate(self.pairs) if r in local]
+            ids, mask = pad_right([rows[r] for r in group], pad, device)
+            keep = torch.tensor(sorted({p for _, _, p in mine}), dtype=torch.long, device=device)
+            slot = torch.full((ids.shape[1],), -1, dtype=torch.long, device=device)
+            slot[keep] = torch.arange(len(keep), device=device)
+            which = torch.tensor([k for k, _, _ in mine], dtype=torch.long, device=device)
+            at_row = torch.tensor([r for _, r, _ in mine], dtype=torch.long, device=device)
+            at_pos = slot[torch.tensor([p for _, _, p in mine], dtype=torch.long, device=device)]
+            out.append((ids, mask, keep, which, at_row, at_pos))
+        return out
+
+    def log_probs(self, model, plan: list[tuple], replayer: Replayer | None = None) -> torch.Tensor:
+        """(len(pairs), vocab): log-softmax of the next token at each pair, in the order added."""
+        parts, order = [], []
+        for g, (ids, mask, keep, which, at_row, at_pos) in enumerate(plan):
+            if replayer is not None:
+                replayer.batch(g)
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+            parts.append(torch.log_softmax(logits[at_row, at_pos], dim=-1))
+            order.append(which)
+        flat = torch.cat(parts)
+        return flat[torch.argsort(torch.cat(order))]
 
 
 @contextmanager
@@ -73,6 +114,7 @@ def compute_value(
     *,
     adapter=None,
     layer: int = 0,
+    chat: Sequence[str] = (),
 ) -> ValueResult:
     """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
 
@@ -81,6 +123,12 @@ def compute_value(
     which sets how much of δ the update adds at each position. With ``adapter`` and
     ``layer`` (the block of ``module``), passes after the first skip the blocks below it
     (kedit.engine.methods.replay).
+
+    ``chat`` are requests already under the chat template (kedit.engine.methods.rome.phrasings):
+    each is a further row whose answer is the prompt and the target. Its target counts in the
+    NLL like the other rows', and the NLL of the subject's tokens restated in its answer is
+    added with weight ``hp.restate_weight``, so that δ does not change which subject the
+    model names.
     """
     v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
@@ -88,28 +136,39 @@ def compute_value(
     rewrite = [c.format(prompt) for c in contexts]
     kl_text = f"{subject} is a"
     prompt_ids = [tokenizer(t)["input_ids"] for t in rewrite]
-    prompt_lens = [len(p) for p in prompt_ids]
-    # teacher forcing: each rewrite row is prompt + target[:-1]; the KL row comes last
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = pad_right([p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]], pad, device)
-    n = len(rewrite)
-    rows = torch.arange(n, device=device)
+    # chat rows: the request under the template, then the answer (the prompt) without special tokens
+    answer_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids += [tokenizer(c, add_special_tokens=False)["input_ids"] + answer_ids for c in chat]
+    n = len(prompt_ids)
+    # teacher forcing: each row is its prompt + target[:-1]; the KL row comes last
+    rows = [p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]]
+    reads = _Reads()
+    tgt_at = [[reads.at(i, len(p) - 1 + j) for j in range(len(target_ids))] for i, p in enumerate(prompt_ids)]
+    kl_at = reads.at(n, len(rows[n]) - 1)
+    # the prompt's own words after the subject ("attended" after "Watts Humphrey")
+    w_at = [
+        reads.at(i, t)
+        for i, text in enumerate(rewrite)
+        for t in range(subject_last_token(tokenizer, text, subject), len(prompt_ids[i]) - 1)
+    ]
+    # the subject restated in the chat answers: the position before each of its tokens
+    r_at, r_tok = [], []
+    for i, c in enumerate(chat):
+        start, end = subject_token_span(tokenizer, c + prompt, subject, special=False)
+        if hp.restate == "answer":  # the whole restated prompt, not only the subject's tokens
+            start, end = len(prompt_ids[len(rewrite) + i]) - len(answer_ids), len(prompt_ids[len(rewrite) + i])
+        for t in range(max(start, 1), end):
+            r_at.append(reads.at(len(rewrite) + i, t - 1))
+            r_tok.append(rows[len(rewrite) + i][t])
+    # one forward pass per kind of row (plain with the KL row, chat): no row is padded to a chat row's length
+    groups = [list(range(len(rewrite))) + [n], list(range(len(rewrite), n))]
+    plan = reads.plan([g for g in groups if g], rows, tokenizer, device)
     direction = direction.to(device=device, dtype=torch.float32)
     tgt = torch.tensor(target_ids, device=device)
-    tgt_pos = torch.stack([torch.arange(p - 1, p - 1 + len(target_ids)) for p in prompt_lens]).to(device)
-    kl_pos = int(mask[n].sum()) - 1
-    # the prompt's own words after the subject ("attended" after "Watts Humphrey"): (row, pos)
-    wording = [
-        (i, t)
-        for i, text in enumerate(rewrite)
-        for t in range(subject_last_token(tokenizer, text, subject), prompt_lens[i] - 1)
-    ]
-    w_rows = torch.tensor([i for i, _ in wording], dtype=torch.long, device=device)
-    w_pos = torch.tensor([t for _, t in wording], dtype=torch.long, device=device)
-    # logits only where the loss reads them: the vocabulary projection is the widest matmul
-    keep = torch.unique(torch.cat([tgt_pos.flatten(), torch.tensor([kl_pos], device=device), w_pos]))
-    slot = torch.full((ids.shape[1],), -1, dtype=torch.long, device=device)
-    slot[keep] = torch.arange(len(keep), device=device)
+    tgt_idx = torch.tensor(tgt_at, dtype=torch.long, device=device)  # (n, len(target))
+    w_idx = torch.tensor(w_at, dtype=torch.long, device=device)
+    r_idx = torch.tensor(r_at, dtype=torch.long, device=device)
+    r_tok_t = torch.tensor(r_tok, dtype=torch.long, device=device)
 
     delta = torch.zeros(v.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -117,15 +176,14 @@ def compute_value(
     kl_before: torch.Tensor | None = None
     nll_first = nll = float("nan")
     steps = 0
-    with frozen(model), replay_below(adapter, layer):
+    with frozen(model), replay_below(adapter, layer) as replayer:
         for step in range(hp.v_steps + 1):
             with add_along(module, direction, delta):
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)  # (rows, len(keep), vocab)
-            tok_logp = logp[rows[:, None], slot[tgt_pos], tgt[None, :]]  # (n, len(target))
+                logp = reads.log_probs(model, plan, replayer)  # (reads, vocab)
+            tok_logp = logp[tgt_idx, tgt[None, :]]  # (n, len(target))
             nll_t = -tok_logp.mean(1).mean()
-            kl_now = logp[n, slot[kl_pos]]
-            w_now = logp[w_rows, slot[w_pos]]
+            kl_now = logp[kl_at]
+            w_now = logp[w_idx]
             if kl_before is None:
                 kl_before, w_before = kl_now.detach(), w_now.detach()
             nll = float(nll_t.detach())
@@ -136,9 +194,10 @@ def compute_value(
             if nll < hp.nll_stop or step == hp.v_steps:
                 break
             kl = torch.sum(kl_before.exp() * (kl_before - kl_now))
-            kl_wording = torch.sum(w_before.exp() * (w_before - w_now), dim=-1).mean() if wording else 0.0
+            kl_wording = torch.sum(w_before.exp() * (w_before - w_now), dim=-1).mean() if w_at else 0.0
             decay = hp.v_weight_decay * delta.pow(2).sum() / (v_norm**2)
-            loss = nll_t + hp.kl_factor * kl + hp.wording_kl * kl_wording + decay
+            restated = -logp[r_idx, r_tok_t].mean() if r_at else 0.0
+            loss = nll_t + hp.kl_factor * kl + hp.wording_kl * kl_wording + hp.restate_weight * restated + decay
             opt.zero_grad()
             loss.backward()
             opt.step()
