@@ -71,17 +71,24 @@ def right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def compute_key(
-    model, tokenizer, module, prompt: str, subject: str, contexts: Sequence[str]
+def subject_keys(
+    model, tokenizer, module, texts: Sequence[str], subjects: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k*, v): the mean key at the subject's last token over contexts, and the mean output there."""
-    texts = [c.format(prompt) for c in contexts]
-    idx = [subject_last_token(tokenizer, t, subject) for t in texts]
+    """The module's input and output at each subject's last token in each text, float32:
+    ((len(texts), d_in), (len(texts), d_out))."""
+    idx = [subject_last_token(tokenizer, t, s) for t, s in zip(texts, subjects)]
     ids, mask = right_padded(tokenizer, texts, next(model.parameters()).device)
     with capture_io(module) as seen:
         model(input_ids=ids, attention_mask=mask)
     rows = torch.arange(len(texts), device=ids.device)
     pos = torch.tensor(idx, device=ids.device)
-    keys = seen["input"][rows, pos].float()
-    outs = seen["output"][rows, pos].float()
+    return seen["input"][rows, pos].float(), seen["output"][rows, pos].float()
+
+
+def compute_key(
+    model, tokenizer, module, prompt: str, subject: str, contexts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k*, v): the mean key at the subject's last token over contexts, and the mean output there."""
+    texts = [c.format(prompt) for c in contexts]
+    keys, outs = subject_keys(model, tokenizer, module, texts, [subject] * len(texts))
     return keys.mean(0), outs.mean(0)

@@ -12,8 +12,8 @@ import torch
 
 from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, MethodInfo, check_layer
 from kedit.engine.methods.rome.hparams import RomeParams
-from kedit.engine.methods.rome.key import compute_key, context_templates
-from kedit.engine.methods.rome.phrasings import chat_prompts, last_keys, neighbour_prompts, subject_openings
+from kedit.engine.methods.rome.key import compute_key, context_templates, subject_keys
+from kedit.engine.methods.rome.phrasings import chat_prompts, neighbour_prompts, subject_openings
 from kedit.engine.methods.rome.stats import key_stats
 from kedit.engine.methods.rome.update import FactorCache, c_inverse_k, rank_one, spread_direction, update_direction
 from kedit.engine.methods.rome.value import compute_value
@@ -75,12 +75,12 @@ def apply_rome(
     keys = [k_star[None]]
     if hp.opening_key:
         openings = subject_openings(request.subject)
-        keys.append(last_keys(model, tok, module, openings, openings))
+        keys.append(subject_keys(model, tok, module, openings, openings)[0])
     near = neighbour_prompts(request.prompt, request.subject, hp.neighbours)
     if len(keys) == 1 and not near:
         direction = update_direction(k_star, c_inverse_k(c, k_star, hp.ridge, cache))
     else:
-        others = last_keys(model, tok, module, [p for p, _ in near], [s for _, s in near]) if near else None
+        others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
         direction = spread_direction(c, torch.cat(keys), others, hp.neighbour_weight, hp.ridge, cache)
     timings["update"] = time.perf_counter() - t
 

@@ -28,8 +28,6 @@ figures on such a set measure how the edit generalises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 # Chat requests naming the subject; the answer restates the prompt and gives the target.
 CHAT_ASKS = (
     "What do you know about {subject}?",
@@ -106,26 +104,3 @@ def neighbour_prompts(prompt: str, subject: str, n: int) -> list[tuple[str, str]
         other = capitalised(other) if at == 0 else other
         out.append((prompt[:at] + other + prompt[at + len(subject) :], other))
     return out
-
-
-def last_keys(model, tokenizer, module, texts: Sequence[str], subjects: Sequence[str], special: bool = True):
-    """The module's input at each subject's last token in each text: (len(texts), d_in), float32."""
-    import torch
-
-    from kedit.engine.methods.hooks import capture_io
-    from kedit.engine.methods.rome.key import right_padded
-    from kedit.engine.subject import subject_last_token
-
-    device = next(model.parameters()).device
-    idx = [subject_last_token(tokenizer, t, s, special) for t, s in zip(texts, subjects)]
-    if special:
-        ids, mask = right_padded(tokenizer, texts, device)
-    else:
-        from kedit.engine.metrics import pad_right
-
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids, mask = pad_right([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad, device)
-    with torch.no_grad(), capture_io(module) as seen:
-        model(input_ids=ids, attention_mask=mask)
-    rows = torch.arange(len(texts), device=device)
-    return seen["input"][rows, torch.tensor(idx, device=device)].float()
