@@ -20,7 +20,7 @@ class RomeParams(MethodParams):
     wording_kl: float = 1.0  # weight of KL on the prompt's own words after the subject (0: the paper)
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v‖
     nll_stop: float = 0.05  # stop early once the target's mean NLL is below this
-    n_contexts: int = 10  # context prefixes the model writes itself
+    n_contexts: int = 5  # context prefixes the model writes itself
     context_tokens: int = 10  # length of each prefix
     stats_samples: int = 0  # texts for C; 0: enough for the key width (stats.auto_samples)
     stats_tokens: int = 32  # tokens per text
