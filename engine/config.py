@@ -62,6 +62,27 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Settings that run code or reach outside kedit: only the user's own config dir or a flag may
+# set them, never a kedit.toml in whatever folder kedit was started from.
+PRIVILEGED = ("model.trust_remote_code",)
+
+
+def _without_privileged(layer: dict[str, Any], path: Path, notes: list[str]) -> dict[str, Any]:
+    layer = copy.deepcopy(layer)
+    for dotted in PRIVILEGED:
+        *parents, leaf = dotted.split(".")
+        node: Any = layer
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            if node.pop(leaf):
+                notes.append(
+                    f"{path} asks for {dotted} = true; ignored, as a project folder's kedit.toml may not "
+                    f"run a model's own code. Pass --trust-remote-code, or set it in {paths.config_dir() / 'kedit.toml'}"
+                )
+    return layer
+
+
 def _coerce(raw: str, like: Any) -> Any:
     """Read an environment string as the type of the default it overrides."""
     if isinstance(like, bool):
@@ -81,15 +102,21 @@ class Config:
     def __init__(self, data: dict[str, Any], sources: list[str]) -> None:
         self.data = data
         self.sources = sources
+        self.notes: list[str] = []  # settings ignored while loading, for the fronts to show
 
     @classmethod
     def load(cls, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
         data = _read(SHIPPED)
         sources = [str(SHIPPED)]
-        for path in (paths.config_dir() / "kedit.toml", (cwd or Path.cwd()) / "kedit.toml"):
+        notes: list[str] = []
+        user = paths.config_dir() / "kedit.toml"
+        for path in (user, (cwd or Path.cwd()) / "kedit.toml"):
             if path.is_file() and path.resolve() != SHIPPED.resolve():
-                data = _merge(data, _read(path))
+                layer = _read(path)
+                if path is not user and path.resolve() != user.resolve():
+                    layer = _without_privileged(layer, path, notes)
+                data = _merge(data, layer)
                 sources.append(str(path))
         for var, key in ENV_KEYS.items():
             if env.get(var):
@@ -99,7 +126,9 @@ class Config:
                 except ConfigError as exc:
                     raise ConfigError(f"{var}: {exc.message}") from None
                 sources.append(f"${var}")
-        return cls(data, sources)
+        config = cls(data, sources)
+        config.notes = notes
+        return config
 
     def get(self, dotted: str, default: Any = None) -> Any:
         node: Any = self.data
@@ -119,4 +148,6 @@ class Config:
         for key, value in overrides.items():
             if value is not None:
                 _set(data, key, value)
-        return Config(data, self.sources + ["flags"] if overrides else self.sources)
+        config = Config(data, self.sources + ["flags"] if overrides else self.sources)
+        config.notes = list(self.notes)
+        return config

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kedit.engine import events as ev
 from kedit.engine.background import with_progress
+from kedit.engine.checks import input_file, output_path
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.errors import KeditError
 from kedit.engine.ledger import Edit
@@ -128,7 +129,7 @@ def cmd_edit(
             layer=layer,
             paraphrases=[paraphrase] if paraphrase else None,
             question=question,
-            stats_corpus=Path(stats_corpus) if stats_corpus else None,
+            stats_corpus=input_file(stats_corpus, "the statistics corpus") if stats_corpus else None,
             identity_c=identity_c,
             progress=progress,
         ),
@@ -193,6 +194,9 @@ def cmd_rollback(session: Session, id: str) -> Iterator[ev.Event]:
     yield ev.Info(f"rolled back {edit.id}: {edit.prompt} →{edit.target}; {len(session.edits)} edit(s) still in force")
 
 
+MAX_TRACE_SAMPLES = 1000
+
+
 @REGISTRY.command(
     "trace",
     "Causal tracing: how much each layer's MLP at the subject restores the answer.",
@@ -207,6 +211,10 @@ def cmd_trace(
     from kedit.engine.subject import resolve_subject
     from kedit.engine.trace import causal_trace
 
+    if not 1 <= samples <= MAX_TRACE_SAMPLES:
+        raise KeditError(f"--samples is how many noise draws to average: 1 to {MAX_TRACE_SAMPLES}, not {samples}")
+    if target is not None and not target.strip():
+        raise KeditError("--target is empty: give the answer to trace, or leave it out for the model's own")
     clean, subj = resolve_subject(prompt, subject)
     h = session.handle
     with session.lock:
@@ -298,7 +306,13 @@ def cmd_export(session: Session, path: str, gguf: bool, gguf_type: str | None) -
         raise KeditError("--gguf-type sets how edited GGUF tensors are written; add --gguf")
     result: list = []
     yield from with_progress(
-        lambda progress: export_model(session, Path(path), gguf=gguf, gguf_type=gguf_type or "q8_0", progress=progress),
+        lambda progress: export_model(
+            session,
+            output_path(path, "the export folder", folder=True),
+            gguf=gguf,
+            gguf_type=gguf_type or "q8_0",
+            progress=progress,
+        ),
         result,
     )
     done = result[0]

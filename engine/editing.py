@@ -95,6 +95,9 @@ def make_edit(
     if not target.strip():
         raise KeditError("the target is empty: say what the model should answer")
     target_text = as_continuation(clean, target)
+    _check_lengths(handle, clean, target_text)
+    for text in [*(paraphrases or ()), *([question] if question else [])]:
+        _check_lengths(handle, text, "")
     if editor.world is not None:
         world = editor.world
         paraphrases = world.paraphrases(subj.text, clean) if paraphrases is None else paraphrases
@@ -176,6 +179,32 @@ def make_edit(
         )
         editor.ledger.add(edit)
         return edit
+
+
+MAX_PROMPT_TOKENS = 128  # an edit's prompt is one sentence about the subject
+MAX_TARGET_TOKENS = 32  # and its target a short answer: each token is a step of the value's loss
+
+
+def _check_lengths(handle: ModelHandle, prompt: str, target: str) -> None:
+    """Refuse a prompt (or a paraphrase or question) or target too long to be a fact, or for
+    the model's context."""
+    tok = handle.tokenizer
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    n_target = len(tok(target, add_special_tokens=False)["input_ids"])
+    context = int(getattr(handle.model.config, "max_position_embeddings", 0) or 1 << 30)
+    if n_prompt > MAX_PROMPT_TOKENS:
+        raise KeditError(
+            f"the prompt is {n_prompt} tokens; an edit's prompt is one sentence (at most {MAX_PROMPT_TOKENS})"
+        )
+    if n_target > MAX_TARGET_TOKENS:
+        raise KeditError(
+            f"the target is {n_target} tokens; an edit's target is a short answer (at most {MAX_TARGET_TOKENS})"
+        )
+    if n_prompt + n_target > context - 16:  # room for a context prefix before the prompt
+        raise KeditError(
+            f"the prompt and target are {n_prompt + n_target} tokens, too long for this model's "
+            f"{context}-position context with a context prefix before them"
+        )
 
 
 @torch.no_grad()

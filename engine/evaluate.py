@@ -153,13 +153,17 @@ def _real_facts_locality(cases: list[EvalCase]) -> None:
 
 def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
     """The records of a JSON list or JSONL file; every problem is a KeditError naming the place."""
-    if not path.is_file():
-        raise KeditError(f"no eval file {path}; give a JSON or JSONL file in EasyEdit/KnowEdit format")
-    text = path.read_text(encoding="utf-8")
+    from kedit.engine.checks import read_text
+
+    text = read_text(path, "the eval file")
+    if limit is not None and limit < 1:
+        raise KeditError(f"--limit counts records: 1 or more, not {limit}")
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
         where = [f"{path}: record {i + 1}" for i in range(len(records))]
+    except RecursionError:
+        raise KeditError(f"{path} nests its JSON too deeply to be a list of records") from None
     except json.JSONDecodeError:
         records, where = [], []
         for n, line in enumerate(text.splitlines(), 1):
@@ -168,6 +172,8 @@ def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise KeditError(f"{path}:{n}: not JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise KeditError(f"{path}:{n}: JSON nested too deeply") from None
                 where.append(f"{path}:{n}")
     if not records:
         raise KeditError(f"{path} holds no records")

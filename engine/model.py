@@ -225,6 +225,10 @@ class ModelHandle:
         show_progress: bool = True,
     ) -> ModelHandle:
         """Load a model; every failure a user can fix becomes a KeditError."""
+        if name is not None and not name.strip():
+            raise ModelNotFound(
+                "the model name is empty: give an alias, a hub id or a folder (leave --model out for the fact world)"
+            )
         source = resolve(name, config)
         quant = quant or config.get("model.quant") or None
         device = pick_device(device or config.get("model.device"))
@@ -294,6 +298,16 @@ def _from_pretrained(source: Source, location: str, kwargs: dict[str, Any]):
         raise KeditError(f"transformers cannot load {location}: {_first_line(exc)}") from None
     except ImportError as exc:
         raise KeditError(f"loading {source.location} needs a package that is missing: {_first_line(exc)}") from None
+    except Exception as exc:  # damaged weights or a config transformers rejects  # noqa: BLE001
+        raise KeditError(
+            f"transformers cannot load {location} ({type(exc).__name__}: {_first_line(exc)}); "
+            "its weights or config.json may be damaged"
+        ) from None
+    if len(tokenizer) == 0 or not tokenizer("hello", add_special_tokens=False)["input_ids"]:
+        raise ModelNotFound(
+            f"{location} has no usable tokenizer (tokenizer.json, tokenizer.model or vocab files); "
+            "copy the tokenizer files into the folder beside config.json"
+        )
     return model, tokenizer
 
 

@@ -28,6 +28,26 @@ def config_dir() -> Path:
     return Path(os.environ.get("KEDIT_CONFIG_DIR") or platformdirs.user_config_dir(APP))
 
 
+def state_dir() -> Path:
+    """Logs of unexpected failures and the chat journal (KEDIT_STATE_DIR)."""
+    return Path(os.environ.get("KEDIT_STATE_DIR") or platformdirs.user_state_dir(APP))
+
+
+STALE_SECONDS = 600  # a temporary file this old beside a target is left from a killed write
+
+
+def _sweep_stale(path: Path) -> None:
+    """Remove temporary files that writes to ``path`` killed half-way left behind."""
+    import time
+
+    for old in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if time.time() - old.stat().st_mtime > STALE_SECONDS:
+                old.unlink()
+        except OSError:
+            pass
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[str]:
     """A temporary file beside ``path`` to write to; on success it replaces ``path`` in one
@@ -35,6 +55,7 @@ def atomic_path(path: Path) -> Iterator[str]:
     Readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

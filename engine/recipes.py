@@ -119,34 +119,63 @@ def _strings(value: Any, where: str, key: str) -> list[str]:
     return items
 
 
-def _step_lines(text: str) -> list[int]:
-    return [n for n, line in enumerate(text.splitlines(), 1) if line.strip().startswith("[[step]]")]
+_STEP_HEADER = re.compile(r"\s*\[\[\s*step\s*\]\]")
+_STEP_INLINE = re.compile(r"\s*step\s*=")
+_MODEL_HEADER = re.compile(r"\s*(\[\s*model\s*\]|model\s*[.=])")
+
+
+def _step_lines(text: str, count: int) -> list[int]:
+    """Each step's line: its [[step]] header, else the line of an inline ``step = [...]``."""
+    lines = text.splitlines()
+    headers = [n for n, line in enumerate(lines, 1) if _STEP_HEADER.match(line)]
+    if len(headers) >= count:
+        return headers[:count]
+    inline = next((n for n, line in enumerate(lines, 1) if _STEP_INLINE.match(line)), 1)
+    return [inline] * count
+
+
+def _line_of(pattern: re.Pattern[str], text: str) -> int:
+    return next((n for n, line in enumerate(text.splitlines(), 1) if pattern.match(line)), 1)
 
 
 def load_recipe(path: Path, registry) -> Recipe:
     """Parse and check a recipe, commands included, before anything runs."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw_bytes = path.read_bytes()
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+        at = re.search(r"at line (\d+)", str(exc))
+        raise RecipeError(f"{path}:{at.group(1) if at else 1}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}:1: nested too deeply to be a recipe") from None
     unknown = set(data) - {"model", "step"}
     if unknown:
         raise RecipeError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; a recipe has [model] and [[step]]")
     model = data.get("model", {})
     if not isinstance(model, dict) or set(model) - set(MODEL_KEYS):
-        raise RecipeError(f"{path}: [model] takes {', '.join(MODEL_KEYS)}")
+        raise RecipeError(f"{path}:{_line_of(_MODEL_HEADER, text)}: [model] takes {', '.join(MODEL_KEYS)}")
+    for key, value in model.items():
+        if not isinstance(value, str):
+            raise RecipeError(f"{path}:{_line_of(_MODEL_HEADER, text)}: [model] {key} takes a string, not {value!r}")
     raw_steps = data.get("step", [])
     if not isinstance(raw_steps, list) or not raw_steps:
-        raise RecipeError(f'{path}: no steps; add [[step]] tables with run = "..."')
-    lines = _step_lines(text)
+        line = _line_of(_STEP_INLINE, text) if "step" in data else 1
+        raise RecipeError(f'{path}:{line}: no steps; add [[step]] tables with run = "..."')
+    lines = _step_lines(text, len(raw_steps))
     steps = []
     for i, raw in enumerate(raw_steps):
-        line = lines[i] if i < len(lines) else 0
+        line = lines[i]
         where = f"{path}:{line}: step {i + 1}"
+        if not isinstance(raw, dict):
+            raise RecipeError(f'{where}: a step is a table such as [[step]] run = "/help", not {raw!r}')
         bad = set(raw) - set(STEP_KEYS)
         if bad:
             raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; a step takes {', '.join(STEP_KEYS)}")

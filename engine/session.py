@@ -24,6 +24,54 @@ if TYPE_CHECKING:
     from kedit.engine.model import CausalLM
 
 
+MAX_LINE = 100_000  # characters in one line; a chat turn is also held to the model's context
+
+
+def log_failure(line: str, exc: BaseException) -> str:
+    """Append the failed line and its traceback to the state dir's errors.log; returns its path."""
+    import traceback
+
+    from kedit.engine.checks import printable
+    from kedit.engine.paths import state_dir
+
+    path = state_dir() / "errors.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size > 1 << 20:
+            path.replace(path.with_suffix(".log.1"))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(f"--- {stamp} {printable(line, 500)}\n")
+            fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    except OSError:
+        return "no log (the state folder could not be written)"
+    return str(path)
+
+
+def _too_long(tokens: int, budget: int) -> str:
+    return (
+        f"that message is {tokens:,} tokens as the model reads it; its context leaves room for "
+        f"{budget:,} before the reply (generation.max_new_tokens). Send a shorter one"
+    )
+
+
+def _shown(event: ev.Event) -> ev.Event:
+    """``event`` with the text it echoes (errors, messages, tables) free of control characters."""
+    from kedit.engine.checks import printable
+
+    if isinstance(event, ev.Error):
+        return ev.Error(printable(event.message, 2000))
+    if isinstance(event, ev.Info):
+        return ev.Info(printable(event.text, 100_000))
+    if isinstance(event, ev.Table):
+
+        def cell(value: Any) -> Any:
+            return printable(value, 100_000) if isinstance(value, str) else value
+
+        return ev.Table(cell(event.title), event.columns, tuple(tuple(cell(v) for v in row) for row in event.rows))
+    return event
+
+
 class _StopOnEvent:
     """A transformers StoppingCriteria that ends generation once ``event`` is set."""
 
@@ -107,17 +155,22 @@ class Session:
 
     def _prompt_ids(self, text: str) -> torch.Tensor:
         tok = self.tokenizer
-        if not self.handle.is_chat:
-            return tok(text, return_tensors="pt")["input_ids"].to(self.handle.model.device)
-        # Oldest turns fall out of the prompt (not out of .chat) when the context is full.
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
-        budget = limit - int(self.config.get("generation.max_new_tokens", 64))
+        budget = max(limit - int(self.config.get("generation.max_new_tokens", 64)), limit // 2)
+        if not self.handle.is_chat:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            if ids.shape[1] > budget:
+                raise KeditError(_too_long(ids.shape[1], budget))
+            return ids.to(self.handle.model.device)
+        # Oldest turns fall out of the prompt (not out of .chat) when the context is full.
         messages = [m.as_dict() for m in self.chat]
         while True:
             rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tok(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            if ids.shape[1] <= budget or len(messages) <= 1:
+            if ids.shape[1] <= budget:
                 return ids.to(self.handle.model.device)
+            if len(messages) <= 1:
+                raise KeditError(_too_long(ids.shape[1], budget))
             messages = messages[2:] if len(messages) > 2 else messages[-1:]
 
     def _generation_kwargs(self) -> dict[str, Any]:
@@ -146,7 +199,12 @@ class Session:
         with self.lock:
             if self.handle.is_chat:
                 self.chat.append(Message("user", text))
-            ids = self._prompt_ids(text)
+            try:
+                ids = self._prompt_ids(text)
+            except BaseException:
+                if self.handle.is_chat:
+                    self.chat.pop()
+                raise
             streamer = TokenStreamer(self.tokenizer)
             self._stop.clear()
             self._user_stopped = False
@@ -201,29 +259,69 @@ class Session:
         line = text.strip()
         if not line:
             return
+        if len(line) > MAX_LINE:
+            yield ev.Error(f"that line is {len(line):,} characters; kedit takes at most {MAX_LINE:,}")
+            return
         if line.startswith("/") and not line.startswith("//"):
             events = self._command(line)
         else:
             events = self._chat_turn(line[1:] if line.startswith("//") else line)
-        if self.recorder is None:
-            yield from events
-            return
+        recorder = self.recorder
         seen: list[ev.Event] = []
-        for event in events:
+        for event in self._guarded(line, events):
             seen.append(event)
             yield event
-        if self.recorder is not None:  # /record stop may have just ended it
-            self.recorder.add(line, seen)
+        if recorder is not None and self.recorder is recorder:  # /record stop may have just ended it
+            recorder.add(line, seen)
+
+    def _guarded(self, line: str, events: Iterator[ev.Event]) -> Iterator[ev.Event]:
+        """The safety net: a failure no handler foresaw becomes an Error event, the edits, the
+        rack and the chat are put back as they were before the line, and the traceback goes to
+        a log file the message names. Error messages never carry control characters."""
+        from kedit.engine.checks import printable
+
+        mark = self._mark()
+        try:
+            for event in events:
+                yield _shown(event)
+        except KeditError as exc:
+            yield ev.Error(printable(exc.message, 2000))
+        except Exception as exc:  # noqa: BLE001 - the net itself
+            undone = self._restore(mark)
+            where = log_failure(line, exc)
+            detail = printable(str(exc).strip().splitlines()[0] if str(exc).strip() else "", 160)
+            yield ev.Error(
+                f"kedit could not do that ({type(exc).__name__}{': ' + detail if detail else ''}). "
+                f"{undone} The details are in {where}."
+            )
+
+    def _mark(self) -> tuple:
+        rack = self._rack.state() if self._rack is not None else None
+        return (self.handle, [e.id for e in self.ledger], list(self.chat), rack)
+
+    def _restore(self, mark: tuple) -> str:
+        """Put back what a failed line changed; says what the model and session are now."""
+        handle, ids, chat, rack = mark
+        if self.handle is not handle:
+            return "The model was switched before the failure; its edits were taken out."
+        with self.lock:
+            for edit in reversed(self.ledger.edits):
+                if edit.id not in ids:
+                    self.ledger.remove(edit.id)
+            self.chat[:] = chat
+            if rack is not None and self._rack is not None:
+                self._rack.restore(rack)
+        lost = [i for i in ids if i not in {e.id for e in self.ledger}]
+        if lost:
+            return f"Edit(s) {', '.join(lost)} were taken out before the failure; the rest are as they were."
+        return "The model, its edits, the steering rack and the chat are as they were."
 
     def _command(self, line: str) -> Iterator[ev.Event]:
         parsed = self.registry.parse(line)
         if isinstance(parsed, ParseError):
             yield ev.Error(parsed.message)
             return
-        try:
-            yield from parsed.command.handler(self, **parsed.args)
-        except KeditError as exc:
-            yield ev.Error(exc.message)
+        yield from parsed.command.handler(self, **parsed.args)
 
     def _chat_turn(self, text: str) -> Iterator[ev.Event]:
         started = time.perf_counter()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kedit.engine import events as ev
+from kedit.engine.checks import output_path
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.errors import KeditError
 from kedit.engine.model import QUANTS
@@ -49,13 +49,23 @@ def cmd_help(session: Session, command: str | None) -> Iterator[ev.Event]:
     Param("quant", "bitsandbytes quantization", kind="option", required=False, choices=QUANTS),
     Param("dtype", "weight dtype", kind="option", required=False, choices=("auto", "float32", "bfloat16", "float16")),
     Param("device", "where to run it: auto, cpu, cuda, cuda:N, mps", kind="option", required=False),
+    Param("discard", "drop the edits in force (/save keeps them first)", kind="flag"),
 )
 def cmd_model(
-    session: Session, name: str | None, quant: str | None, dtype: str | None, device: str | None
+    session: Session, name: str | None, quant: str | None, dtype: str | None, device: str | None, discard: bool
 ) -> Iterator[ev.Event]:
     if name is None:
         yield ev.Info(session.handle.describe())
         return
+    if not name.strip():
+        raise KeditError(
+            "the model name is empty: give an alias, a hub id or a folder (/model alone shows the loaded one)"
+        )
+    if session.edits and not discard:
+        raise KeditError(
+            f"{len(session.edits)} edit(s) are in force and a new model starts without them: "
+            "/save FILE keeps them, then /model NAME --discard"
+        )
     yield ev.Info(f"loading {name} ...")
     session.switch_model(name, quant=quant, dtype=dtype, device=device)
     yield ev.Info(f"loaded {session.handle.describe()}; the chat was reset")
@@ -78,8 +88,9 @@ def cmd_quit(session: Session) -> Iterator[ev.Event]:
     "Record this session's commands and chat as a recipe that `kedit replay` runs.",
     Param("action", "start or stop", choices=("start", "stop")),
     Param("path", "the recipe to write (with start), e.g. session.toml", required=False, metavar="FILE"),
+    Param("force", "overwrite the file if it exists", kind="flag"),
 )
-def cmd_record(session: Session, action: str, path: str | None) -> Iterator[ev.Event]:
+def cmd_record(session: Session, action: str, path: str | None, force: bool) -> Iterator[ev.Event]:
     from kedit.engine.recipes import Recorder
 
     if action == "start":
@@ -87,17 +98,29 @@ def cmd_record(session: Session, action: str, path: str | None) -> Iterator[ev.E
             raise KeditError(f"already recording to {session.recorder.path}; /record stop first")
         if not path:
             raise KeditError("say where the recipe goes: /record start FILE.toml")
+        target = output_path(path, "the recipe file")
+        if target.exists() and not force:
+            raise KeditError(f"{path} exists: /record start {path} --force overwrites it when recording stops")
         if session.edits or session.steering.slots:
             raise KeditError(
                 "a recipe starts from the model as loaded: /undo the edits and /steer remove "
                 "the vectors first, or save the session with /save"
             )
-        session.recorder = Recorder(Path(path), session.handle.name)
+        session.recorder = Recorder(target, session.handle.name)
         session.reset()
         yield ev.Info(f"recording to {path} (the chat was reset); /record stop writes it")
         return
     if session.recorder is None:
         raise KeditError("not recording; /record start FILE.toml begins")
-    recorder, session.recorder = session.recorder, None
-    written = recorder.write()
+    recorder = session.recorder
+    if path:
+        recorder.path = output_path(path, "the recipe file")
+    try:
+        written = recorder.write()
+    except OSError as exc:
+        raise KeditError(
+            f"could not write {recorder.path} ({exc.strerror or exc}); still recording: "
+            "/record stop OTHER.toml writes it elsewhere"
+        ) from None
+    session.recorder = None
     yield ev.Info(f"wrote {len(recorder.steps)} step(s) to {written}; kedit replay {written} runs them")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kedit.engine import events as ev
 from kedit.engine.background import with_progress
+from kedit.engine.checks import finite, output_path
 from kedit.engine.commands import REGISTRY, Param
 from kedit.engine.errors import KeditError
 from kedit.engine.steering import (
@@ -28,6 +29,7 @@ from kedit.engine.steering import (
     sweep,
     train_vector,
 )
+from kedit.engine.steering.inputs import MAX_STRENGTH
 from kedit.engine.vector_io import export_gguf, load_vector, vector_name
 
 if TYPE_CHECKING:
@@ -338,6 +340,9 @@ def merge(
     if target in rack.slots:
         raise KeditError(f"a vector named {target!r} is already in the rack; pick another name")
     with session.lock:
+        finite(density, "--density", 0.0, 1.0)
+        for w in weights or ():
+            finite(w, "a merge weight", -MAX_STRENGTH, MAX_STRENGTH)
         merged = merge_vectors([rack.vector(n) for n in names], weights, mode, density)
         rack.add(target, merged, 1.0)
         for n in names:
@@ -377,6 +382,7 @@ def sweep_strength(
 def save(session: Session, name: str, path: Path) -> Iterator[ev.Event]:
     """Write a racked vector at its strength in use: .gguf as a llama.cpp control vector,
     anything else as kedit safetensors."""
+    path = output_path(path, "where to save the vector")
     with session.lock:
         vector = session.steering.in_use(name)  # the file recommends the strength in use
         if path.suffix == ".gguf":

@@ -107,6 +107,8 @@ def resolve_subject(prompt: str, subject: str | None = None) -> tuple[str, Subje
         clean = prompt.replace(f"[{bracketed[0]}]", bracketed[0])
         if subject and subject != bracketed[0]:
             raise KeditError(f"the prompt brackets [{bracketed[0]}] but --subject says {subject!r}")
+        if not bracketed[0].strip():
+            raise KeditError("the brackets are empty: put the subject's words inside, as in [Watts Humphrey]")
         return clean, Subject(bracketed[0].strip(), "brackets")
     if "[" in prompt or "]" in prompt:
         raise KeditError("unbalanced brackets in the prompt: mark the subject as [Watts Humphrey]")

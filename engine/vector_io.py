@@ -142,14 +142,23 @@ def import_easyedit2(path: Path) -> SteeringVector:
 
 def load_vector(path: Path) -> SteeringVector:
     """Any vector kedit reads, by its file: .safetensors (kedit), .gguf, or EasyEdit2 layer_L.pt."""
-    path = Path(path).expanduser()
+    from kedit.engine.checks import user_path
+
+    path = user_path(str(path), "the vector file")
     if not path.exists():
         raise KeditError(f"no steering vector at {path}")
-    if path.is_dir() or _LAYER_PT.match(path.name):
-        return import_easyedit2(path)
-    if path.suffix == ".gguf":
-        return import_gguf(path)
-    return SteeringVector.load(path)
+    try:
+        if path.is_dir() or _LAYER_PT.match(path.name):
+            vector = import_easyedit2(path)
+        elif path.suffix == ".gguf":
+            vector = import_gguf(path)
+        else:
+            vector = SteeringVector.load(path)
+    except KeditError:
+        raise
+    except Exception as exc:  # any other way a damaged file fails to read: say so, keep going  # noqa: BLE001
+        raise KeditError(f"{path} is not a steering vector kedit can read ({type(exc).__name__}: {exc})") from None
+    return vector.check_sound(str(path))
 
 
 def vector_name(path: Path) -> str:

@@ -27,6 +27,7 @@ def _user_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     """History, saved sessions and user config go to a temporary folder, never the real ones."""
     base = tmp_path_factory.mktemp("user")
     monkeypatch.setenv("KEDIT_DATA_DIR", str(base / "data"))
+    monkeypatch.setenv("KEDIT_STATE_DIR", str(base / "state"))
     monkeypatch.setenv("KEDIT_CONFIG_DIR", str(base / "config"))
     monkeypatch.chdir(REPO)
 

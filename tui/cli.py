@@ -23,6 +23,7 @@ from kedit.tui.cli_common import (
     open_session,
     progress_on_stderr,
     quiet_libraries,
+    session_config,
 )
 from kedit.tui.cli_steer import steer
 
@@ -62,7 +63,15 @@ def tui(model: str | None, quant: str | None, dtype: str | None, device: str | N
     from kedit.tui import app
 
     quiet_libraries()
-    sys.exit(app.main(lambda: Session.open(model, quant=quant, dtype=dtype, device=device, show_progress=False)))
+    try:
+        config = session_config()
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    sys.exit(
+        app.main(
+            lambda: Session.open(model, quant=quant, dtype=dtype, device=device, config=config, show_progress=False)
+        )
+    )
 
 
 @main.command()

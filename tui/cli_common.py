@@ -6,6 +6,7 @@ import it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -30,12 +31,28 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # the hub client logs every retry of an unreachable host; kedit explains the failure once
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
 
 
+_TRUST: list[bool] = [False]  # --trust-remote-code, read by open_session
+
+
+def _trust(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    _TRUST[0] = bool(value)
+
+
 def model_options(fn: Any) -> Any:
     """The options every model-loading command shares."""
+    fn = click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        expose_value=False,
+        callback=_trust,
+        help="Run the Python code a model folder ships (only for models you trust).",
+    )(fn)
     fn = click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps.")(fn)
     fn = click.option(
         "--dtype",
@@ -85,12 +102,25 @@ def progress_on_stderr(label: str, done: int, total: int) -> None:
             click.echo("\r\033[K", err=True, nl=False)
 
 
+def session_config() -> Any:
+    """kedit.toml's layers with --trust-remote-code applied; settings a project folder's
+    kedit.toml may not make are reported on stderr."""
+    from kedit.engine.config import Config
+
+    config = Config.load()
+    for note in config.notes:
+        click.echo(f"kedit: {note}", err=True)
+    return config.with_overrides({"model.trust_remote_code": True}) if _TRUST[0] else config
+
+
 def open_session(model: str | None, quant: str | None, dtype: str | None, device: str | None):
     """The engine's session for the model options; a model that fails to load exits 1 with its message."""
     from kedit.engine.session import Session
 
     quiet_libraries()
     try:
-        return Session.open(model, quant=quant, dtype=dtype, device=device, show_progress=sys.stderr.isatty())
+        return Session.open(
+            model, quant=quant, dtype=dtype, device=device, config=session_config(), show_progress=sys.stderr.isatty()
+        )
     except KeditError as exc:
         raise click.ClickException(exc.message) from None

@@ -28,6 +28,13 @@ class Slot:
     where: str = "all"  # every position, or only the tokens being generated
 
 
+def _strength(value: float) -> float:
+    from kedit.engine.checks import finite
+    from kedit.engine.steering.inputs import MAX_STRENGTH
+
+    return finite(float(value), "a strength", -MAX_STRENGTH, MAX_STRENGTH)
+
+
 class SteeringRack:
     """Named vectors with strengths; one forward hook per steered block adds Σ strengthᵢ·vᵢ.
 
@@ -77,7 +84,16 @@ class SteeringRack:
                 "this vector stores no hidden-state norms for its layers, so a relative "
                 "strength has nothing to scale; give an absolute strength"
             )
-        self.slots[name] = Slot(vector, float(strength), True, relative, chosen, where)
+        self.slots[name] = Slot(vector, _strength(strength), True, relative, chosen, where)
+        self._rebuild()
+
+    def state(self) -> list[tuple[str, Slot]]:
+        """The slots as they are now, for ``restore``."""
+        return [(name, dataclasses.replace(slot)) for name, slot in self.slots.items()]
+
+    def restore(self, state: list[tuple[str, Slot]]) -> None:
+        """Put the slots back as ``state()`` saw them (the steering is then exactly that again)."""
+        self.slots = OrderedDict((name, dataclasses.replace(slot)) for name, slot in state)
         self._rebuild()
 
     def remove(self, name: str) -> None:
@@ -86,7 +102,7 @@ class SteeringRack:
         self._rebuild()
 
     def set(self, name: str, strength: float) -> None:
-        self._slot(name).strength = float(strength)
+        self._slot(name).strength = _strength(strength)
         self._rebuild()
 
     def switch(self, name: str, on: bool) -> None:

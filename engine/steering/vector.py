@@ -101,6 +101,26 @@ class SteeringVector:
             Recommendation.from_json(meta.get("recommended")),
         )
 
+    def check_sound(self, source: str) -> SteeringVector:
+        """Refuse a vector whose own parts disagree: no layers, a direction that is not one
+        vector of the stated hidden size, or a value that is NaN or infinite."""
+        import math
+
+        if not self.directions:
+            raise KeditError(f"{source} holds no layers")
+        for layer, d in self.directions.items():
+            if d.dim() != 1 or d.numel() != self.hidden_size:
+                raise KeditError(
+                    f"{source}: layer {layer}'s direction has shape {tuple(d.shape)}, "
+                    f"but the vector says hidden size {self.hidden_size}"
+                )
+            if not torch.isfinite(d).all():
+                raise KeditError(f"{source}: layer {layer}'s direction holds NaN or infinite values")
+        numbers = [self.strength, *self.norms.values()]
+        if not all(math.isfinite(x) for x in numbers):
+            raise KeditError(f"{source}: its strength or norms are NaN or infinite")
+        return self
+
     def check_fits(self, handle) -> None:
         """Refuse a vector made for another hidden size or model family, saying which."""
         hidden = int(handle.model.config.hidden_size)
