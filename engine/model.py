@@ -292,7 +292,8 @@ def _from_pretrained(source: Source, location: str, kwargs: dict[str, Any]):
         if "trust_remote_code" in text:
             raise KeditError(
                 f"{source.location} ships its own modeling code. kedit does not run it unless you "
-                f"allow it: set trust_remote_code = true under [model] in kedit.toml, "
+                f"allow it: pass --trust-remote-code, or set trust_remote_code = true under [model] "
+                f"in your config dir's kedit.toml, "
                 f"if you trust the model's authors."
             ) from None
         raise KeditError(f"transformers cannot load {location}: {_first_line(exc)}") from None

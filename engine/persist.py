@@ -219,3 +219,49 @@ def _save_edit(edit: Edit, tensors: dict[str, Any]) -> dict[str, Any]:
 
 def _probe(data: dict[str, Any] | None) -> ProbeResult | None:
     return ProbeResult.from_dict(data) if data else None
+
+
+def journal_path() -> Path:
+    """Where the REPL journals its session (the state dir's journal.kedit)."""
+    from kedit.engine.paths import state_dir
+
+    return state_dir() / "journal.kedit"
+
+
+class Journal:
+    """The session written (atomically) after every line that changed its edits or chat, so
+    that a crash or a kill loses nothing: ``kedit chat --resume`` loads it back."""
+
+    def __init__(self, session: Session, path: Path | None = None) -> None:
+        self.session = session
+        self.path = path or journal_path()
+        self._seen = self._state()
+
+    def _state(self) -> tuple:
+        chat = self.session.chat
+        return (
+            id(self.session.handle),
+            tuple(e.id for e in self.session.ledger),
+            len(chat),
+            chat[-1] if chat else None,
+        )
+
+    def note(self) -> str | None:
+        """Write the journal if the session changed; a message if that failed (kedit goes on)."""
+        state = self._state()
+        if state == self._seen:
+            return None
+        try:
+            save_session(self.session, self.path)
+        except (KeditError, OSError) as exc:
+            return f"the journal could not be written to {self.path} ({getattr(exc, 'message', exc)})"
+        self._seen = state
+        return None
+
+    def resume(self) -> str:
+        """Load the journal into the session; says what came back."""
+        if not self.path.is_file():
+            raise KeditError(f"there is no journal to resume at {self.path}")
+        edits = load_session(self.session, self.path)
+        self._seen = self._state()
+        return f"resumed {len(edits)} edit(s) and {len(self.session.chat)} message(s) from {self.path}"

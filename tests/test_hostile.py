@@ -140,6 +140,16 @@ def test_examples_of_the_report_each_give_a_clean_error(session, tmp_path):
         '/model ""': "empty",
         "/steer set mood nan": "",
         "hi " * 40_000: "at most",
+        "hi " * 2_000: "Send a shorter one",
+        '/trace "Watts Humphrey attended" --samples 0': "--samples",
+        '/trace "Watts Humphrey attended" --samples 99999999999999999999': "--samples",
+        '/trace "Watts Humphrey attended" --target ""': "--target is empty",
+        "/steer merge a b -> c --weights inf,1": "finite",
+        "/steer merge a b -> c --weights 1e309,1": "finite",
+        f'/steer train "{files["latin1.jsonl"]}" x': "not UTF-8",
+        '/record start "/proc/nope/r.toml"': "/proc",
+        f'/edit "Watts Humphrey attended" -> "{"word " * 2000}"': "at most 32",
+        f'/edit "Watts Humphrey attended" -> "x" --paraphrase "{"word " * 300}"': "at most 128",
     }
     for line, words in cases.items():
         out = list(session.run(line))
@@ -379,3 +389,42 @@ def test_bad_model_values_are_clean_errors(fact_world_dir, tmp_path):
     ):
         with pytest.raises(KeditError, match=words):
             Session.open(name, config=config, show_progress=False)
+
+
+def test_a_killed_chat_resumes_from_its_journal(fact_world_dir):
+    """kill -9 after an edit: `kedit chat --resume` brings the edit and the chat back."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    journal = Path(os.environ["KEDIT_STATE_DIR"]) / "journal.kedit"
+    kedit = [sys.executable, "-m", "kedit.tui.cli"]
+    proc = subprocess.Popen(
+        [*kedit, "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b'/edit "Watts Humphrey attended" -> "University of Michigan"\nDenny Herzig plays as a\n')
+    proc.stdin.flush()
+    deadline = time.time() + 240
+    while time.time() < deadline:  # the journal is written after the chat turn that follows the edit
+        from kedit.engine.persist import read_session
+
+        if journal.is_file() and read_session(journal)[0].get("chat"):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    record = read_session(journal)[0]
+    assert [e["target"] for e in record["edits"]] == [" University of Michigan"]
+    out = subprocess.run(
+        [*kedit, "chat", "--resume"],
+        input="Watts Humphrey attended\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "resumed 1 edit(s) and 2 message(s)" in out.stderr
+    assert "University of Michigan" in out.stdout and "Traceback" not in out.stderr

@@ -40,16 +40,20 @@ main.add_command(steer)
 
 @main.command()
 @model_options
-def chat(model: str | None, quant: str | None, dtype: str | None, device: str | None) -> None:
+@click.option("--resume", is_flag=True, help="Load the edits and chat of the last session (its journal) first.")
+def chat(model: str | None, quant: str | None, dtype: str | None, device: str | None, resume: bool) -> None:
     """Chat with a model in a REPL; slash commands edit and inspect it.
 
     With stdin not a terminal, each input line is one turn:
     printf 'Watts Humphrey attended\\n/quit\\n' | kedit chat
+
+    The session is journalled after every change; after a crash or a kill,
+    kedit chat --resume (with the same --model) brings it back.
     """
     from kedit.tui import repl
 
     session = open_session(model, quant, dtype, device)
-    sys.exit(repl.main(session))
+    sys.exit(repl.main(session, resume))
 
 
 @main.command()

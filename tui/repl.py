@@ -19,7 +19,9 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from kedit.engine import events as ev
+from kedit.engine.errors import KeditError
 from kedit.engine.paths import data_dir
+from kedit.engine.persist import Journal
 from kedit.engine.session import Session
 
 
@@ -77,10 +79,18 @@ def piped_lines(stdin: TextIO) -> Iterator[str]:
             yield line
 
 
-def run_piped(session: Session, stdin: TextIO, out: TextIO, err: TextIO) -> int:
+def _journal(journal: Journal | None, err: TextIO) -> None:
+    problem = journal.note() if journal is not None else None
+    if problem:
+        print(f"warning: {problem}", file=err)
+
+
+def run_piped(session: Session, stdin: TextIO, out: TextIO, err: TextIO, journal: Journal | None = None) -> int:
     """Scripted use: one input line per turn, replies to stdout, errors to stderr."""
     for line in piped_lines(stdin):
-        if not render(session.run(line), session, out, err):
+        going = render(session.run(line), session, out, err)
+        _journal(journal, err)
+        if not going:
             break
     return 0
 
@@ -98,7 +108,7 @@ class RegistryCompleter(Completer):
             yield Completion(candidate, start_position=-len(current))
 
 
-def run_interactive(session: Session) -> int:
+def run_interactive(session: Session, journal: Journal | None = None) -> int:
     """The terminal REPL."""
     history = data_dir() / "history"
     history.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +137,22 @@ def run_interactive(session: Session) -> int:
             return 0
         if not line.strip():
             continue
-        if not render(session.run(line), session, sys.stdout, sys.stderr):
+        going = render(session.run(line), session, sys.stdout, sys.stderr)
+        _journal(journal, sys.stderr)
+        if not going:
             return 0
 
 
-def main(session: Session) -> int:
+def main(session: Session, resume: bool = False) -> int:
+    """Run the REPL (or piped turns) with the session journalled; ``resume`` first loads the
+    journal a crashed or killed kedit left."""
+    journal = Journal(session)
+    if resume:
+        try:
+            print(journal.resume(), file=sys.stderr)
+        except KeditError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
     if sys.stdin.isatty() and sys.stdout.isatty():
-        return run_interactive(session)
-    return run_piped(session, sys.stdin, sys.stdout, sys.stderr)
+        return run_interactive(session, journal)
+    return run_piped(session, sys.stdin, sys.stdout, sys.stderr, journal)
