@@ -428,3 +428,62 @@ def test_a_killed_chat_resumes_from_its_journal(fact_world_dir):
     assert out.returncode == 0, out.stderr
     assert "resumed 1 edit(s) and 2 message(s)" in out.stderr
     assert "University of Michigan" in out.stdout and "Traceback" not in out.stderr
+
+
+def _mutants(data: bytes, n: int, seed: int) -> list[bytes]:
+    """Damaged copies of a file: bytes flipped, runs zeroed, cut short, doubled."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            at = rng.randrange(len(b))
+            b[at : at + rng.randint(1, 64)] = bytes(min(64, len(b) - at))
+        elif kind == 2:
+            b = b[: rng.randrange(len(b))]
+        else:
+            b = b + b[: rng.randrange(len(b))]
+        out.append(bytes(b))
+    return out
+
+
+@pytest.mark.slow
+def test_damaged_session_and_vector_files_never_escape_or_change_the_model(session, tmp_path):
+    """A generated fuzzer: 120 damaged copies of a saved session and of a vector file."""
+    from kedit.engine.steering import SteeringVector
+
+    saved = tmp_path / "good.kedit"
+    edit = session.edit("Watts Humphrey attended", "Harvard University")
+    try:
+        list(session.run(f'/save "{saved}"'))
+    finally:
+        session.rollback(edit.id)
+    hidden = session.model.config.hidden_size
+    vec = tmp_path / "good.safetensors"
+    SteeringVector({1: torch.ones(hidden)}, session.handle.adapter.model_type, hidden, "mean_diff", {}, 1.0, {}).save(
+        vec
+    )
+    tried = refused = 0
+    for source, command in ((saved, "/load"), (vec, "/steer add")):
+        for i, data in enumerate(_mutants(source.read_bytes(), 60, seed=len(command))):
+            path = tmp_path / f"m{i}{source.suffix}"
+            path.write_bytes(data)
+            before = _state(session)
+            out = list(session.run(f'{command} "{path}"'))  # an exception fails the test here
+            tried += 1
+            if any(isinstance(e, ev.Error) for e in out):
+                refused += 1
+                assert _same(before, _state(session)), (command, i)
+            for e in list(session.edits):  # a mutant that still loads is taken out again
+                session.rollback(e.id)
+            for name in list(session.steering.slots):
+                session.steering.remove(name)
+            session.chat.clear()
+    print(f"damaged files: tried {tried}, refused {refused}")
+    assert tried == 120 and refused >= 100
