@@ -487,3 +487,17 @@ def test_damaged_session_and_vector_files_never_escape_or_change_the_model(sessi
             session.chat.clear()
     print(f"damaged files: tried {tried}, refused {refused}")
     assert tried == 120 and refused >= 100
+
+
+def test_the_cli_turns_an_unforeseen_failure_into_one_line_and_exit_1(monkeypatch):
+    from click.testing import CliRunner
+
+    from kedit.tui.cli import main
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(Config, "load", broken)
+    result = CliRunner().invoke(main, ["chat"], input="hello\n")
+    assert result.exit_code == 1 and "ZeroDivisionError: a bug" in result.output
+    assert "Traceback" not in result.output and "errors.log" in result.output

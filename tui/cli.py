@@ -28,7 +28,27 @@ from kedit.tui.cli_common import (
 from kedit.tui.cli_steer import steer
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Guarded(click.Group):
+    """The CLI's safety net: a failure nothing foresaw is one line naming the log that holds
+    its traceback, and exit code 1, never a traceback on the terminal."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except KeditError as exc:
+            raise click.ClickException(exc.message) from None
+        except Exception as exc:  # noqa: BLE001 - the net itself
+            from kedit.engine.session import log_failure
+
+            where = log_failure(" ".join(sys.argv), exc)
+            raise click.ClickException(
+                f"kedit failed ({type(exc).__name__}: {exc}); the details are in {where}"
+            ) from None
+
+
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kedit")
 def main() -> None:
     """kedit: edit a language model while you talk to it."""
