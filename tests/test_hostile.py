@@ -147,6 +147,7 @@ def test_examples_of_the_report_each_give_a_clean_error(session, tmp_path):
         "/steer merge a b -> c --weights inf,1": "finite",
         "/steer merge a b -> c --weights 1e309,1": "finite",
         f'/steer train "{files["latin1.jsonl"]}" x': "not UTF-8",
+        f'/steer train "{pairs}" x --neutral "{files["latin1.jsonl"]}"': "not UTF-8",
         '/record start "/proc/nope/r.toml"': "/proc",
         f'/edit "Watts Humphrey attended" -> "{"word " * 2000}"': "at most 32",
         f'/edit "Watts Humphrey attended" -> "x" --paraphrase "{"word " * 300}"': "at most 128",
@@ -378,6 +379,9 @@ def test_bad_model_values_are_clean_errors(fact_world_dir, tmp_path):
         shutil.copy(fact_world_dir / "config.json", folder)
     shutil.copy(fact_world_dir / "model.safetensors", no_tokenizer)
     (garbage / "model.safetensors").write_bytes(os.urandom(4096))
+    rejected = tmp_path / "rejected"
+    shutil.copytree(garbage, rejected)
+    (rejected / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
     for f in fact_world_dir.glob("tokenizer*"):
         shutil.copy(f, garbage)
     config = Config.load(cwd=REPO)
@@ -386,6 +390,7 @@ def test_bad_model_values_are_clean_errors(fact_world_dir, tmp_path):
         (" ", "empty"),
         (str(no_tokenizer), "no usable tokenizer"),
         (str(garbage), "damaged"),
+        (str(rejected), "cannot load"),
     ):
         with pytest.raises(KeditError, match=words):
             Session.open(name, config=config, show_progress=False)
