@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Build the fact world once, before any test, with every core: under pytest-xdist the
+    workers then find it cached instead of one building it while the other runs tests."""
+    if hasattr(config, "workerinput") or config.option.collectonly:
+        return
+    from kedit.engine.config import Config
+    from kedit.engine.factworld.build import BuildSettings, ensure_built
+
+    ensure_built(BuildSettings.from_config(Config.load(cwd=REPO).table("fact_world")), show_progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _user_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """History, saved sessions and user config go to a temporary folder, never the real ones."""
