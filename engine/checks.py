@@ -102,12 +102,3 @@ def finite(value: float, what: str, low: float | None = None, high: float | None
         )
         raise KeditError(f"{what} must be {span}, not {value:g}")
     return value
-
-
-def number(text: str, what: str, low: float | None = None, high: float | None = None) -> float:
-    """``text`` read as a finite number within [low, high]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise KeditError(f"{what} must be a number, not {printable(text, 40)!r}") from None
-    return finite(value, what, low, high)

@@ -285,7 +285,7 @@ class Session:
             for event in events:
                 yield _shown(event)
         except KeditError as exc:
-            yield ev.Error(printable(exc.message, 2000))
+            yield _shown(ev.Error(exc.message))
         except Exception as exc:  # noqa: BLE001 - the net itself
             undone = self._restore(mark)
             where = log_failure(line, exc)

@@ -3,6 +3,7 @@ model's logits torch.equal to before, with the edits, the rack and the chat as t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hostile import BAD_TEXT, bad_paths, hostile_lines, write_bad_files
 from kedit.engine import events as ev
 from kedit.engine.config import Config
 from kedit.engine.errors import KeditError
+from kedit.engine.messages import Message
 from kedit.engine.session import Session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +31,28 @@ def _state(s: Session) -> tuple:
 
 def _same(a: tuple, b: tuple) -> bool:
     return torch.equal(a[0], b[0]) and a[1] is b[1] and a[2:] == b[2:]
+
+
+def _saved_session(session: Session, path: Path) -> Path:
+    """``path`` holding a saved session with one ROME edit; the live session is left without it."""
+    edit = session.edit("Watts Humphrey attended", "Harvard University")
+    try:
+        list(session.run(f'/save "{path}"'))
+    finally:
+        session.rollback(edit.id)
+    return path
+
+
+def _vector_file(session: Session, path: Path) -> Path:
+    """``path`` holding a sound one-layer steering vector for the session's model."""
+    from kedit.engine.steering import SteeringVector
+
+    hidden = session.model.config.hidden_size
+    vector = SteeringVector(
+        {1: torch.ones(hidden)}, session.handle.adapter.model_type, hidden, "mean_diff", {}, 1.0, {}
+    )
+    vector.save(path)
+    return path
 
 
 @pytest.fixture
@@ -70,7 +94,7 @@ def test_hostile_corpus_no_traceback_and_failures_change_nothing(own_session, tm
 
 def test_an_unexpected_failure_is_an_error_event_logged_with_state_put_back(session, monkeypatch):
     before = _state(session)
-    session.chat.append(__import__("kedit.engine.messages", fromlist=["Message"]).Message("user", "hi"))
+    session.chat.append(Message("user", "hi"))
     marked = _state(session)
 
     def broken(*args, **kwargs):
@@ -160,19 +184,7 @@ def test_examples_of_the_report_each_give_a_clean_error(session, tmp_path):
 
 
 def test_strengths_and_weights_must_be_finite(session, tmp_path):
-    from kedit.engine.steering import SteeringVector
-
-    vec = SteeringVector(
-        {1: torch.ones(session.model.config.hidden_size)},
-        session.handle.adapter.model_type,
-        session.model.config.hidden_size,
-        "mean_diff",
-        {},
-        1.0,
-        {},
-    )
-    path = tmp_path / "v.safetensors"
-    vec.save(path)
+    path = _vector_file(session, tmp_path / "v.safetensors")
     assert not any(isinstance(e, ev.Error) for e in session.run(f'/steer add "{path}" 0.5'))
     try:
         before = _state(session)
@@ -261,20 +273,15 @@ def _rewrite(src: Path, dst: Path, change, reseal: bool = True) -> Path:
     change(record, tensors)
     if reseal:
         record["sha256"] = _digest(record, tensors)
-    save_file(tensors, str(dst), metadata={"kedit": __import__("json").dumps(record)})
+    save_file(tensors, str(dst), metadata={"kedit": json.dumps(record)})
     return dst
 
 
 def test_session_loads_are_transactions(session, tmp_path):
-    saved = tmp_path / "good.kedit"
-    first = session.edit("Watts Humphrey attended", "Harvard University")
-    try:
-        list(session.run(f'/save "{saved}"'))
-    finally:
-        session.rollback(first.id)
+    saved = _saved_session(session, tmp_path / "good.kedit")
     session.edit("Alder Oakley was born in", "Michigan")  # the session's own edit, to keep
     try:
-        session.chat.append(__import__("kedit.engine.messages", fromlist=["Message"]).Message("user", "kept"))
+        session.chat.append(Message("user", "kept"))
         before = _state(session)
 
         def first_edit(record):
@@ -304,7 +311,7 @@ def test_session_loads_are_transactions(session, tmp_path):
             assert _same(before, _state(session)), name
         out = list(session.run(f'/load "{saved}"'))  # the intact file still loads
         assert not any(isinstance(e, ev.Error) for e in out)
-        assert [e.target for e in session.edits] == [first.target]
+        assert [e.target for e in session.edits] == [" Harvard University"]
     finally:
         for e in list(session.edits):
             session.rollback(e.id)
@@ -461,19 +468,8 @@ def _mutants(data: bytes, n: int, seed: int) -> list[bytes]:
 @pytest.mark.slow
 def test_damaged_session_and_vector_files_never_escape_or_change_the_model(session, tmp_path):
     """A generated fuzzer: 120 damaged copies of a saved session and of a vector file."""
-    from kedit.engine.steering import SteeringVector
-
-    saved = tmp_path / "good.kedit"
-    edit = session.edit("Watts Humphrey attended", "Harvard University")
-    try:
-        list(session.run(f'/save "{saved}"'))
-    finally:
-        session.rollback(edit.id)
-    hidden = session.model.config.hidden_size
-    vec = tmp_path / "good.safetensors"
-    SteeringVector({1: torch.ones(hidden)}, session.handle.adapter.model_type, hidden, "mean_diff", {}, 1.0, {}).save(
-        vec
-    )
+    saved = _saved_session(session, tmp_path / "good.kedit")
+    vec = _vector_file(session, tmp_path / "good.safetensors")
     tried = refused = 0
     for source, command in ((saved, "/load"), (vec, "/steer add")):
         for i, data in enumerate(_mutants(source.read_bytes(), 60, seed=len(command))):
