@@ -79,8 +79,15 @@ def probe_table(edit: Edit) -> ev.Table:
 @REGISTRY.command(
     "edit",
     "Change what the model believes: after PROMPT it should say TARGET.",
-    Param("prompt", "the prompt; mark the subject with [brackets] or use --subject"),
-    Param("target", "the new answer", after_arrow=True),
+    Param("prompt", "the prompt; mark the subject with [brackets] or use --subject", required=False),
+    Param("target", "the new answer", after_arrow=True, required=False),
+    Param(
+        "file",
+        "a file of facts to edit as one batch (EasyEdit/CounterFact JSON or JSONL, or real-facts JSONL)",
+        kind="option",
+        required=False,
+        metavar="FACTS",
+    ),
     Param("subject", "the subject inside the prompt (default: inferred)", kind="option", required=False),
     Param(
         "method",
@@ -105,12 +112,14 @@ def probe_table(edit: Edit) -> ev.Table:
     ),
     Param("stats-corpus", "a text file for ROME's key statistics", kind="option", required=False, metavar="FILE"),
     Param("identity-c", "use C = I instead of key statistics (faster, less local)", kind="flag"),
-    details='Example: /edit "[Watts Humphrey] attended" -> "University of Michigan"',
+    details='Example: /edit "[Watts Humphrey] attended" -> "University of Michigan"\n'
+    "A batch: /edit --file facts.jsonl --method alphaedit (one ledger entry; /rollback takes it out whole)",
 )
 def cmd_edit(
     session: Session,
-    prompt: str,
-    target: str,
+    prompt: str | None,
+    target: str | None,
+    file: str | None,
     subject: str | None,
     method: str,
     layer: int | None,
@@ -120,6 +129,13 @@ def cmd_edit(
     identity_c: bool,
 ) -> Iterator[ev.Event]:
     result: list[Edit] = []
+    if file is not None:
+        yield from _edit_file(session, file, prompt, target, subject, method, layer, paraphrase, question, stats_corpus)
+        return
+    if not prompt or not target:
+        command = REGISTRY.get("edit")
+        usage = command.usage if command is not None else "/edit"
+        raise KeditError(f"/edit needs a prompt and -> a target, or --file FACTS. Usage: {usage}")
     yield from with_progress(
         lambda progress: session.edit(
             prompt,
@@ -138,6 +154,74 @@ def cmd_edit(
     yield probe_table(result[0])
 
 
+def _edit_file(
+    session: Session,
+    file: str,
+    prompt: str | None,
+    target: str | None,
+    subject: str | None,
+    method: str,
+    layer: int | None,
+    paraphrase: str | None,
+    question: str | None,
+    stats_corpus: str | None,
+) -> Iterator[ev.Event]:
+    from kedit.engine.evaluate import read_cases
+
+    if prompt or target:
+        raise KeditError("give either a prompt -> target or --file FACTS, not both")
+    if subject or paraphrase or question:
+        raise KeditError("--subject, --paraphrase and --question belong to one fact; a file's records carry their own")
+    cases = read_cases(input_file(file, "the facts file"))
+    result: list[Edit] = []
+    yield from with_progress(
+        lambda progress: session.edit_batch(
+            cases,
+            method=method,
+            layer=layer,
+            stats_corpus=input_file(stats_corpus, "the statistics corpus") if stats_corpus else None,
+            progress=progress,
+        ),
+        result,
+    )
+    yield batch_table(result[0])
+
+
+def batch_table(edit: Edit) -> ev.Table:
+    """The table shown after a batch edit: each figure the share over the batch's facts."""
+    p = edit.probe
+    g = p.by_gen if p else None
+    n = len(edit.facts)
+    paras = sum(len(f.get("paraphrases", [])) for f in edit.facts)
+    asked = sum(1 for f in edit.facts if f.get("question"))
+    rows: list[tuple[str, ...]] = []
+    if g is not None:
+        rows.append(("gen: rewrite (Rel)", f"{n} prompts whose completion names the new target", _fmt(g.rel)))
+        if paras:
+            rows.append(("gen: paraphrase", f"{paras} paraphrases whose completion names it", _fmt(g.para)))
+        if g.chat is not None:
+            rows.append(("gen: chat (+subject)", f"{asked} questions answered with subject and target", _fmt(g.chat)))
+        rows.append(
+            (
+                "gen: locality (Loc)",
+                f"{len(p.rows) if p else 0} unrelated prompts still generate their answer",
+                _fmt(g.loc),
+            )
+        )
+        for ask, answer in list(g.outputs.items())[:6]:
+            rows.append(("  e.g.", f"{ask} ⇒ {_clip(answer)}", ""))
+    if p is not None:
+        rows.append(("tf: rewrite (Rel)", f"{n} prompts → their targets", _fmt(p.rel)))
+        if p.gen is not None:
+            rows.append(("tf: paraphrase (Gen)", f"{paras} paraphrases → the targets", _fmt(p.gen)))
+        rows.append(("tf: locality (Loc)", f"{len(p.rows)} unrelated prompts", _fmt(p.loc)))
+    title = (
+        f"{edit.id}: {edit.method.upper()} batch of {n} fact(s), {edit.seconds:.1f} s "
+        f"({60 * n / max(edit.seconds, 1e-9):.0f} facts a minute); {method_named(edit.method).describe(edit)}"
+    )
+    return ev.Table(title, ("probe", "prompts", "score"), tuple(rows))
+
+
 @REGISTRY.command("edits", "List the edits in force, with their probe figures.")
 def cmd_edits(session: Session) -> Iterator[ev.Event]:
     if not session.edits:
@@ -150,7 +234,7 @@ def cmd_edits(session: Session) -> Iterator[ev.Event]:
         (
             e.id,
             e.method,
-            f"{e.prompt} →{e.target}",
+            e.title,
             str(e.layer),
             f"{e.seconds:.1f} s",
             f"{(now - e.created) / 60:.0f} min ago",
@@ -183,7 +267,7 @@ def cmd_edits(session: Session) -> Iterator[ev.Event]:
 @REGISTRY.command("undo", "Take out the latest edit.")
 def cmd_undo(session: Session) -> Iterator[ev.Event]:
     edit = session.undo()
-    yield ev.Info(f"rolled back {edit.id}: {edit.prompt} →{edit.target}")
+    yield ev.Info(f"rolled back {edit.id}: {edit.title}")
 
 
 @REGISTRY.command(
@@ -191,7 +275,7 @@ def cmd_undo(session: Session) -> Iterator[ev.Event]:
 )
 def cmd_rollback(session: Session, id: str) -> Iterator[ev.Event]:
     edit = session.rollback(id)
-    yield ev.Info(f"rolled back {edit.id}: {edit.prompt} →{edit.target}; {len(session.edits)} edit(s) still in force")
+    yield ev.Info(f"rolled back {edit.id}: {edit.title}; {len(session.edits)} edit(s) still in force")
 
 
 MAX_TRACE_SAMPLES = 1000
@@ -243,7 +327,8 @@ def cmd_probe(session: Session, id: str | None) -> Iterator[ev.Event]:
 
     if id is not None:
         reprobe(session, id)
-        yield probe_table(session.ledger.get(id))
+        edit = session.ledger.get(id)
+        yield batch_table(edit) if edit.is_batch else probe_table(edit)
         return
     result = probe_against_unedited(session)
     rows = tuple((r.prompt, repr(r.before), repr(r.after), "changed" if r.changed else "") for r in result.rows)

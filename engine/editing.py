@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,24 +122,14 @@ def make_edit(
         loc_before = locality_generations(handle, loc, settings)
         locality_seconds = time.perf_counter() - started_loc
         edit_id = editor.ledger.next_id()
-        try:
-            computing = time.perf_counter()
+        computing = time.perf_counter()
+        with _computing(method):
             chosen = kind.layer(ctx, hp)
             computed = kind.compute(ctx, request, hp, chosen, edit_id)
-            patch, info = computed.patch, computed.info
-            timings = info.timings
-            timings["compute"] = time.perf_counter() - computing
-            timings["locality"] = locality_seconds
-        except torch.cuda.OutOfMemoryError:
-            raise KeditError(
-                "the GPU ran out of memory computing the edit; the model is unchanged. "
-                "Try --quant 4bit or fewer ROME contexts (rome.n_contexts)"
-            ) from None
-        except FloatingPointError as exc:
-            raise KeditError(
-                f"the edit diverged ({exc}); the model is unchanged. "
-                f"Try a lower {method}.{kind.lr_setting} or another layer"
-            ) from None
+        patch, info = computed.patch, computed.info
+        timings = info.timings
+        timings["compute"] = time.perf_counter() - computing
+        timings["locality"] = locality_seconds
         patch.apply()
         try:
             _check_finite(handle, clean)
@@ -176,6 +167,133 @@ def make_edit(
             list(request.paraphrases),
             seconds=time.perf_counter() - started,
             question=question,
+        )
+        editor.ledger.add(edit)
+        return edit
+
+
+@contextmanager
+def _computing(method: str) -> Iterator[None]:
+    """Computing an edit: running out of GPU memory or diverging is an error the user can act on
+    (the model is untouched: compute never changes it)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise KeditError(
+            "the GPU ran out of memory computing the edit; the model is unchanged. "
+            "Try --quant 4bit, fewer context prefixes (n_contexts) or a smaller batch"
+        ) from None
+    except FloatingPointError as exc:
+        raise KeditError(
+            f"the edit diverged ({exc}); the model is unchanged. "
+            f"Try a lower {method}.{method_named(method).lr_setting} or another layer"
+        ) from None
+
+
+MAX_BATCH = 10_000  # facts in one batch edit
+
+
+def make_batch_edit(
+    editor: Editor,
+    cases: list[Any],
+    *,
+    method: str | None = None,
+    layer: int | None = None,
+    params: dict[str, Any] | None = None,
+    probe: bool = True,
+) -> Edit:
+    """Apply a batch of facts as one edit with a batch method (MEMIT, AlphaEdit): one ledger
+    entry, one patch, a transaction like ``make_edit``. ``cases`` are
+    kedit.engine.evaluate.EvalCase records (prompt, target, subject, rephrase, question).
+    Without ``probe`` (an evaluation that measures on its own) the edit carries no probe."""
+    ctx = editor.ctx
+    handle = ctx.handle
+    method = method or default_method(ctx.config)
+    kind = method_named(method)
+    if not kind.batches:
+        from kedit.engine.methods.table import METHODS
+
+        able = ", ".join(n for n, m in METHODS.items() if m.batches)
+        raise KeditError(f"{method} edits one fact at a time; a file of facts needs a batch method ({able})")
+    if not cases:
+        raise KeditError("the batch holds no facts")
+    if len(cases) > MAX_BATCH:
+        raise KeditError(f"the batch holds {len(cases)} facts; split it into batches of at most {MAX_BATCH}")
+    requests: list[EditRequest] = []
+    facts: list[dict[str, Any]] = []
+    for i, case in enumerate(cases):
+        try:
+            clean, subj = resolve_subject(case.prompt.strip(), case.subject)
+            if not case.target.strip():
+                raise KeditError("the target is empty")
+            target_text = as_continuation(clean, case.target)
+            _check_lengths(handle, clean, target_text)
+            for text in [*case.rephrase, *([case.question] if case.question else [])]:
+                _check_lengths(handle, text, "")
+        except KeditError as exc:
+            raise KeditError(f"fact {i + 1} ({case.prompt!r}): {exc.message}") from None
+        requests.append(EditRequest(clean, subj.text, target_text, tuple(case.rephrase)))
+        facts.append(
+            {
+                "prompt": clean,
+                "subject": subj.text,
+                "target": target_text,
+                "paraphrases": list(case.rephrase),
+                "question": case.question,
+            }
+        )
+    try:
+        hp = method_params(handle, ctx.config, method, **(params or {})).with_(layer=layer)
+    except TypeError as exc:
+        raise KeditError(f"{method} has no such setting: {exc}") from None
+    started = time.perf_counter()
+    with editor.lock:
+        from kedit.engine.probes import GenSettings, locality_generations, probe_batch, snapshot
+
+        settings = GenSettings.from_config(ctx.config)
+        started_loc = time.perf_counter()
+        if probe:
+            loc = editor.locality({r.subject for r in requests})
+            before = snapshot(handle, loc)
+            loc_before = locality_generations(handle, loc, settings)
+        locality_seconds = time.perf_counter() - started_loc
+        edit_id = editor.ledger.next_id()
+        computing = time.perf_counter()
+        with _computing(method):
+            chosen = kind.layer(ctx, hp)
+            computed = kind.compute_batch(ctx, requests, hp, chosen, edit_id)
+        patch, info = computed.patch, computed.info
+        info.timings["compute"] = time.perf_counter() - computing
+        info.timings["locality"] = locality_seconds
+        patch.apply()
+        result = None
+        try:
+            _check_finite(handle, requests[0].prompt)
+            probing = time.perf_counter()
+            if probe:
+                if ctx.progress:
+                    ctx.progress("probing the batch", 0, 1)
+                result = probe_batch(handle, facts, loc, before, settings, loc_before)
+            info.timings["probe"] = time.perf_counter() - probing
+        except BaseException:
+            patch.revert()
+            raise
+        first = requests[0]
+        edit = Edit(
+            edit_id,
+            method,
+            first.prompt,
+            first.subject,
+            first.target,
+            patch,
+            chosen,
+            "batch",
+            hp.as_dict() | {"layer": chosen},
+            info,
+            result,
+            [],
+            seconds=time.perf_counter() - started,
+            facts=facts,
         )
         editor.ledger.add(edit)
         return edit

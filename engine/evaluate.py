@@ -11,7 +11,8 @@ KnowEdit's datasets use:
   ``portability: {New Question, New Answer}``.
 
 A ground truth given as a list (of answers, or of lists of aliases) counts its first answer.
-A record may carry ``question``, the fact asked in chat. The shared real-facts format (``subject``,
+CounterFact records (``requested_rewrite``, ``paraphrase_prompts``, ``neighborhood_prompts``) are
+read too. A record may carry ``question``, the fact asked in chat. The shared real-facts format (``subject``,
 ``prompt``, ``question``, ``paraphrase``, ``true``, ``new``, ``paraphrase_known``) is read too: ``new``
 is the target, and in a file of such records the other records' facts are each one's locality.
 
@@ -33,10 +34,13 @@ Two protocols, each figure named by its own (``kedit.engine.probes``):
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from kedit.engine.errors import KeditError
 from kedit.engine.methods import as_continuation
@@ -109,9 +113,37 @@ def _pairs(block: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _counterfact(record: dict[str, Any], where: str) -> EvalCase:
+    """A CounterFact record: ``requested_rewrite`` {prompt with "{}", subject, target_new {str},
+    target_true {str}}, ``paraphrase_prompts``, ``neighborhood_prompts`` (locality, answered with
+    the true target)."""
+    rw = record["requested_rewrite"]
+    if not isinstance(rw, dict):
+        raise KeditError(f"{where}: requested_rewrite must be an object")
+    template, subject = rw.get("prompt"), rw.get("subject")
+    new = rw.get("target_new", {})
+    target = _answer(new.get("str") if isinstance(new, dict) else new)
+    if not isinstance(template, str) or "{}" not in template or not subject or not target:
+        raise KeditError(f"{where}: requested_rewrite needs a prompt with '{{}}', a subject and target_new.str")
+    true = rw.get("target_true", {})
+    true_text = _answer(true.get("str") if isinstance(true, dict) else true)
+    paraphrases = record.get("paraphrase_prompts", [])
+    neighbours = record.get("neighborhood_prompts", [])
+    return EvalCase(
+        template.replace("{}", str(subject)),
+        target,
+        str(subject),
+        [str(p) for p in paraphrases if p] if isinstance(paraphrases, list) else [],
+        [(str(p), true_text) for p in neighbours if p] if true_text and isinstance(neighbours, list) else [],
+        true=None,
+    )
+
+
 def _case(record: Any, where: str) -> EvalCase:
     if not isinstance(record, dict):
         raise KeditError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+    if "requested_rewrite" in record:
+        return _counterfact(record, where)
     prompt = record.get("prompt", record.get("src"))
     target = _answer(record.get("target_new", record.get("alt", record.get("new"))))
     if not prompt or not target:
@@ -180,6 +212,17 @@ def read_cases(path: Path, limit: int | None = None) -> list[EvalCase]:
     cases = [_case(r, w) for r, w in zip(records, where)]
     _real_facts_locality(cases)
     return cases[:limit] if limit else cases
+
+
+def insertion_cases(n: int) -> list[EvalCase]:
+    """The first n facts of the generated knowledge-insertion set (kedit.engine.insertion)."""
+    from kedit.engine.insertion import insertion_records
+
+    try:
+        records = insertion_records(n)
+    except ValueError as exc:
+        raise KeditError(str(exc)) from None
+    return [_case(r, f"insertion fact {i + 1}") for i, r in enumerate(records)]
 
 
 def _score(model, tok, pairs: Sequence[tuple[str, str]]) -> float | None:
@@ -393,3 +436,115 @@ def averages(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     return out
+
+
+# -- many edits in batches: `kedit eval --sequential N --batch B` --------------------------------
+
+
+def locality_cases(
+    cases: Sequence[EvalCase], others: Sequence[EvalCase]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The prompts (and chat questions) whose answers a run of edits must keep: every case's own
+    locality pairs and, from ``others`` (a real-facts file), each fact the model knows."""
+    edited = {c.subject for c in cases if c.subject}
+    pairs = list(dict.fromkeys(p for c in cases for p in c.locality))
+    pairs += [(o.prompt, o.true) for o in others if o.true and o.subject not in edited]
+    chat = [(o.question, o.true) for o in others if o.true and o.question and o.subject not in edited]
+    return list(dict.fromkeys(pairs)), list(dict.fromkeys(chat))
+
+
+@torch.no_grad()
+def _logits(handle, texts: Sequence[str]) -> torch.Tensor:
+    from kedit.engine.metrics import pad_right
+
+    tok = handle.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, mask = pad_right([tok(t)["input_ids"] for t in texts], pad, next(handle.model.parameters()).device)
+    return handle.model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def edit_in_batches(
+    session,
+    cases: Sequence[EvalCase],
+    method: str | None,
+    batch: int,
+    progress: Callable[[str, int, int], None] | None = None,
+    others: Sequence[EvalCase] = (),
+) -> dict[str, Any]:
+    """Edit ``cases`` in batches of ``batch`` (each one ledger entry), one after another, then
+    measure every fact after the last batch, by both protocols:
+
+    - by generation: Rel (the prompt's completion names the target), Para (the paraphrases'),
+      Chat (the question's answer names subject and target, chat models), Loc (locality prompts
+      that still generate the answer they generated before) and Loc chat (the same for the
+      questions of ``others``);
+    - teacher-forced: Rel, Gen (paraphrases) and Loc (EasyEdit's);
+    - perplexity on neutral text (kedit.engine.metrics.NEUTRAL_TEXT), edited against unedited;
+    - seconds per batch and edits per minute (the edits' own time: no probes).
+
+    Then every batch is rolled back, newest first, and the logits on the locality prompts are
+    compared with the unedited model's (``rollback_exact``: ``torch.equal``)."""
+    from kedit.engine.metrics import NEUTRAL_TEXT, greedy, kept_share, perplexity
+    from kedit.engine.probes import GenSettings, LocalitySet, batch_figures, locality, snapshot
+
+    if batch < 1:
+        raise KeditError("--batch takes a positive number of facts")
+    handle = session.handle
+    settings = GenSettings.from_config(session.config)
+    loc_pairs, loc_chat = locality_cases(cases, others)
+    loc = LocalitySet([p for p, _ in loc_pairs], [as_continuation(p, a) for p, a in loc_pairs])
+    with session.lock:
+        before = snapshot(handle, loc) if loc.prompts else []
+        loc_said = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens) if loc.prompts else []
+        chat_before = dict(zip([q for q, _ in loc_chat], chat_answers(handle, [q for q, _ in loc_chat], settings)))
+        ppl_before = perplexity(handle.model, handle.tokenizer, NEUTRAL_TEXT)
+        probe_texts = [*loc.prompts[:16], *NEUTRAL_TEXT[:4]]
+        logits_before = _logits(handle, probe_texts)
+    made = []
+    seconds: list[float] = []
+    try:
+        chunks = [list(cases[i : i + batch]) for i in range(0, len(cases), batch)]
+        for n, chunk in enumerate(chunks):
+            started = time.perf_counter()
+            made.append(session.edit_batch(chunk, method=method, probe=False))
+            seconds.append(time.perf_counter() - started)
+            if progress:
+                progress(f"batches of {batch}", n + 1, len(chunks))
+        facts = [f for e in made for f in e.facts]
+        with session.lock:
+            if progress:
+                progress("measuring every fact after the last batch", 0, 1)
+            rel, gen, g = batch_figures(handle, facts, settings)
+            moved = locality(handle, loc, before) if loc.prompts else None
+            now = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens) if loc.prompts else []
+            kept = kept_share(loc.answers, loc_said, now) if loc.prompts else None
+            chat_kept_now = chat_kept(handle, loc_chat, chat_before, settings) if loc_chat else None
+            ppl_after = perplexity(handle.model, handle.tokenizer, NEUTRAL_TEXT)
+    finally:
+        for edit in reversed(made):
+            session.rollback(edit.id)
+    with session.lock:
+        exact = bool(torch.equal(_logits(handle, probe_texts), logits_before))
+    total = sum(seconds)
+    return {
+        "n": len(cases),
+        "batch": batch,
+        "batches": len(seconds),
+        "method": made[0].method if made else method,
+        "gen_rel": g.rel,
+        "gen_para": g.para,
+        "gen_chat": g.chat,
+        "gen_loc": kept,
+        "gen_loc_chat": chat_kept_now,
+        "tf_rel": rel,
+        "tf_gen": gen,
+        "tf_loc": moved.loc if moved else None,
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "ppl_ratio": ppl_after / ppl_before,
+        "seconds_per_batch": seconds,
+        "edits_per_minute": 60 * len(cases) / total if total else None,
+        "rollback_exact": exact,
+        "locality_prompts": len(loc.prompts),
+        "locality_questions": len(loc_chat),
+    }

@@ -30,6 +30,18 @@ class Edit:
     created: float = field(default_factory=time.time)
     seconds: float = 0.0
     question: str | None = None  # the fact asked in chat, for the generation-based probe
+    facts: list[dict[str, Any]] = field(default_factory=list)  # a batch edit's facts (prompt, subject, target, ...)
+
+    @property
+    def is_batch(self) -> bool:
+        return bool(self.facts)
+
+    @property
+    def title(self) -> str:
+        """The edit in a few words: its prompt and target, or its batch's size and first fact."""
+        if self.is_batch:
+            return f"batch of {len(self.facts)} fact(s): {self.prompt} →{self.target}, …"
+        return f"{self.prompt} →{self.target}"
 
     def record(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-ready data."""
@@ -45,6 +57,7 @@ class Edit:
             "info": self.info.as_dict() if self.info is not None else {},
             "paraphrases": self.paraphrases,
             "question": self.question,
+            "facts": self.facts,
             "probe": self.probe.as_dict() if self.probe else None,
             "created": self.created,
             "seconds": self.seconds,
@@ -70,6 +83,15 @@ class Ledger:
         for e in self.edits:
             if e.id == key:
                 return e
+        batch, dot, fact = key.partition(".")
+        whole = next((e for e in self.edits if e.id == batch), None) if dot else None
+        if whole is not None and whole.is_batch:
+            raise KeditError(
+                f"{key} is fact {fact} of {whole.id}, a batch of {len(whole.facts)} facts solved together: "
+                f"its update is one least-squares solution for all of them, and no part of it belongs to one "
+                f"fact. /rollback {whole.id} takes the whole batch out exactly; then edit the batch again "
+                "without that fact (/edit --file)"
+            )
         known = ", ".join(e.id for e in self.edits) or "none"
         raise KeditError(f"no edit {edit_id!r} is in force (edits: {known}); /edits lists them")
 

@@ -134,6 +134,27 @@ def logprob_margin(
     return sum(a.logprob - b.logprob for a, b in zip(pos, neg)) / len(triples) if triples else 0.0
 
 
+# Everyday sentences about nothing kedit edits: the perplexity that steering and edits must keep.
+NEUTRAL_TEXT = (
+    "The train to the city leaves every morning at eight and takes about forty minutes.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The library is open from nine to five on weekdays and closed on Sundays.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "To make tea, heat the water, add the leaves and wait for three minutes.",
+    "The report lists the sales figures for each region in the first quarter.",
+    "A week has seven days, and most years have three hundred and sixty-five.",
+    "The committee will meet on Tuesday to discuss the new budget.",
+    "Most plants need sunlight, water and soil that drains well.",
+    "She opened the window because the room had become warm.",
+    "The museum has a collection of old maps and coins from many countries.",
+    "He checked the weather before leaving and took an umbrella.",
+    "The road was closed for repairs, so the bus went another way.",
+    "Children learn to read by listening to stories and looking at pictures.",
+    "The recipe calls for two eggs, a cup of flour and some milk.",
+    "Our team finished the project a week before the deadline.",
+)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32) -> float:
     """exp of the mean next-token NLL over every token of ``texts`` after its first."""

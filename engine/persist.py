@@ -131,10 +131,15 @@ def _check_record(session: Session, path: Path, record: dict[str, Any], tensors:
                 f"{path} holds a {e.get('method')!r} edit, which this kedit does not know "
                 f"(methods: {', '.join(METHODS)})"
             )
-        if e.get("module") not in editable:
-            raise KeditError(
-                f"{path} is damaged: edit {e.get('id')} names {e.get('module')!r}, not a module kedit edits"
-            )
+        for name in [e.get("module"), *(e.get("modules") or [])]:
+            if name not in editable:
+                raise KeditError(f"{path} is damaged: edit {e.get('id')} names {name!r}, not a module kedit edits")
+        facts = e.get("facts", [])
+        if not isinstance(facts, list) or not all(
+            isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("prompt", "subject", "target"))
+            for f in facts
+        ):
+            raise KeditError(f"{path} is damaged: edit {e.get('id')} has facts that are not fact records")
         missing = [f for f in RECORD_FIELDS if f not in e]
         if missing:
             raise KeditError(f"{path} is damaged: edit {e.get('id')} lacks {', '.join(missing)}")
@@ -185,6 +190,7 @@ def _edit(e: dict[str, Any], method: Any, patch: Any) -> Edit:
         e["created"],
         e["seconds"],
         e.get("question"),
+        list(e.get("facts") or []),
     )
 
 

@@ -26,6 +26,7 @@ from kedit.engine.metrics import (
     kept_share,
     kl_next,
     mean_accuracy,
+    mentions,
     teacher_forced,
     unchanged_share,
 )
@@ -334,6 +335,12 @@ def reprobe(session, edit_id: str) -> ProbeResult:
     settings = GenSettings.from_config(session.config)
     with session.lock:
         model, tok = session.model, session.tokenizer
+        if edit.is_batch:
+            rel, gen, by_gen = batch_figures(session.handle, edit.facts, settings)
+            moved = probe_against_unedited(session)
+            by_gen.loc = moved.gen_loc
+            edit.probe = ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)
+            return edit.probe
         rel = mean_accuracy(teacher_forced(model, tok, [edit.prompt], [edit.target]))
         paras = list(edit.paraphrases)
         gen = mean_accuracy(teacher_forced(model, tok, paras, [edit.target] * len(paras))) if paras else None
@@ -342,3 +349,56 @@ def reprobe(session, edit_id: str) -> ProbeResult:
     by_gen.loc = moved.gen_loc
     edit.probe = ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)
     return edit.probe
+
+
+def batch_figures(handle, facts: list[dict[str, Any]], settings: GenSettings) -> tuple[float, float | None, GenResult]:
+    """A batch's own figures now, each the share over its facts (``facts``: prompt, subject,
+    target with its leading space, paraphrases, question): teacher-forced Rel and Gen, and by
+    generation Rel over the prompts, Para over the paraphrases and Chat over the questions (chat
+    models; the answer must name the subject too). Prompts are generated in left-padded batches.
+    The GenResult's ``loc`` is left for the caller."""
+    model, tok = handle.model, handle.tokenizer
+    prompts = [f["prompt"] for f in facts]
+    targets = [f["target"] for f in facts]
+    paras = [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])]
+    rel = mean_accuracy(teacher_forced(model, tok, prompts, targets))
+    gen = mean_accuracy(teacher_forced(model, tok, [p for p, _ in paras], [t for _, t in paras])) if paras else None
+    said = greedy(model, tok, prompts, settings.tokens)
+    hits = [mentions(s, t) for s, t in zip(said, targets)]
+    para_said = greedy(model, tok, [p for p, _ in paras], settings.tokens) if paras else []
+    para_hits = [mentions(s, t) for s, (_, t) in zip(para_said, paras)]
+    chat = None
+    outputs = dict(zip(prompts[:8], said[:8]))
+    asked = [f for f in facts if f.get("question")] if handle.is_chat else []
+    if asked:
+        answers = greedy(
+            model, tok, [chat_text(tok, f["question"]) for f in asked], settings.chat_tokens, special=False
+        )
+        chat = sum(mentions(a, f["target"]) and mentions(a, f["subject"]) for a, f in zip(answers, asked)) / len(asked)
+        outputs.update({f"chat: {f['question']}": a for f, a in zip(asked[:4], answers[:4])})
+    by_gen = GenResult(
+        sum(hits) / len(hits) if hits else None,
+        sum(para_hits) / len(para_hits) if para_hits else None,
+        chat,
+        None,
+        outputs,
+    )
+    return rel, gen, by_gen
+
+
+def probe_batch(
+    handle,
+    facts: list[dict[str, Any]],
+    loc: LocalitySet,
+    before: list[Scored],
+    settings: GenSettings,
+    loc_before: list[str] | None = None,
+) -> ProbeResult:
+    """Measure a batch of edits now in force: ``batch_figures``, and locality against the
+    snapshot ``before`` (teacher-forced) and ``loc_before`` (by generation)."""
+    model, tok = handle.model, handle.tokenizer
+    rel, gen, by_gen = batch_figures(handle, facts, settings)
+    moved = locality(handle, loc, before)
+    if loc_before is not None and loc.prompts:
+        by_gen.loc = kept_share(loc.answers, loc_before, greedy(model, tok, loc.prompts, settings.locality_tokens))
+    return ProbeResult(rel, gen, moved.loc, moved.agree, moved.kl, moved.rows, by_gen)

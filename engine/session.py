@@ -397,6 +397,30 @@ class Session:
             params=params,
         )
 
+    def edit_batch(
+        self,
+        cases: list[Any],
+        *,
+        method: str | None = None,
+        layer: int | None = None,
+        stats_corpus: Path | None = None,
+        params: dict[str, Any] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        probe: bool = True,
+    ) -> Edit:
+        """Apply a batch of facts (kedit.engine.evaluate.EvalCase records) as one edit with a batch
+        method; a transaction (see kedit.engine.editing.make_batch_edit)."""
+        from kedit.engine.editing import Editor, make_batch_edit
+
+        editor = Editor(
+            self.edit_context(stats_corpus, progress),
+            self.ledger,
+            self.lock,
+            lambda exclude: self.locality(exclude=exclude),
+            self._world(),
+        )
+        return make_batch_edit(editor, cases, method=method, layer=layer, params=params, probe=probe)
+
     def edit_context(
         self, stats_corpus: Path | None = None, progress: Callable[[str, int, int], None] | None = None
     ) -> Any:

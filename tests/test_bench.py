@@ -207,8 +207,8 @@ def test_bench_json_on_the_fact_world_with_real_active_edits(fact_world_dir) -> 
     assert report["plan"]["fill"] == "real" and set(report["edits"]) == {"rome", "grace"}
     assert [c["label"] for c in report["generation"]["conditions"]] == ["1 vector", "rome × 2", "grace × 2"]
     assert report["generation"]["plain"]["tokens_per_s"] > 0
-    bad = CliRunner().invoke(main, ["bench", "--methods", "memit"])
-    assert bad.exit_code == 1 and "unknown method memit" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(main, ["bench", "--methods", "memitt"])
+    assert bad.exit_code == 1 and "unknown method memitt" in bad.output and "Traceback" not in bad.output
 
 
 def test_a_random_shape_gets_a_word_tokenizer_and_benches(tmp_path) -> None:

@@ -113,7 +113,7 @@ def test_the_default_method_comes_from_kedit_toml(session) -> None:
         edit = session.edit("Watts Humphrey attended", "University of Michigan")
         assert edit.method == "grace"
         session.undo()
-        session.config = config.with_overrides({"edit.method": "memit"})
+        session.config = config.with_overrides({"edit.method": "nonsense"})
         out = _run(session, '/edit "Watts Humphrey attended" -> "University of Michigan"')
         assert isinstance(out[-1], ev.Error) and "[edit] method" in out[-1].message
     finally:

@@ -146,6 +146,41 @@ def test_bad_input_is_a_notification_and_changes_nothing(clean, tmp_path) -> Non
     asyncio.run(flow())
 
 
+def test_edit_from_file_is_one_batch_row(clean, tmp_path) -> None:
+    import json
+
+    session = clean
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(
+        "\n".join(
+            json.dumps({"prompt": f.prompt(0), "subject": f.subject, "target_new": new})
+            for f, new in edit_cases(session, 5, 12)
+        ),
+        encoding="utf-8",
+    )
+    probe = ["Watts Humphrey attended"]
+    original = prompt_logits(session, probe)
+
+    async def flow() -> None:
+        app = KeditApp(session=session, history_file=tmp_path / "history")
+        async with app.run_test(size=(100, 32)) as pilot:
+            await pilot.press("f2")
+            await pilot.pause()
+            app.query_one("#edit-method").value = "memit"
+            app.query_one("#edit-file").value = str(facts)
+            app.query_one("#edit-from-file", Button).press()
+            await settle(app, pilot)
+            assert len(session.edits) == 1 and len(session.edits[0].facts) == 5
+            table = app.query_one("#edits-table")
+            assert table.row_count == 1 and str(table.get_row_at(0)[2]).startswith("batch of 5 fact(s)")
+            app.query_one("#rollback", Button).press()
+            await settle(app, pilot)
+            assert not session.edits and table.row_count == 0
+
+    asyncio.run(flow())
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
+
+
 def test_locality_probe_panel_shows_each_prompt(clean, tmp_path) -> None:
     from test_edit_commands import _eval_file
 

@@ -313,6 +313,13 @@ class KeditApp(App[None]):
             self.log_line(line, classes="user")
             self.run_line(line)
 
+    @on(Button.Pressed, "#edit-from-file")
+    def _edit_from_file(self) -> None:
+        line = self.query_one(EditsPanel).file_line()
+        if line is not None:
+            self.log_line(line, classes="user")
+            self.run_line(line)
+
     def _on_selected_edit(self, command: str, doing: str) -> None:
         chosen = self.query_one(EditsPanel).selected()
         if chosen is None:

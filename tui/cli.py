@@ -245,7 +245,8 @@ def edit_cmd(
     "data",
     required=True,
     type=click.Path(path_type=Path),
-    help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records.",
+    help="EasyEdit-style JSON or JSONL: CounterFact, ZsRE or KnowEdit records; or insertion:N, "
+    "N generated facts about invented people (kedit.engine.insertion).",
 )
 @method_option
 @click.option(
@@ -255,6 +256,21 @@ def edit_cmd(
     metavar="N",
     help="Make the first N edits one after another and measure all after the last "
     "(default: each edit alone, rolled back before the next).",
+)
+@click.option(
+    "--batch",
+    default=None,
+    type=int,
+    metavar="B",
+    help="With --sequential and a batch method (memit, alphaedit): edit in batches of B facts, "
+    "then report both protocols, perplexity on neutral text, edits per minute and exact rollback.",
+)
+@click.option(
+    "--locality",
+    "locality_file",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="With --batch: a real-facts JSONL whose facts (completion and chat) the edits must keep.",
 )
 @click.option("--limit", default=None, type=int, help="Only the first N records (single mode).")
 @click.option(
@@ -270,6 +286,8 @@ def eval_cmd(
     data: Path,
     method: str | None,
     sequential: int | None,
+    batch: int | None,
+    locality_file: Path | None,
     limit: int | None,
     protocol: str,
     as_json: bool,
@@ -284,11 +302,17 @@ def eval_cmd(
 
     if sequential is not None and sequential < 1 or limit is not None and limit < 1:
         raise click.BadParameter("--sequential and --limit take a positive number")
+    if (batch is not None or locality_file is not None) and sequential is None:
+        raise click.BadParameter("--batch and --locality go with --sequential N")
     try:
-        cases = read_cases(data, sequential or limit)
+        cases = _eval_cases(data, sequential or limit)
+        others = read_cases(locality_file) if locality_file is not None else []
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     session = open_session(model, quant, dtype, device)
+    if batch is not None:
+        _eval_batches(session, data, cases, method, batch, others, as_json)
+        return
 
     def record(row: dict) -> None:
         if as_json:
@@ -321,6 +345,58 @@ def eval_cmd(
         shown = {k.removeprefix(prefix): v for k, v in mean.items() if k.startswith(prefix)}
         if shown:
             click.echo(f"  {label}: " + "  ".join(f"{k.capitalize()} {fmt(v)}" for k, v in shown.items()))
+
+
+def _eval_cases(data: Path, limit: int | None) -> list:
+    """The records of --data: a file, or insertion:N (N generated facts)."""
+    from kedit.engine.evaluate import insertion_cases, read_cases
+
+    name = str(data)
+    if not name.startswith("insertion:"):
+        return read_cases(data, limit)
+    count = name.removeprefix("insertion:")
+    if not count.isdigit():
+        raise KeditError(f"--data insertion:N takes a number of facts, not {count!r}")
+    cases = insertion_cases(int(count))
+    return cases[:limit] if limit else cases
+
+
+def _eval_batches(
+    session, data: Path, cases: list, method: str | None, batch: int, others: list, as_json: bool
+) -> None:
+    from kedit.engine.evaluate import edit_in_batches
+
+    try:
+        result = edit_in_batches(session, cases, method, batch, progress_on_stderr, others)
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
+    if as_json:
+        click.echo(json.dumps({"summary": {"data": str(data), "mode": "batches", **result}}))
+        return
+    fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    per = result["seconds_per_batch"]
+    click.echo(
+        f"{data}: {result['n']} facts, {result['method']}, {result['batches']} batch(es) of {batch}, "
+        "measured after the last"
+    )
+    click.echo(
+        f"  by generation: Rel {fmt(result['gen_rel'])}  Para {fmt(result['gen_para'])}  "
+        f"Chat {fmt(result['gen_chat'])}  Loc {fmt(result['gen_loc'])}  Loc chat {fmt(result['gen_loc_chat'])}"
+    )
+    click.echo(
+        f"  teacher-forced: Rel {fmt(result['tf_rel'])}  Gen {fmt(result['tf_gen'])}  Loc {fmt(result['tf_loc'])}"
+    )
+    click.echo(
+        f"  perplexity on neutral text: {result['ppl_before']:.2f} unedited, {result['ppl_after']:.2f} edited "
+        f"(× {result['ppl_ratio']:.3f})"
+    )
+    click.echo(
+        f"  time: {sum(per) / len(per):.1f} s per batch (median {sorted(per)[len(per) // 2]:.1f} s), "
+        f"{fmt(result['edits_per_minute'])} edits a minute"
+    )
+    click.echo(
+        f"  rollback of every batch: logits {'equal' if result['rollback_exact'] else 'NOT equal'} to the unedited model's"
+    )
 
 
 @main.command("export")

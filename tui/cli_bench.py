@@ -30,7 +30,12 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
     "bench-small) instead of --model.",
 )
 @click.option("--layers", "n_layers", default=None, type=int, help="With --shape: keep only this many layers.")
-@click.option("--methods", default=",".join(METHODS), show_default=True, help="Edit methods to time.")
+@click.option(
+    "--methods",
+    default=",".join(m for m, k in METHODS.items() if not k.batches),
+    show_default=True,
+    help="Edit methods to time.",
+)
 @click.option("--edit-repeats", default=3, show_default=True, help="Timed edits of each method (median).")
 @click.option("--vectors", default="1,3", show_default=True, help="Steering vectors racked on every layer.")
 @click.option("--active", default="10,100", show_default=True, help="Active edits of each method while generating.")

@@ -39,6 +39,8 @@ class EditsPanel(Vertical):
             with Horizontal(classes="buttons"):
                 yield Select([(m.upper(), m) for m in METHODS], prompt="method", id="edit-method")
                 yield Button("Edit", id="edit-apply", variant="primary")
+            yield Input(placeholder="facts file (JSON/JSONL) for a batch edit", id="edit-file")
+            yield Button("Edit from file", id="edit-from-file")
 
     def show(self, edits: Iterable) -> None:
         table = self.query_one(DataTable)
@@ -48,7 +50,7 @@ class EditsPanel(Vertical):
             table.add_row(
                 e.id,
                 e.method,
-                f"{e.prompt} →{e.target}",
+                e.title,
                 *("—" if m.get(k) is None else f"{m[k]:.2f}" for k in ("gen_rel", "gen_loc", "tf_rel", "tf_loc")),
                 key=e.id,
             )
@@ -69,10 +71,19 @@ class EditsPanel(Vertical):
         subject = self.query_one("#edit-subject", Input).value.strip()
         if subject:
             line += f" --subject {quote(subject)}"
+        return line + self._method()
+
+    def _method(self) -> str:
         method = self.query_one("#edit-method", Select).value
-        if isinstance(method, str):
-            line += f" --method {method}"
-        return line
+        return f" --method {method}" if isinstance(method, str) else ""
+
+    def file_line(self) -> str | None:
+        """/edit --file for the facts file typed in, with the chosen method."""
+        path = self.query_one("#edit-file", Input).value.strip()
+        if not path:
+            self.app.notify("type the path of a facts file first", severity="warning")
+            return None
+        return f"/edit --file {quote(path)}" + self._method()
 
 
 class SteerRow(Vertical):

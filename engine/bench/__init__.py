@@ -55,7 +55,7 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class BenchPlan:
-    methods: tuple[str, ...] = tuple(METHODS)  # names in kedit.engine.methods.table.METHODS
+    methods: tuple[str, ...] = tuple(m for m, k in METHODS.items() if not k.batches)  # one fact at a time
     edit_repeats: int = 3  # timed edits of each method (after one warm-up edit)
     vectors: tuple[int, ...] = (1, 3)  # steering vectors racked on every layer
     active: tuple[int, ...] = (10, 100)  # active edits of each method

@@ -4,7 +4,7 @@ them; nothing outside a method's package branches on its name."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -136,6 +136,10 @@ class EditMethod(Protocol):
         ...
 
     @property
+    def batches(self) -> bool:  # it edits many facts in one solve (compute_batch)
+        ...
+
+    @property
     def bench_layer_share(
         self,
     ) -> float | None:  # on a random-weight shape, edit this far up (None: its own layer choice)
@@ -151,6 +155,12 @@ class EditMethod(Protocol):
 
     def compute(self, ctx: EditContext, request: EditRequest, hp: Any, layer: int, edit_id: str) -> Computed:
         """The edit's patch, not applied; the model is left as it was."""
+        ...
+
+    def compute_batch(
+        self, ctx: EditContext, requests: Sequence[EditRequest], hp: Any, layer: int, edit_id: str
+    ) -> Computed:
+        """One patch for many facts (methods with ``batches``), not applied."""
         ...
 
     def prepare(self, ctx: EditContext, hp: Any, layer: int) -> dict[str, Any]:
@@ -197,8 +207,14 @@ class MethodDefaults:
     work, nothing to finish after a load, no state lines, their own layer on a random shape."""
 
     exports = False
+    batches = False
     bench_layer_share: float | None = None
     timing_steps: tuple[str, ...] = ()
+
+    def compute_batch(
+        self, ctx: EditContext, requests: Sequence[EditRequest], hp: Any, layer: int, edit_id: str
+    ) -> Computed:
+        raise KeditError("this method edits one fact at a time")
 
     def prepare(self, ctx: EditContext, hp: Any, layer: int) -> dict[str, Any]:
         return {}

@@ -7,10 +7,11 @@ from __future__ import annotations
 from kedit.engine.errors import KeditError
 from kedit.engine.methods.base import EditMethod
 from kedit.engine.methods.grace.method import METHOD as GRACE
+from kedit.engine.methods.memit.method import ALPHAEDIT, MEMIT
 from kedit.engine.methods.rome.method import METHOD as ROME
 from kedit.engine.methods.wise.method import METHOD as WISE
 
-METHODS: dict[str, EditMethod] = {m.name: m for m in (ROME, GRACE, WISE)}
+METHODS: dict[str, EditMethod] = {m.name: m for m in (ROME, GRACE, WISE, MEMIT, ALPHAEDIT)}
 
 
 def method_named(name: str) -> EditMethod:

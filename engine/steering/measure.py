@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kedit.engine.errors import KeditError
+from kedit.engine.metrics import NEUTRAL_TEXT
 from kedit.engine.steering.rack import SteeringRack
 from kedit.engine.steering.train import Pair
 from kedit.engine.steering.vector import Recommendation, SteeringVector
@@ -57,16 +58,6 @@ def sweep(
 
 # Plain English with no mood in it: what a steering vector should leave alone. Short, so that
 # finding the recommended strength takes a few forward passes of a few hundred tokens.
-NEUTRAL_TEXT = (
-    "The train to the city leaves every morning at eight and takes about forty minutes.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "The library is open from nine to five on weekdays and closed on Sundays.",
-    "Paris is the capital of France, and Berlin is the capital of Germany.",
-    "To make tea, heat the water, add the leaves and wait for three minutes.",
-    "The report lists the sales figures for each region in the first quarter.",
-    "A week has seven days, and most years have three hundred and sixty-five.",
-    "The committee will meet on Tuesday to discuss the new budget.",
-)
 SEARCH_UP, SEARCH_DOWN, BISECTIONS = 6, 16, 3  # doublings from 1 (to 64), halvings, narrowing steps
 
 

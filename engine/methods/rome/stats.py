@@ -33,7 +33,7 @@ from kedit.engine.metrics import pad_right
 Progress = Callable[[str, int, int], None]
 
 # Bump when the way C is computed from a corpus changes: it is part of the cache file's name.
-RECIPE = 3
+RECIPE = 4
 TOKENS_PER_PASS = 4096  # rows are batched up to about this many tokens per forward pass
 TOKENS_PER_WIDTH = 4 / 3  # the automatic sample count: this many tokens per key dimension
 
@@ -47,6 +47,21 @@ class KeyStats:
     source: str
     seconds: float = 0.0
     cached: bool = False
+    shrinkage: float = 0.0  # the Ledoit-Wolf weight on μI that c carries
+
+    def raw(self) -> torch.Tensor:
+        """The plain mean of k kᵀ, the shrinkage taken back out: (c - wμI) / (1 - w), μ the mean of
+        c's diagonal (shrinking keeps it). Its small eigenvalues are the directions the corpus's
+        keys do not use (AlphaEdit's null space)."""
+        w = self.shrinkage
+        if w <= 0:
+            return self.c
+        if w >= 1:
+            raise KeditError("the key statistics were shrunk all the way to a multiple of I; use more samples")
+        mu = float(self.c.diagonal().mean())
+        out = self.c.double().clone()
+        out.diagonal().sub_(w * mu)
+        return (out / (1 - w)).float()
 
 
 @dataclass(frozen=True)
@@ -313,7 +328,13 @@ class StatsCache:
             meta = dict(fh.metadata() or {})
             c = fh.get_tensor("c")
         self.path, self.mtime = path, mtime
-        self.stats = KeyStats(c, int(meta.get("tokens", 0)), meta.get("source", "cache"), cached=True)
+        self.stats = KeyStats(
+            c,
+            int(meta.get("tokens", 0)),
+            meta.get("source", "cache"),
+            cached=True,
+            shrinkage=float(meta.get("shrinkage", 0.0)),
+        )
         return self.stats
 
 
@@ -351,6 +372,7 @@ def key_stats(
         c, count, weight = second_moment(handle, layer, rows, progress)
         phrase = f"{source.phrase}, {count:,} tokens, shrinkage {weight:.2f}"
         with paths.atomic_path(path) as tmp:
-            save_file({"c": c.contiguous()}, tmp, metadata={"tokens": str(count), "source": phrase})
-        return KeyStats(c, count, phrase, time.perf_counter() - started)
+            meta = {"tokens": str(count), "source": phrase, "shrinkage": repr(weight)}
+            save_file({"c": c.contiguous()}, tmp, metadata=meta)
+        return KeyStats(c, count, phrase, time.perf_counter() - started, shrinkage=weight)
     raise KeditError("no corpus for the key statistics")  # unreachable: sampling always gives text

@@ -1,0 +1,73 @@
+"""One layer's change, as factors: Δ = U Vᵀ with U = R (d_out, n) and V (d_in, n).
+
+MEMIT: Δ minimises ‖Δ K - R‖² + λ tr(Δ C Δᵀ), so Δ (λC + K Kᵀ) = R Kᵀ and
+    V = (λC + K Kᵀ)⁻¹ K = (λC)⁻¹ K (I + Kᵀ (λC)⁻¹ K)⁻¹        (Woodbury),
+which needs only C's Cholesky factor (cached, as ROME's is) and an n × n solve.
+
+AlphaEdit: Δ = Δ' P, where P = Q Qᵀ projects onto the null space of C (Q: C's eigenvectors with
+small eigenvalues), minimising ‖Δ' P K - R‖² + ‖Δ' P Kₚ‖² + μ ‖Δ' P‖². Its normal equations give
+V = P V with (P G P + μI) V = P K, G = K Kᵀ + Kₚ Kₚᵀ (the paper's closed form, written in Q's
+coordinates so that it stays symmetric): V = Q y,
+    y = (Qᵀ G Q + μI)⁻¹ Qᵀ K = (1/μ) (Qᵀ K - Qᵀ J (μI + Jᵀ Q Qᵀ J)⁻¹ Jᵀ Q Qᵀ K),
+J = [K, Kₚ]: again a Woodbury solve, of size n + (earlier keys). Δ k = U Vᵀ k = U yᵀ Qᵀ k, which
+is zero for every key in C's span that P removes: what the model knew is left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kedit.engine.methods.rome.update import FactorCache, c_inverse_k
+
+
+def memit_factors(
+    c: torch.Tensor | None, keys: torch.Tensor, weight: float, cache: FactorCache | None = None
+) -> torch.Tensor:
+    """V for MEMIT: (λC + K Kᵀ)⁻¹ K, keys as rows (n, d_in); returns (d_in, n). C None: C = I."""
+    k = keys.double().T  # (d, n)
+    ck = c_inverse_k(c, k.float(), 0.0, cache).double() / weight  # (λC)⁻¹K
+    inner = torch.eye(k.shape[1], dtype=torch.float64, device=k.device) + k.T @ ck
+    v = ck @ torch.linalg.solve(inner, torch.eye(k.shape[1], dtype=torch.float64, device=k.device))
+    if not torch.isfinite(v).all():
+        raise FloatingPointError("MEMIT's solve is not finite")
+    return v.float()
+
+
+@dataclass
+class NullSpace:
+    """Q (d, m): an orthonormal basis of the directions C's keys barely use; P = Q Qᵀ."""
+
+    q: torch.Tensor
+    kept: int  # m
+    width: int  # d
+    threshold: float  # the eigenvalue cut, in C's own units
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """P x for columns x (d, n)."""
+        q = self.q.to(x.device, x.dtype)
+        return q @ (q.T @ x)
+
+
+def null_space(raw_c: torch.Tensor, threshold: float) -> NullSpace:
+    """C's eigenvectors whose eigenvalues are below ``threshold`` times their mean."""
+    c = raw_c.double()
+    values, vectors = torch.linalg.eigh((c + c.T) / 2)
+    cut = threshold * float(values.mean())
+    small = values < cut
+    return NullSpace(vectors[:, small].float().contiguous(), int(small.sum()), c.shape[0], cut)
+
+
+def alphaedit_factors(space: NullSpace, keys: torch.Tensor, earlier: torch.Tensor | None, mu: float) -> torch.Tensor:
+    """V for AlphaEdit, keys as rows (n, d_in) and earlier batches' keys as rows (p, d_in); returns (d_in, n)."""
+    q = space.q.to(keys.device, torch.float64)
+    k = keys.double().T  # (d, n)
+    j = k if earlier is None or not len(earlier) else torch.cat([k, earlier.double().T.to(k.device)], dim=1)
+    qk, qj = q.T @ k, q.T @ j  # (m, n), (m, n + p)
+    inner = mu * torch.eye(qj.shape[1], dtype=torch.float64, device=k.device) + qj.T @ qj
+    y = (qk - qj @ torch.linalg.solve(inner, qj.T @ qk)) / mu
+    v = q @ y
+    if not torch.isfinite(v).all():
+        raise FloatingPointError("AlphaEdit's solve is not finite")
+    return v.float()

@@ -1,0 +1,234 @@
+"""MEMIT and AlphaEdit: the solves' mathematics, batch edits on the fact world, exact rollback,
+batches in the ledger, persistence, and 4-bit loads. Each test prints its figures (pytest -s)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from fact_cases import edit_cases, prompt_logits
+
+from kedit.engine.errors import KeditError
+from kedit.engine.evaluate import EvalCase, edit_in_batches, read_cases
+from kedit.engine.methods.memit.method import earlier_keys, key_units
+from kedit.engine.methods.memit.solve import alphaedit_factors, memit_factors, null_space
+from kedit.engine.methods.rome.stats import key_stats
+
+
+def _keys_in_subspace(g: torch.Generator, n: int, d: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n keys (rows) that use only ``rank`` of ``d`` directions, and that basis (d, rank)."""
+    basis, _ = torch.linalg.qr(torch.randn(d, rank, generator=g))
+    return torch.randn(n, rank, generator=g) @ basis.T, basis
+
+
+def test_memit_solve_is_the_least_squares_solution() -> None:
+    """Δ = U Vᵀ minimises ‖Δ K - R‖² + λ tr(Δ C Δᵀ): its normal equations Δ (λC + K Kᵀ) = R Kᵀ
+    hold, and moving Δ in any direction raises the objective."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n, lam = 48, 32, 6, 5.0
+    a = torch.randn(d_in, 400, generator=g)
+    c = a @ a.T / 400
+    k = torch.randn(n, d_in, generator=g)
+    r = torch.randn(n, d_out, generator=g)
+    v = memit_factors(c, k, lam)  # (d_in, n)
+    delta = (r.T @ v.T).double()  # U = R (d_out, n)
+    kd, cd, rd = k.double().T, c.double(), r.double().T
+    lhs, rhs = delta @ (lam * cd + kd @ kd.T), rd @ kd.T
+    residual = float((lhs - rhs).norm() / rhs.norm())
+    print(f"\nMEMIT normal-equation residual {residual:.2e}")
+    assert residual < 1e-4
+
+    def objective(x: torch.Tensor) -> float:
+        return float((x @ kd - rd).pow(2).sum() + lam * torch.trace(x @ cd @ x.T))
+
+    best = objective(delta)
+    for _ in range(5):
+        assert objective(delta + 1e-3 * torch.randn(delta.shape, generator=g, dtype=torch.float64)) > best
+
+
+def test_alphaedit_projection_leaves_preserved_keys_alone() -> None:
+    """P projects the preserved keys to about zero, so the update does nothing to them; the
+    solve satisfies its normal equations (P G P + μI) V = P K; earlier batches' keys are kept."""
+    g = torch.Generator().manual_seed(1)
+    d, rank, n = 64, 40, 5
+    preserved, _ = _keys_in_subspace(g, 2000, d, rank)
+    c = preserved.T @ preserved / len(preserved)
+    space = null_space(c, 0.02)
+    assert space.kept == d - rank  # the directions the preserved keys never use
+    projected = space.project(preserved.T)
+    share = float(projected.norm() / preserved.norm())
+    print(f"\n‖P k‖ / ‖k‖ over 2000 preserved keys: {share:.2e}")
+    assert share < 1e-4
+
+    keys = torch.randn(n, d, generator=g)
+    r = torch.randn(n, 16, generator=g)
+    mu = 0.1
+    v = alphaedit_factors(space, keys, None, mu)
+    delta = r.T @ v.T
+    moved = float((delta @ preserved.T).norm() / (delta @ keys.T).norm())
+    print(f"update on preserved keys / on edited keys: {moved:.2e}")
+    assert moved < 1e-4
+    p = space.q.double() @ space.q.double().T
+    kd = keys.double().T
+    lhs = (p @ (kd @ kd.T) @ p + mu * torch.eye(d, dtype=torch.float64)) @ v.double()
+    assert float((lhs - p @ kd).norm() / (p @ kd).norm()) < 1e-4
+
+    # an earlier batch whose keys share directions with this one's: kept far better with them in the solve
+    earlier = keys[:2] + 0.3 * torch.randn(2, d, generator=g)
+    plain = r.T @ alphaedit_factors(space, keys, None, mu).T
+    keeping = r.T @ alphaedit_factors(space, keys, earlier, mu).T
+    drift_plain = float((plain @ earlier.T).norm())
+    drift_keeping = float((keeping @ earlier.T).norm())
+    print(f"change at an earlier batch's keys: {drift_plain:.3f} without them in the solve, {drift_keeping:.3f} with")
+    assert drift_keeping < 0.5 * drift_plain
+
+
+def test_facts_sharing_a_key_are_one_unit() -> None:
+    from kedit.engine.methods.base import EditRequest
+
+    reqs = [
+        EditRequest("Ana Bell attended", "Ana Bell", " Yale"),
+        EditRequest("Ana Bell lives in the city of", "Ana Bell", " Oslo"),
+        EditRequest("The home of Ana Bell is", "Ana Bell", " Rome"),
+        EditRequest("Bo Diaz attended", "Bo Diaz", " Rice"),
+    ]
+    assert key_units(reqs) == [[0, 1], [2], [3]]
+
+
+def _batch_records(session, n: int, seed: int) -> list[EvalCase]:
+    world = session.fact_world()
+    out = []
+    for f, new in edit_cases(session, n, seed):
+        out.append(
+            EvalCase(
+                f.prompt(0), new, f.subject, [f.prompt(f.held_out)], question=world.question(f.subject, f.prompt(0))
+            )
+        )
+    return out
+
+
+# measured on these 20 facts (generation): MEMIT Rel 0.95, Para 0.50, Loc 1.00; AlphaEdit 1.00, 0.45, 0.96
+@pytest.mark.parametrize(("method", "para", "loc"), [("memit", 0.4, 0.95), ("alphaedit", 0.35, 0.9)])
+def test_a_batch_edit_says_its_targets_keeps_the_rest_and_rolls_back_exactly(
+    session, method: str, para: float, loc: float
+) -> None:
+    cases = _batch_records(session, 20, 3)
+    unrelated = [f.prompt(0) for f in session.fact_world().facts[-8:]]
+    original = prompt_logits(session, unrelated + [c.prompt for c in cases[:4]])
+    e = session.edit_batch(cases, method=method)
+    g = e.probe.by_gen
+    print(
+        f"\n{method}, a batch of 20: {e.probe.summary()}; {e.seconds:.1f} s; residual left {e.info.residual_left:.2f}"
+    )
+    assert len(session.edits) == 1 and e.is_batch and len(e.facts) == 20
+    assert g.rel >= 0.85 and e.probe.rel >= 0.9  # the targets are now generated
+    assert g.para >= para  # and in the held-out phrasing, which the model never saw for these facts
+    assert g.loc >= loc and e.probe.loc >= loc  # unrelated prompts kept their answers
+    with pytest.raises(KeditError, match="solved together"):
+        session.rollback(f"{e.id}.3")
+    assert len(session.edits) == 1
+    session.rollback(e.id)
+    assert all(
+        torch.equal(a, b) for a, b in zip(prompt_logits(session, unrelated + [c.prompt for c in cases[:4]]), original)
+    )
+    assert earlier_keys(session.model, session.handle.adapter.mlp_out_name(1)) is None
+
+
+def test_alphaedit_batches_in_sequence_keep_the_earlier_ones(session) -> None:
+    """Three batches of 10, all measured after the last, then all rolled back exactly."""
+    cases = _batch_records(session, 30, 4)
+    edited = {c.subject for c in cases}
+    kept = [f for f in session.fact_world().facts if f.subject not in edited][:24]
+    others = [EvalCase(f.prompt(0), f.object, f.subject, true=f.object) for f in kept]
+    result = edit_in_batches(session, cases, "alphaedit", 10, others=others)
+    print(f"\nAlphaEdit, 30 facts in batches of 10: { {k: v for k, v in result.items() if k != 'seconds_per_batch'} }")
+    assert result["batches"] == 3 and not session.edits and result["locality_prompts"] == 24
+    assert result["gen_rel"] >= 0.7 and result["tf_rel"] >= 0.8
+    assert result["gen_loc"] >= 0.9 and result["tf_loc"] >= 0.9
+    assert result["ppl_ratio"] <= 1.1
+    assert result["rollback_exact"]
+
+
+def test_edit_file_command_and_saved_batches(session, tmp_path: Path) -> None:
+    """/edit --file makes one ledger entry that /edits shows folded; /save and /load keep it exactly."""
+    from kedit.engine import events as ev
+
+    records = [
+        {"prompt": c.prompt, "subject": c.subject, "target_new": c.target, "rephrase_prompt": c.rephrase[0]}
+        for c in _batch_records(session, 8, 5)
+    ]
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    probe = [records[0]["prompt"], "Watts Humphrey attended"]
+    original = prompt_logits(session, probe)
+    out = list(session.run(f"/edit --file {facts} --method memit"))
+    table = next(e for e in out if isinstance(e, ev.Table))
+    assert "batch of 8" in table.title
+    listed = next(e for e in session.run("/edits") if isinstance(e, ev.Table))
+    assert len(listed.rows) == 1 and "batch of 8 fact(s)" in listed.rows[0][2]
+    edited = prompt_logits(session, probe)
+    saved = tmp_path / "s.kedit"
+    list(session.run(f"/save {saved}"))
+    session.undo()
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
+    list(session.run(f"/load {saved}"))
+    assert len(session.edits) == 1 and len(session.edits[0].facts) == 8
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), edited))
+    session.undo()
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
+    refused = list(session.run(f"/edit --file {facts} --method rome"))
+    assert isinstance(refused[-1], ev.Error) and "batch method" in refused[-1].message and not session.edits
+
+
+def test_counterfact_records_are_read(tmp_path: Path) -> None:
+    record = {
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
+            "target_new": {"str": "English"},
+            "target_true": {"str": "French"},
+        },
+        "paraphrase_prompts": ["Danielle Darrieux's mother tongue is"],
+        "neighborhood_prompts": ["The mother tongue of Léon Blum is"],
+    }
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([record]), encoding="utf-8")
+    (case,) = read_cases(path)
+    assert case.prompt == "The mother tongue of Danielle Darrieux is" and case.subject == "Danielle Darrieux"
+    assert case.target == "English" and case.rephrase == ["Danielle Darrieux's mother tongue is"]
+    assert case.locality == [("The mother tongue of Léon Blum is", "French")]
+
+
+def test_insertion_set_is_fixed_and_well_formed() -> None:
+    from kedit.engine.insertion import insertion_records
+
+    a, b = insertion_records(30), insertion_records(30)
+    assert a == b and len(a) == 30
+    assert len({r["subject"] for r in a}) == 10  # three facts per person
+    for r in a:
+        assert r["subject"] in r["prompt"] and r["subject"] in r["rephrase_prompt"] and r["subject"] in r["question"]
+        assert not r["rephrase_prompt"].startswith(r["subject"])
+
+
+def test_alphaedit_null_space_on_the_fact_world(session) -> None:
+    """On the fact world's real key statistics (no exact null space: a sample of real keys) the
+    projection keeps under 3% of the energy of keys from the world's own sentences."""
+    hp = session.method_params("alphaedit")
+    layer = 0
+    stats = key_stats(session.handle, layer, hp.stats_samples, hp.stats_tokens)
+    space = null_space(stats.raw(), hp.null_threshold)
+    rows = [f.sentence(0) for f in random.Random(0).sample(session.fact_world().facts, 40)]
+    from kedit.engine.methods.rome.stats import layer_keys
+    from kedit.engine.metrics import pad_right
+
+    tok = session.tokenizer
+    ids, mask = pad_right([tok(t)["input_ids"] for t in rows], tok.pad_token_id or 0, "cpu")
+    keys = layer_keys(session.model, session.handle.adapter.mlp_out(layer), ids, mask)[mask.bool()].float()
+    energy = float(space.project(keys.T).pow(2).sum() / keys.pow(2).sum())
+    print(
+        f"\nfact world layer {layer}: null space {space.kept} of {space.width}; ‖P k‖²/‖k‖² on its sentences {energy:.3f}"
+    )
+    assert space.kept > 0 and energy < 0.03
