@@ -92,13 +92,7 @@ def make_edit(
     handle = ctx.handle
     method = method or default_method(ctx.config)
     kind = method_named(method)
-    clean, subj = resolve_subject(prompt.strip(), subject)
-    if not target.strip():
-        raise KeditError("the target is empty: say what the model should answer")
-    target_text = as_continuation(clean, target)
-    _check_lengths(handle, clean, target_text)
-    for text in [*(paraphrases or ()), *([question] if question else [])]:
-        _check_lengths(handle, text, "")
+    clean, subj, target_text = _checked(handle, prompt, target, subject, paraphrases or [], question)
     if editor.world is not None:
         world = editor.world
         paraphrases = world.paraphrases(subj.text, clean) if paraphrases is None else paraphrases
@@ -172,6 +166,21 @@ def make_edit(
         return edit
 
 
+def _checked(
+    handle: ModelHandle, prompt: str, target: str, subject: str | None, paraphrases: list[str], question: str | None
+) -> tuple[str, Any, str]:
+    """The prompt without brackets, its subject, and the target as a continuation; refused if
+    the target is empty or any text is too long (see ``_check_lengths``)."""
+    clean, subj = resolve_subject(prompt.strip(), subject)
+    if not target.strip():
+        raise KeditError("the target is empty: say what the model should answer")
+    target_text = as_continuation(clean, target)
+    _check_lengths(handle, clean, target_text)
+    for text in [*paraphrases, *([question] if question else [])]:
+        _check_lengths(handle, text, "")
+    return clean, subj, target_text
+
+
 @contextmanager
 def _computing(method: str) -> Iterator[None]:
     """Computing an edit: running out of GPU memory or diverging is an error the user can act on
@@ -223,13 +232,9 @@ def make_batch_edit(
     facts: list[dict[str, Any]] = []
     for i, case in enumerate(cases):
         try:
-            clean, subj = resolve_subject(case.prompt.strip(), case.subject)
-            if not case.target.strip():
-                raise KeditError("the target is empty")
-            target_text = as_continuation(clean, case.target)
-            _check_lengths(handle, clean, target_text)
-            for text in [*case.rephrase, *([case.question] if case.question else [])]:
-                _check_lengths(handle, text, "")
+            clean, subj, target_text = _checked(
+                handle, case.prompt, case.target, case.subject, case.rephrase, case.question
+            )
         except KeditError as exc:
             raise KeditError(f"fact {i + 1} ({case.prompt!r}): {exc.message}") from None
         requests.append(EditRequest(clean, subj.text, target_text, tuple(case.rephrase)))

@@ -19,6 +19,9 @@ A recipe::
 ``gen_chat``, ``gen_loc``; teacher-forced ``tf_rel``, ``tf_gen``, ``tf_loc`` (also spelled ``rel``,
 ``gen``, ``loc``, EasyEdit's names), ``agree`` and ``kl``.
 
+``{here}`` in a step's ``run`` is the recipe's own folder, so a recipe names the files beside it
+wherever it is replayed from: ``run = '/edit --file "{here}/facts.jsonl" --method memit'``.
+
 A step's text is everything it printed: the reply, messages and tables. A step that ends in
 an error fails, unless ``expect_error`` names a part of the message (or is true). Recipes
 start from the model as loaded: no edits, no vectors, an empty chat.
@@ -170,6 +173,7 @@ def load_recipe(path: Path, registry) -> Recipe:
         line = _line_of(_STEP_INLINE, text) if "step" in data else 1
         raise RecipeError(f'{path}:{line}: no steps; add [[step]] tables with run = "..."')
     lines = _step_lines(text, len(raw_steps))
+    here = str(path.resolve().parent).replace("\\", "\\\\").replace('"', '\\"')  # inside a quoted word
     steps = []
     for i, raw in enumerate(raw_steps):
         line = lines[i]
@@ -182,6 +186,7 @@ def load_recipe(path: Path, registry) -> Recipe:
         run = raw.get("run")
         if not isinstance(run, str) or not run.strip():
             raise RecipeError(f'{where}: needs run = "a /command or a chat turn"')
+        run = run.replace("{here}", here)
         if run.strip().startswith("/") and not run.strip().startswith("//"):
             parsed = registry.parse(run.strip())
             if isinstance(parsed, ParseError):

@@ -95,3 +95,32 @@ def test_kedit_edit_saves_and_exports(fact_world_dir, tmp_path) -> None:
     assert _answer(tmp_path / "out", "Watts Humphrey attended").startswith(" University of Michigan")
     result = CliRunner().invoke(main, ["edit", "nothing here", "x"])
     assert result.exit_code == 1 and "cannot tell the subject" in result.output
+
+
+def test_kedit_edit_file_exports_a_merged_batch(fact_world_dir, tmp_path) -> None:
+    """`kedit edit --file` with MEMIT: one batch, its factors merged into every layer of its range
+    in the exported folder, which then says the new targets."""
+    facts = [json.loads(line) for line in (REPO / "recipes" / "fact-world-batch.jsonl").read_text().splitlines()]
+    result = CliRunner().invoke(
+        main,
+        [
+            "edit",
+            "--file",
+            str(REPO / "recipes" / "fact-world-batch.jsonl"),
+            "--method",
+            "memit",
+            "--export",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.output[result.output.index("{") :])
+    assert done["method"] == "memit" and len(done["facts"]) == len(facts) == 8
+    assert done["exported"]["merged_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    said = [_answer(tmp_path / "out", f["prompt"]) for f in facts]
+    hits = sum(f["target_new"] in s for f, s in zip(facts, said))
+    print(f"\nexported MEMIT batch: {hits}/8 prompts say their new target")
+    assert hits >= 7
+    both = CliRunner().invoke(main, ["edit", "Watts Humphrey attended", "x", "--file", "f.jsonl"])
+    assert both.exit_code == 2 and "not both" in both.output

@@ -232,3 +232,88 @@ def test_alphaedit_null_space_on_the_fact_world(session) -> None:
         f"\nfact world layer {layer}: null space {space.kept} of {space.width}; ‖P k‖²/‖k‖² on its sentences {energy:.3f}"
     )
     assert space.kept > 0 and energy < 0.03
+
+
+@pytest.fixture(scope="module")
+def session_4bit(fact_world_dir):
+    from kedit.engine.config import Config
+    from kedit.engine.session import Session
+
+    return Session.open(None, quant="4bit", config=Config.load(), show_progress=False)
+
+
+from test_rome_fact_world import BNB_AVX512  # noqa: E402  (the same bitsandbytes caveat as ROME's)
+
+
+@BNB_AVX512
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batches_on_a_4bit_load_leave_the_quantized_weights_alone(session_4bit, method: str) -> None:
+    s = session_4bit
+    modules = [s.handle.adapter.mlp_out(i) for i in (0, 1)]
+    packed = [m.weight.data.clone() for m in modules]
+    cases = _batch_records(s, 10, 6)
+    probe = [c.prompt for c in cases[:3]] + ["Watts Humphrey attended"]
+    original = prompt_logits(s, probe)
+    e = s.edit_batch(cases, method=method)
+    print(f"\n{method} on 4-bit, a batch of 10: {e.probe.summary()}")
+    assert e.probe.by_gen.rel >= 0.8 and e.probe.loc >= 0.9
+    assert all(torch.equal(m.weight.data, p) for m, p in zip(modules, packed))  # the NF4 bytes never change
+    s.undo()
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(s, probe), original))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_kept_prefix_passes_match_whole_rows(family: str) -> None:
+    """The value's passes that keep each row's tokens before δ as an attention cache give the
+    log-probabilities and δ's gradient of whole-row passes, on rows of different lengths."""
+    from tiny_models import build_tiny, char_tokenizer
+
+    from kedit.engine.arch import ArchAdapter
+    from kedit.engine.methods.memit.values import _KeptPrefix, _WholeRows, keeps_prefix
+    from kedit.engine.methods.reads import Reads
+
+    model, tok = build_tiny(family), char_tokenizer()
+    assert keeps_prefix(model)
+    adapter = ArchAdapter.for_model(model)
+    texts = [("Ann Lee went to", 6, " Yale"), ("Yes. Bo Diaz went to", 10, " Rice"), ("Cy is a", 2, " x")]
+    rows, at, reads = [], [], Reads()
+    for text, subject_end, target in texts:
+        ids = tok(text)["input_ids"]
+        target_ids = tok(target, add_special_tokens=False)["input_ids"]
+        rows.append(ids + target_ids[:-1])
+        at.append(subject_end)  # BOS then characters: the subject's last character
+        for j in range(len(target_ids)):
+            reads.at(len(rows) - 1, len(ids) - 1 + j)
+    groups = [[0, 1, 2]]
+    delta = torch.zeros(len(rows), adapter.hidden_size, requires_grad=True)
+    results = []
+    for runner in (
+        _KeptPrefix(model, tok, rows, at, groups, reads),
+        _WholeRows(model, tok, rows, at, groups, reads, adapter, 1),
+    ):
+        pos = runner.where(0)
+
+        def hook(mod, args, output, pos=pos):
+            hidden = adapter.residual(output)
+            moved = hidden.index_put((torch.arange(len(rows)), pos), delta * 1.0, accumulate=True)
+            return adapter.replace_residual(output, moved)
+
+        handle = adapter.layer(1).register_forward_hook(hook)
+        try:
+            with runner.passes():
+                logp, which = runner.run(0)
+        finally:
+            handle.remove()
+        ordered = logp[torch.argsort(which)]
+        (grad,) = torch.autograd.grad(ordered[:, 5].sum(), delta)
+        results.append((ordered.detach(), grad))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-4) and torch.allclose(ga, gb, atol=1e-4)
+
+
+def test_sliding_window_models_run_whole_rows() -> None:
+    from tiny_models import build_tiny
+
+    from kedit.engine.methods.memit.values import keeps_prefix
+
+    assert not keeps_prefix(build_tiny("gemma3_text"))

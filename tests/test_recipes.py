@@ -137,3 +137,16 @@ def test_record_refuses_to_start_on_an_edited_model_or_stop_when_idle(session, t
         assert session.recorder is None
     finally:
         session.rollback(edit.id)
+
+
+def test_here_is_the_recipe_folder(tmp_path: Path) -> None:
+    from kedit.engine.command_table import registry
+    from kedit.engine.recipes import load_recipe
+
+    folder = tmp_path / 'a "quoted" folder'
+    folder.mkdir()
+    path = folder / "r.toml"
+    path.write_text('[[step]]\nrun = \'/edit --file "{here}/facts.jsonl" --method memit\'\n', encoding="utf-8")
+    (step,) = load_recipe(path, registry()).steps
+    parsed = registry().parse(step.run)
+    assert parsed.args["file"] == f"{folder.resolve()}/facts.jsonl"

@@ -165,8 +165,16 @@ def replay(
 
 
 @main.command("edit")
-@click.argument("prompt")
-@click.argument("target")
+@click.argument("prompt", required=False)
+@click.argument("target", required=False)
+@click.option(
+    "--file",
+    "facts_file",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Edit a file of facts (EasyEdit/CounterFact JSON or JSONL, or real-facts JSONL) as one batch "
+    "with a batch method (memit, alphaedit), instead of PROMPT and TARGET.",
+)
 @method_option
 @click.option("--subject", default=None, help="The subject inside the prompt (default: inferred).")
 @click.option(
@@ -192,8 +200,9 @@ def replay(
 @click.option("--json", "as_json", is_flag=True, help="Print the edit and its probe as JSON.")
 @model_options
 def edit_cmd(
-    prompt: str,
-    target: str,
+    prompt: str | None,
+    target: str | None,
+    facts_file: Path | None,
     method: str | None,
     subject: str | None,
     save_to: Path | None,
@@ -205,20 +214,33 @@ def edit_cmd(
     dtype: str | None,
     device: str | None,
 ) -> None:
-    """Make one edit, show its probe, and keep the result with --save or --export."""
-    from kedit.engine.edit_commands import probe_table
+    """Make one edit (or a batch with --file), show its probe, and keep the result with --save or --export."""
+    from kedit.engine.edit_commands import batch_table, probe_table
+    from kedit.engine.evaluate import read_cases
     from kedit.engine.export import export_model
     from kedit.engine.persist import save_session
 
     if as_gguf and export_to is None:
         raise click.UsageError("--gguf says how to --export; give --export DIR too")
+    if facts_file is not None and (prompt or target or subject):
+        raise click.UsageError("give PROMPT and TARGET, or --file FACTS, not both")
+    if facts_file is None and not (prompt and target):
+        raise click.UsageError("give PROMPT and TARGET, or --file FACTS")
+    try:
+        cases = read_cases(facts_file) if facts_file is not None else None
+    except KeditError as exc:
+        raise click.ClickException(exc.message) from None
     session = open_session(model, quant, dtype, device)
     try:
-        edit = session.edit(prompt, target, subject=subject, method=method, progress=progress_on_stderr)
+        if cases is not None:
+            edit = session.edit_batch(cases, method=method, progress=progress_on_stderr)
+        else:
+            assert prompt is not None and target is not None
+            edit = session.edit(prompt, target, subject=subject, method=method, progress=progress_on_stderr)
     except KeditError as exc:
         raise click.ClickException(exc.message) from None
     if not as_json:
-        click.echo(ev.event_text(probe_table(edit)))
+        click.echo(ev.event_text(batch_table(edit) if edit.is_batch else probe_table(edit)))
     try:
         if save_to is not None:
             save_session(session, save_to)

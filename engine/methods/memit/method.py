@@ -95,19 +95,19 @@ class MemitMethod(MethodDefaults):
     keeps_keys = False  # whether later batches are solved to keep this one's keys (AlphaEdit)
 
     def layer(self, ctx: EditContext, hp: MemitParams) -> int:
-        """The top of the range: the last of ``layers``, ``layer``, else ``span - 1 - below`` above
-        the causal-tracing choice (ROME's, cached per model)."""
+        """The top of the range: ``layer`` (--layer), else the last of ``layers``, else
+        ``span - 1 - below`` above the causal-tracing choice (ROME's, cached per model)."""
         from kedit.engine.trace import best_edit_layer, cached_edit_layer
 
         n = ctx.handle.adapter.n_layers
+        if hp.layer is not None:
+            return check_layer(ctx.handle, hp.layer)
         if hp.layers is not None:
             if not hp.layers:
                 raise KeditError(f"{self.name}.layers is empty: name the layers to edit, or leave it out")
             for i in hp.layers:
                 check_layer(ctx.handle, int(i))
             return max(int(i) for i in hp.layers)
-        if hp.layer is not None:
-            return check_layer(ctx.handle, hp.layer)
         h = ctx.handle
 
         def trace() -> int:
@@ -159,7 +159,10 @@ class MemitMethod(MethodDefaults):
         timings: dict[str, float] = {"values": 0.0, "keys": 0.0, "solve": 0.0, "stats": 0.0}
 
         t = time.perf_counter()
-        stats = {i: self._stats(ctx, hp, i) for i in layers}
+        first = self._stats(ctx, hp, layers[0])  # computed (or read) before the values: the slow first time
+        source = first.source if first else "C = I (identity fallback, no statistics)"
+        for i in layers[1:]:
+            self._stats(ctx, hp, i)
         timings["stats"] = time.perf_counter() - t
 
         prefixes = ctx.contexts(hp.n_contexts, hp.context_tokens)
@@ -187,8 +190,11 @@ class MemitMethod(MethodDefaults):
                 now = residuals(handle, top, heads)
                 timings["keys"] += time.perf_counter() - t
                 t = time.perf_counter()
+                stats = self._stats(ctx, hp, at)  # one layer's C in memory at a time (a 7B's is 1.4 GB)
+                timings["stats"] += time.perf_counter() - t
+                t = time.perf_counter()
                 share = (targets.z - now.to(targets.z.device)) / (len(layers) - i)
-                v, dims = self._factors(ctx, hp, at, keys, stats[at])
+                v, dims = self._factors(ctx, hp, at, keys, stats)
                 null_dims.append(dims)
                 name = adapter.mlp_out_name(at)
                 part = LowRankPatch(sidecar(model, adapter.mlp_out(at), name), edit_id, share.T.contiguous(), v)
@@ -205,7 +211,6 @@ class MemitMethod(MethodDefaults):
                 part.revert()
         moved = (targets.z - h.to(targets.z.device)).norm(dim=1).clamp_min(1e-12)
         left = float(((targets.z - after).norm(dim=1) / moved).mean())
-        first = next((s for s in stats.values() if s is not None), None)
         info = MemitInfo(
             top,
             adapter.mlp_out_name(top),
@@ -215,7 +220,7 @@ class MemitMethod(MethodDefaults):
             timings,
             layers=list(layers),
             facts=len(requests),
-            stats_source=first.source if first else "C = I (identity fallback, no statistics)",
+            stats_source=source,
             residual_left=left,
             null_dims=null_dims if self.keeps_keys else [],
         )

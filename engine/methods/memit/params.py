@@ -16,9 +16,9 @@ class MemitParams(MethodParams):
     span: int = 5  # layers in the range (the papers' Llama settings: 4-8)
     below: int = 1  # with no layer given, the range starts this far below the traced layer
     v_steps: int = 25  # Adam steps on each fact's δ
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5  # on ‖δ‖ / ‖h‖², as the reference code has it
-    clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h‖, h the residual at L
+    v_lr: float = 1.5
+    v_weight_decay: float = 1e-3  # on ‖δ‖ / ‖h‖², as the reference code has it
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖h‖, h the residual at L
     kl_factor: float = 0.0625  # KL on "{subject} is a"
     nll_stop: float = 0.05  # a fact's δ stops once its target's mean NLL is below this
     n_contexts: int = 2  # context prefixes the model writes itself (plus the bare prompt)
@@ -32,8 +32,9 @@ class MemitParams(MethodParams):
     identity_c: bool = False  # C = I, named as such
 
     def range_of(self, top: int, n_layers: int) -> tuple[int, ...]:
-        """The layers edited when the top one is ``top``: ``layers``, else ``span`` layers ending at it."""
-        if self.layers is not None:
+        """The layers edited when the top one is ``top``: ``layers`` unless a ``layer`` was given,
+        else ``span`` layers ending at it."""
+        if self.layers is not None and self.layer is None:
             return tuple(sorted(set(int(i) for i in self.layers)))
         return tuple(range(max(0, top - self.span + 1), top + 1))
 
@@ -41,7 +42,6 @@ class MemitParams(MethodParams):
 @dataclass(frozen=True)
 class AlphaEditParams(MemitParams):
     section = "alphaedit"
-    v_lr: float = 0.1  # the paper's Llama3-8B setting
     stats_samples: int = 1600  # P needs many more tokens than the key width (51k for 1536-wide keys)
-    null_threshold: float = 0.02  # eigenvalues of C below this times their mean span the null space
+    null_threshold: float = 0.5  # eigenvalues of C below this times their mean span the null space
     l2: float = 10.0  # μ in the solve (the paper's 10), in units of C's mean eigenvalue

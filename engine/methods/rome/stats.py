@@ -148,6 +148,14 @@ def sampled_texts(handle, n: int, tokens: int, progress: Progress | None = None)
     return [t for t in out if t.strip()] or ["."]
 
 
+def _sampled_once(handle, n: int, tokens: int, progress: Progress | None = None) -> list[str]:
+    """``sampled_texts``, kept with the model: the layers of a range (MEMIT's) share one draw."""
+    kept: dict[tuple[int, int], list[str]] = handle.caches.setdefault("rome.sampled", {})
+    if (n, tokens) not in kept:
+        kept[(n, tokens)] = sampled_texts(handle, n, tokens, progress)
+    return kept[(n, tokens)]
+
+
 def digest(texts: Sequence[str]) -> str:
     """A short hash of texts: the cache tells one edition of a corpus file from another."""
     h = hashlib.sha256()
@@ -165,7 +173,7 @@ def corpora(handle, n: int, tokens: int, corpus: Path | None, progress: Progress
     own = Corpus(
         "sampled",
         f"text sampled from the model itself ({n} samples of up to {tokens} tokens)",
-        lambda: sampled_texts(handle, n, tokens, progress),
+        lambda: _sampled_once(handle, n, tokens, progress),
         False,
     )
     if not hub_reachable():
