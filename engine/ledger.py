@@ -107,6 +107,12 @@ class Ledger:
         """How many ids were handed out: a loaded session goes on from there."""
         return self._counter
 
+    def restart(self) -> None:
+        """Ids start again from e1: only with no edit in force (a recipe starts from the model as loaded)."""
+        if self.edits:
+            raise KeditError("ids can start again only with no edit in force")
+        self._counter = 0
+
     def bump(self, counter: int) -> None:
         self._counter = max(self._counter, counter)
 

@@ -217,10 +217,11 @@ def load_recipe(path: Path, registry) -> Recipe:
 
 
 def clear(session) -> None:
-    """Back to the model as loaded: no edits, no vectors, no chat."""
+    """Back to the model as loaded: no edits (and ids from e1 again), no vectors, no chat."""
     with session.lock:
         while session.edits:
             session.undo()
+        session.ledger.restart()  # its first edit is e1, whatever ran before it
         for name in list(session.steering.slots):
             session.steering.remove(name)
         session.reset()

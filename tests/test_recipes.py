@@ -146,7 +146,7 @@ def test_here_is_the_recipe_folder(tmp_path: Path) -> None:
     folder = tmp_path / 'a "quoted" folder'
     folder.mkdir()
     path = folder / "r.toml"
-    path.write_text('[[step]]\nrun = \'/edit --file "{here}/facts.jsonl" --method memit\'\n', encoding="utf-8")
+    path.write_text("[[step]]\nrun = '/edit --file \"{here}/facts.jsonl\" --method memit'\n", encoding="utf-8")
     (step,) = load_recipe(path, registry()).steps
     parsed = registry().parse(step.run)
     assert parsed.args["file"] == f"{folder.resolve()}/facts.jsonl"
