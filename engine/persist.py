@@ -131,7 +131,10 @@ def _check_record(session: Session, path: Path, record: dict[str, Any], tensors:
                 f"{path} holds a {e.get('method')!r} edit, which this kedit does not know "
                 f"(methods: {', '.join(METHODS)})"
             )
-        for name in [e.get("module"), *(e.get("modules") or [])]:
+        modules = e.get("modules") or []
+        if not isinstance(modules, list):
+            raise KeditError(f"{path} is damaged: edit {e.get('id')} has modules that are not a list")
+        for name in [e.get("module"), *modules]:
             if name not in editable:
                 raise KeditError(f"{path} is damaged: edit {e.get('id')} names {name!r}, not a module kedit edits")
         facts = e.get("facts", [])
