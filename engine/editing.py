@@ -105,15 +105,13 @@ def make_edit(
         raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with editor.lock:
-        from kedit.engine.probes import GenSettings, generations, locality_generations, probe, snapshot
+        from kedit.engine.probes import GenSettings, generations, probe
 
         started_loc = time.perf_counter()
         settings = GenSettings.from_config(ctx.config)
         # what the user will compare: the prompt, its paraphrases and the chat answer, unedited
         said_before = generations(handle, clean, list(request.paraphrases), question, settings)
-        loc = editor.locality({subj.text})
-        before = snapshot(handle, loc)
-        loc_before = locality_generations(handle, loc, settings)
+        loc, before, loc_before = _unedited_locality(editor, {subj.text}, settings)
         locality_seconds = time.perf_counter() - started_loc
         edit_id = editor.ledger.next_id()
         computing = time.perf_counter()
@@ -164,6 +162,16 @@ def make_edit(
         )
         editor.ledger.add(edit)
         return edit
+
+
+def _unedited_locality(editor: Editor, subjects: set[str], settings: Any) -> tuple[Any, Any, list[str]]:
+    """The locality prompts for an edit of ``subjects``, with the unedited model's teacher-forced
+    snapshot and generations on them, for the probe to compare with."""
+    from kedit.engine.probes import locality_generations, snapshot
+
+    handle = editor.ctx.handle
+    loc = editor.locality(subjects)
+    return loc, snapshot(handle, loc), locality_generations(handle, loc, settings)
 
 
 def _checked(
@@ -253,14 +261,12 @@ def make_batch_edit(
         raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with editor.lock:
-        from kedit.engine.probes import GenSettings, locality_generations, probe_batch, snapshot
+        from kedit.engine.probes import GenSettings, probe_batch
 
         settings = GenSettings.from_config(ctx.config)
         started_loc = time.perf_counter()
         if probe:
-            loc = editor.locality({r.subject for r in requests})
-            before = snapshot(handle, loc)
-            loc_before = locality_generations(handle, loc, settings)
+            loc, before, loc_before = _unedited_locality(editor, {r.subject for r in requests}, settings)
         locality_seconds = time.perf_counter() - started_loc
         edit_id = editor.ledger.next_id()
         computing = time.perf_counter()

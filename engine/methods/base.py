@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from kedit.engine.errors import ConfigError, KeditError
-from kedit.engine.patches import Patch
+from kedit.engine.patches import LowRankPatch, Patch, sidecar
 
 if TYPE_CHECKING:
     from kedit.engine.config import Config
@@ -233,6 +233,15 @@ def share_layer(handle: ModelHandle, hp: Any) -> int:
     n = handle.adapter.n_layers
     layer = hp.layer if hp.layer is not None else round(hp.layer_share * (n - 1))
     return check_layer(handle, layer)
+
+
+def synthetic_factors(handle: ModelHandle, layer: int, key: str, g: torch.Generator) -> LowRankPatch:
+    """A rank-one patch of small random factors on ``layer``'s MLP output projection, for the bench."""
+    module, name = handle.adapter.mlp_out(layer), handle.adapter.mlp_out_name(layer)
+    device = next(handle.model.parameters()).device
+    u = (torch.randn(handle.adapter.hidden_size, 1, generator=g) * 1e-2).to(device)
+    v = (torch.randn(handle.adapter.mlp_hidden_size, 1, generator=g) * 1e-2).to(device)
+    return LowRankPatch(sidecar(handle.model, module, name), key, u, v)
 
 
 def check_layer(handle: ModelHandle, layer: int) -> int:

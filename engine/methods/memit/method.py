@@ -12,7 +12,15 @@ from typing import Any
 import torch
 
 from kedit.engine.errors import KeditError
-from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, MethodInfo, check_layer
+from kedit.engine.methods.base import (
+    Computed,
+    EditContext,
+    EditRequest,
+    MethodDefaults,
+    MethodInfo,
+    check_layer,
+    synthetic_factors,
+)
 from kedit.engine.methods.memit.keys import fact_keys, residuals
 from kedit.engine.methods.memit.params import AlphaEditParams, MemitParams
 from kedit.engine.methods.memit.solve import NullSpace, alphaedit_factors, memit_factors, null_space
@@ -266,13 +274,10 @@ class MemitMethod(MethodDefaults):
         return patch
 
     def synthetic(self, handle: Any, hp: MemitParams, layer: int, i: int, g: torch.Generator) -> BatchPatch:
-        device = next(handle.model.parameters()).device
-        parts = []
-        for at in hp.range_of(layer, handle.adapter.n_layers):
-            module, name = handle.adapter.mlp_out(at), handle.adapter.mlp_out_name(at)
-            u = (torch.randn(handle.adapter.hidden_size, 1, generator=g) * 1e-2).to(device)
-            v = (torch.randn(handle.adapter.mlp_hidden_size, 1, generator=g) * 1e-2).to(device)
-            parts.append(LowRankPatch(sidecar(handle.model, module, name), f"bench-{self.name}-{i}", u, v))
+        parts = [
+            synthetic_factors(handle, at, f"bench-{self.name}-{i}", g)
+            for at in hp.range_of(layer, handle.adapter.n_layers)
+        ]
         return BatchPatch(parts, handle.model, {})
 
 

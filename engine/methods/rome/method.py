@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
-from kedit.engine.methods.base import Computed, EditContext, EditRequest, MethodDefaults, MethodInfo, check_layer
+from kedit.engine.methods.base import (
+    Computed,
+    EditContext,
+    EditRequest,
+    MethodDefaults,
+    MethodInfo,
+    check_layer,
+    synthetic_factors,
+)
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates, subject_keys
 from kedit.engine.methods.rome.phrasings import chat_prompts, neighbour_prompts, subject_openings
@@ -196,11 +204,7 @@ class RomeMethod(MethodDefaults):
         return patch
 
     def synthetic(self, handle: Any, hp: RomeParams, layer: int, i: int, g: torch.Generator) -> LowRankPatch:
-        module, name = handle.adapter.mlp_out(layer), handle.adapter.mlp_out_name(layer)
-        device = next(handle.model.parameters()).device
-        u = (torch.randn(handle.adapter.hidden_size, 1, generator=g) * 1e-2).to(device)
-        v = (torch.randn(handle.adapter.mlp_hidden_size, 1, generator=g) * 1e-2).to(device)
-        return LowRankPatch(sidecar(handle.model, module, name), f"bench-rome-{i}", u, v)
+        return synthetic_factors(handle, layer, f"bench-rome-{i}", g)
 
 
 METHOD = RomeMethod()
