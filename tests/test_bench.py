@@ -238,3 +238,60 @@ def test_a_random_shape_gets_a_word_tokenizer_and_benches(tmp_path) -> None:
     assert report["edits"]["rome"]["value"] > 0 and report["model"].startswith("random tiny-llama")
     with pytest.raises(KeditError, match="no shape gpt-9"):
         shape_handle(config, "gpt-9")
+
+
+def test_rome_value_with_kept_prefixes_matches_whole_rows() -> None:
+    """ROME's value run on the rows' tokens from each cut (the tokens before it kept as the
+    attention cache) reaches the δ of whole rows: the update reaches the kept tokens by at most
+    ``prefix_reach`` of δ, and every cut is where that share is first exceeded or the row's
+    first read."""
+    from tiny_models import build_tiny, char_tokenizer
+
+    from kedit.engine.arch import ArchAdapter
+    from kedit.engine.methods.hooks import capture_io
+    from kedit.engine.methods.reads import Reads
+    from kedit.engine.methods.rome.hparams import RomeParams
+    from kedit.engine.methods.rome.key import compute_key
+    from kedit.engine.methods.rome.update import update_direction
+    from kedit.engine.methods.rome.value import compute_value, prefix_cuts
+
+    model, tok = build_tiny("llama"), char_tokenizer()
+    adapter = ArchAdapter.for_model(model)
+    layer = 1
+    module = adapter.mlp_out(layer)
+    prompt, subject, contexts = "So Ann Lee went to", "Ann Lee", ["{}", "Well, yes. {}", "No! {}"]
+    key, v = compute_key(model, tok, module, prompt, subject, contexts)
+    direction = update_direction(key, key)
+
+    rows = [tok(c.format(prompt))["input_ids"] for c in contexts]
+    reads = Reads()
+    for r, row in enumerate(rows):
+        reads.at(r, len(row) - 1)
+    reach = 0.3
+    cut = prefix_cuts(model, tok, module, rows, [[0, 1, 2]], reads, direction, reach)
+    for r, row in enumerate(rows):
+        with torch.no_grad(), capture_io(module) as seen:
+            model(input_ids=torch.tensor([row]))
+        share = (seen["input"][0].float() @ direction).abs()
+        assert 0 < cut[r] <= len(row) - 1 and bool((share[: cut[r]] <= reach).all())
+        assert cut[r] == len(row) - 1 or float(share[cut[r]]) > reach
+
+    chat = ["Q: tell me of Ann Lee\nA: "]
+    args = (model, tok, module, prompt, subject, " Yale", contexts, v, direction)
+    whole = compute_value(
+        *args,
+        RomeParams(v_steps=12, nll_stop=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0, prefix_reach=0.0),
+        chat=chat,
+    )
+    kept = compute_value(
+        *args,
+        RomeParams(v_steps=12, nll_stop=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0, prefix_reach=reach),
+        adapter=adapter,
+        layer=layer,
+        chat=chat,
+    )
+    cos = torch.nn.functional.cosine_similarity(whole.delta, kept.delta, dim=0)
+    print(f"\nkept prefixes vs whole rows: cos(δ) {float(cos):.4f}, NLL {whole.nll_after:.3f} / {kept.nll_after:.3f}")
+    assert kept.nll_before == pytest.approx(whole.nll_before, rel=1e-4)  # δ = 0: the same computation
+    assert float(cos) > 0.95 and kept.nll_after == pytest.approx(whole.nll_after, rel=0.2)
+    assert kept.nll_after < kept.nll_before - 0.1  # and it moved (a random tiny model learns slowly)

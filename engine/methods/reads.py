@@ -1,21 +1,33 @@
-"""Reading a model's next-token log-probabilities only where a loss reads them.
+"""Reading a model's next-token log-probabilities only where a loss reads them, over rows that
+a training loop runs many times (ROME's and MEMIT's values).
 
-The vocabulary projection is the widest matmul of a small model's forward pass; a training loop
-that reads a few positions per row (ROME's and MEMIT's values) keeps logits at just those.
+The vocabulary projection is the widest matmul of a small model's forward pass; a loop that reads
+a few positions per row keeps logits at just those. Two ways to run the rows, with one interface:
+
+- ``WholeRows``: each pass runs whole rows, padded per group; the blocks below the changed layer
+  are replayed (kedit.engine.methods.replay).
+- ``KeptPrefix``: each row is cut in two. The tokens before the cut are run once, without
+  gradients, and kept as the attention cache; each pass runs only the rest of the row. That is
+  exact when the change the loop optimises cannot reach the tokens before the cut (MEMIT adds
+  δ at the subject's last token, and attention is causal). Not with sliding-window attention,
+  whose cache drops what slides out of the window (``keeps_prefix``).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 
-from kedit.engine.methods.replay import Replayer
+from kedit.engine.methods.replay import Replayer, replay_below
 from kedit.engine.metrics import pad_right
 
 
 class Reads:
-    """The (row, position) pairs whose next-token log-probabilities the loss reads, and how to
-    compute just those: one forward pass per group of rows, each padded to its own longest row,
-    keeping logits only at the positions read (the vocabulary projection is the widest matmul)."""
+    """The (row, position) pairs whose next-token log-probabilities the loss reads."""
 
     def __init__(self) -> None:
         self.pairs: list[tuple[int, int]] = []
@@ -24,30 +36,150 @@ class Reads:
         self.pairs.append((row, pos))
         return len(self.pairs) - 1
 
-    def plan(self, groups: list[list[int]], rows: list[list[int]], tokenizer, device) -> list[tuple]:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out = []
-        for group in groups:
-            local = {r: i for i, r in enumerate(group)}
-            mine = [(k, local[r], p) for k, (r, p) in enumerate(self.pairs) if r in local]
-            ids, mask = pad_right([rows[r] for r in group], pad, device)
-            keep = torch.tensor(sorted({p for _, _, p in mine}), dtype=torch.long, device=device)
-            slot = torch.full((ids.shape[1],), -1, dtype=torch.long, device=device)
-            slot[keep] = torch.arange(len(keep), device=device)
-            which = torch.tensor([k for k, _, _ in mine], dtype=torch.long, device=device)
-            at_row = torch.tensor([r for _, r, _ in mine], dtype=torch.long, device=device)
-            at_pos = slot[torch.tensor([p for _, _, p in mine], dtype=torch.long, device=device)]
-            out.append((ids, mask, keep, which, at_row, at_pos))
-        return out
+    def first(self, row: int) -> int | None:
+        """The earliest position read in ``row``; None if none is."""
+        return min((p for r, p in self.pairs if r == row), default=None)
 
-    def log_probs(self, model, plan: list[tuple], replayer: Replayer | None = None) -> torch.Tensor:
-        """(len(pairs), vocab): log-softmax of the next token at each pair, in the order added."""
-        parts, order = [], []
-        for g, (ids, mask, keep, which, at_row, at_pos) in enumerate(plan):
-            if replayer is not None:
-                replayer.batch(g)
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
-            parts.append(torch.log_softmax(logits[at_row, at_pos], dim=-1))
-            order.append(which)
-        flat = torch.cat(parts)
-        return flat[torch.argsort(torch.cat(order))]
+
+def keeps_prefix(model) -> bool:
+    """Whether a prefix can be kept as an attention cache: not with sliding-window attention
+    (a cache that drops what slides out of the window)."""
+    config = model.config
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return set(kinds) <= {"full_attention"}
+    return not getattr(config, "sliding_window", None)
+
+
+def _kept_reads(reads: Reads, group: list[int], start: list[int], width: int, device) -> tuple[torch.Tensor, ...]:
+    """For one group's pass over ``width`` tokens, each row's starting at ``start`` of the row:
+    the positions whose logits are kept, the reads' indices, and each read's (row, kept slot)."""
+    local = {r: i for i, r in enumerate(group)}
+    mine = [(k, local[r], p - start[local[r]]) for k, (r, p) in enumerate(reads.pairs) if r in local]
+    if any(p < 0 for _, _, p in mine):
+        raise ValueError("a read before its row's cut: the kept prefix would not see the change")
+    keep = torch.tensor(sorted({p for _, _, p in mine}), dtype=torch.long, device=device)
+    slot = torch.full((width,), -1, dtype=torch.long, device=device)
+    slot[keep] = torch.arange(len(keep), device=device)
+    which = torch.tensor([k for k, _, _ in mine], dtype=torch.long, device=device)
+    at_row = torch.tensor([i for _, i, _ in mine], dtype=torch.long, device=device)
+    at_pos = slot[torch.tensor([p for _, _, p in mine], dtype=torch.long, device=device)]
+    return keep, which, at_row, at_pos
+
+
+class _Runner:
+    """Runs groups of rows; subclasses say how. ``offset(g)`` is where each row of group g starts
+    in the tokens a pass runs (to place a change at a row position)."""
+
+    def __init__(self, model, adapter, layer: int) -> None:
+        self.model, self.adapter, self.layer = model, adapter, layer
+        self.replayer: Replayer | None = None
+        self.n_groups = 0
+
+    @contextmanager
+    def passes(self) -> Iterator[None]:
+        """Open around the loop: passes after a group's first skip the blocks below ``layer``."""
+        with replay_below(self.adapter, self.layer) as replayer:
+            self.replayer = replayer
+            try:
+                yield
+            finally:
+                self.replayer = None
+
+    def offset(self, g: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs at group g's reads, those reads' indices in ``Reads.pairs``)."""
+        raise NotImplementedError
+
+    def log_probs(self) -> torch.Tensor:
+        """(len(pairs), vocab): every group run, in the order the reads were added."""
+        parts, order = zip(*(self.run(g) for g in range(self.n_groups)))
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+    def _logits(self, g: int, **kwargs: Any) -> torch.Tensor:
+        if self.replayer is not None:
+            self.replayer.batch(g)
+        return self.model(**kwargs).logits.float()
+
+
+class WholeRows(_Runner):
+    """Each pass runs whole rows, each group padded to its own longest row."""
+
+    def __init__(self, model, tok, rows, groups, reads: Reads, adapter=None, layer: int = 0) -> None:
+        super().__init__(model, adapter, layer)
+        device = next(model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.plans: list[tuple[Any, ...]] = []
+        for group in groups:
+            ids, mask = pad_right([rows[r] for r in group], pad, device)
+            self.plans.append((ids, mask, *_kept_reads(reads, group, [0] * len(group), ids.shape[1], device)))
+        self.zero = [torch.zeros(len(group), dtype=torch.long, device=device) for group in groups]
+        self.n_groups = len(groups)
+
+    def offset(self, g: int) -> torch.Tensor:
+        return self.zero[g]
+
+    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, keep, which, at_row, at_pos = self.plans[g]
+        logits = self._logits(g, input_ids=ids, attention_mask=mask, logits_to_keep=keep)
+        return torch.log_softmax(logits[at_row, at_pos], dim=-1), which
+
+
+class KeptPrefix(_Runner):
+    """Each row cut at ``cut[row]``: the tokens before it run once and are kept as the attention
+    cache, and each pass runs the rest. Every read of a row must be at or after its cut. The same
+    computation as whole rows, up to rounding, for any change that leaves the tokens before the
+    cuts alone."""
+
+    def __init__(self, model, tok, rows, cut, groups, reads: Reads, adapter=None, layer: int = 0) -> None:
+        super().__init__(model, adapter, layer)
+        device = next(model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.plans: list[tuple[Any, ...]] = []
+        for group in groups:
+            pre = [rows[r][: cut[r]] for r in group]
+            suf = [rows[r][cut[r] :] for r in group]
+            n, lp, ls = len(group), max(len(p) for p in pre), max(len(x) for x in suf)
+            pre_ids = torch.full((n, lp), pad, dtype=torch.long, device=device)
+            pre_mask = torch.zeros((n, lp), dtype=torch.long, device=device)
+            pre_pos = torch.zeros((n, lp), dtype=torch.long, device=device)
+            suf_ids = torch.full((n, ls), pad, dtype=torch.long, device=device)
+            suf_mask = torch.zeros((n, ls), dtype=torch.long, device=device)
+            suf_pos = torch.zeros((n, ls), dtype=torch.long, device=device)
+            for i, (p, x) in enumerate(zip(pre, suf)):
+                if p:  # the prefix sits at the right end, next to its row's rest
+                    pre_ids[i, lp - len(p) :] = torch.tensor(p, device=device)
+                    pre_mask[i, lp - len(p) :] = 1
+                    pre_pos[i, lp - len(p) :] = torch.arange(len(p), device=device)
+                suf_ids[i, : len(x)] = torch.tensor(x, device=device)
+                suf_mask[i, : len(x)] = 1
+                suf_pos[i] = len(p) + torch.arange(ls, device=device)
+            cache = None
+            if lp:
+                with torch.no_grad():
+                    out = model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+                cache = out.cache
+            reading = _kept_reads(reads, group, [cut[r] for r in group], ls, device)
+            mask = torch.cat([pre_mask, suf_mask], dim=1)
+            offset = torch.tensor([cut[r] for r in group], dtype=torch.long, device=device)
+            self.plans.append((suf_ids, mask, suf_pos, cache, *reading, offset))
+        self.n_groups = len(groups)
+
+    def offset(self, g: int) -> torch.Tensor:
+        return self.plans[g][-1]
+
+    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, pos, cache, keep, which, at_row, at_pos, _ = self.plans[g]
+        past = copy.deepcopy(cache) if cache is not None else None  # a pass appends to the cache it is given
+        logits = self._logits(
+            g,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=past,
+            use_cache=past is not None,
+            logits_to_keep=keep,
+        )
+        return torch.log_softmax(logits[at_row, at_pos], dim=-1), which

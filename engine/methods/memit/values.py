@@ -20,16 +20,15 @@ is no longer run. The forward and backward pass of each group is done before the
 memory holds one group.
 
 Tokens before δ's position never see δ (attention is causal): where the model's attention cache
-allows it, they are run once and kept (``_KeptPrefix``), and each pass runs only the rest of each
-row, which on SmolLM2-135M made the values 2.5 times as fast. With sliding-window attention (the
-fact world) whole rows are run, with the blocks below L replayed (kedit.engine.methods.replay).
+allows it, they are run once and kept (kedit.engine.methods.reads.KeptPrefix), and each pass runs
+only the rest of each row, which on SmolLM2-135M made the values 2.5 times as fast. With
+sliding-window attention (the fact world) whole rows are run. Either way the blocks below L are
+replayed (kedit.engine.methods.replay).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +36,7 @@ import torch
 from kedit.engine.methods.base import EditRequest
 from kedit.engine.methods.hooks import frozen
 from kedit.engine.methods.memit.params import MemitParams
-from kedit.engine.methods.reads import Reads
-from kedit.engine.methods.replay import replay_below
+from kedit.engine.methods.reads import KeptPrefix, Reads, WholeRows, keeps_prefix
 from kedit.engine.subject import subject_last_token
 
 
@@ -49,110 +47,6 @@ class Targets:
     nll_before: torch.Tensor  # (units,)
     nll_after: torch.Tensor  # (units,)
     steps: int  # optimisation steps taken (the slowest unit's)
-
-
-class _WholeRows:
-    """Each pass runs whole rows; the blocks below L are replayed (kedit.engine.methods.replay)."""
-
-    def __init__(self, model, tok, rows, at, groups, reads: Reads, adapter, layer: int) -> None:
-        device = next(model.parameters()).device
-        self.model, self.adapter, self.layer = model, adapter, layer
-        self.plan = reads.plan(groups, rows, tok, device)
-        self.positions = [torch.tensor([at[r] for r in group], device=device) for group in groups]
-
-    @contextmanager
-    def passes(self) -> Iterator[None]:
-        with replay_below(self.adapter, self.layer) as replayer:
-            self.replayer = replayer
-            yield
-
-    def where(self, g: int) -> torch.Tensor:
-        """Where δ goes in each row of group g, in the tokens a pass runs."""
-        return self.positions[g]
-
-    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs at the group's reads, those reads' indices)."""
-        ids, mask, keep, which, at_row, at_pos = self.plan[g]
-        self.replayer.batch(g)
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
-        return torch.log_softmax(logits[at_row, at_pos], dim=-1), which
-
-
-class _KeptPrefix:
-    """Each row split where δ goes: the tokens before it never see δ (attention is causal), so
-    they are run once, without gradients, and kept as the attention cache; each pass runs only
-    the rest of the row (for a fact about a person: about 3 tokens of 15). The same
-    computation as whole rows, up to rounding."""
-
-    def __init__(self, model, tok, rows, at, groups, reads: Reads) -> None:
-        device = next(model.parameters()).device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.model = model
-        self.plans = []
-        for group in groups:
-            pre = [rows[r][: at[r]] for r in group]
-            suf = [rows[r][at[r] :] for r in group]
-            n, lp, ls = len(group), max(len(p) for p in pre), max(len(x) for x in suf)
-            pre_ids = torch.full((n, lp), pad, dtype=torch.long, device=device)
-            pre_mask = torch.zeros((n, lp), dtype=torch.long, device=device)
-            pre_pos = torch.zeros((n, lp), dtype=torch.long, device=device)
-            suf_ids = torch.full((n, ls), pad, dtype=torch.long, device=device)
-            suf_mask = torch.zeros((n, ls), dtype=torch.long, device=device)
-            suf_pos = torch.zeros((n, ls), dtype=torch.long, device=device)
-            for i, (p, x) in enumerate(zip(pre, suf)):
-                if p:  # the prefix sits at the right end, next to its row's rest
-                    pre_ids[i, lp - len(p) :] = torch.tensor(p, device=device)
-                    pre_mask[i, lp - len(p) :] = 1
-                    pre_pos[i, lp - len(p) :] = torch.arange(len(p), device=device)
-                suf_ids[i, : len(x)] = torch.tensor(x, device=device)
-                suf_mask[i, : len(x)] = 1
-                suf_pos[i] = len(p) + torch.arange(ls, device=device)
-            cache = None
-            if lp:
-                with torch.no_grad():
-                    out = model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
-                cache = out.cache
-            local = {r: i for i, r in enumerate(group)}
-            mine = [(k, local[r], p - at[r]) for k, (r, p) in enumerate(reads.pairs) if r in local]
-            keep = torch.tensor(sorted({p for _, _, p in mine}), dtype=torch.long, device=device)
-            slot = torch.full((ls,), -1, dtype=torch.long, device=device)
-            slot[keep] = torch.arange(len(keep), device=device)
-            which = torch.tensor([k for k, _, _ in mine], dtype=torch.long, device=device)
-            at_row = torch.tensor([i for _, i, _ in mine], dtype=torch.long, device=device)
-            at_pos = slot[torch.tensor([p for _, _, p in mine], dtype=torch.long, device=device)]
-            mask = torch.cat([pre_mask, suf_mask], dim=1)
-            self.plans.append((suf_ids, mask, suf_pos, cache, keep, which, at_row, at_pos))
-        self.zero = [torch.zeros(len(group), dtype=torch.long, device=device) for group in groups]
-
-    @contextmanager
-    def passes(self) -> Iterator[None]:
-        yield
-
-    def where(self, g: int) -> torch.Tensor:
-        return self.zero[g]  # each pass starts at δ's token
-
-    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask, pos, cache, keep, which, at_row, at_pos = self.plans[g]
-        past = copy.deepcopy(cache) if cache is not None else None  # a pass appends to the cache it is given
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=past,
-            use_cache=past is not None,
-            logits_to_keep=keep,
-        ).logits.float()
-        return torch.log_softmax(logits[at_row, at_pos], dim=-1), which
-
-
-def keeps_prefix(model) -> bool:
-    """Whether a prefix can be kept as an attention cache: not with sliding-window attention
-    (a cache that drops what slides out of the window)."""
-    config = model.config
-    kinds = getattr(config, "layer_types", None)
-    if kinds:
-        return set(kinds) <= {"full_attention"}
-    return not getattr(config, "sliding_window", None)
 
 
 def compute_targets(
@@ -205,10 +99,11 @@ def compute_targets(
         groups[-1].append(row)
         kl_reads.append(reads.at(row, len(rows[row]) - 1))
     runner = (
-        _KeptPrefix(model, tok, rows, at, groups, reads)
+        KeptPrefix(model, tok, rows, at, groups, reads, adapter, layer)
         if keeps_prefix(model)
-        else _WholeRows(model, tok, rows, at, groups, reads, adapter, layer)
+        else WholeRows(model, tok, rows, groups, reads, adapter, layer)
     )
+    at_t = torch.tensor(at, device=device)
 
     h = h.to(device=device, dtype=torch.float32)
     h_norm = h.norm(dim=1).clamp_min(1e-6)
@@ -241,7 +136,9 @@ def compute_targets(
                         continue
                     local = torch.tensor(group, device=device)
                     current.update(
-                        rows=torch.arange(len(group), device=device), pos=runner.where(g), units=unit_t[local]
+                        rows=torch.arange(len(group), device=device),
+                        pos=at_t[local] - runner.offset(g),
+                        units=unit_t[local],
                     )
                     logp, which = runner.run(g)  # in the order of ``which``
                     slot = {k: n for n, k in enumerate(which.tolist())}

@@ -19,6 +19,9 @@ class RomeParams(MethodParams):
     kl_factor: float = 0.0625  # weight of KL on "{subject} is a"
     wording_kl: float = 1.0  # weight of KL on the prompt's own words after the subject (0: the paper)
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v‖
+    # a row's tokens before the first the update reaches by more than this share of δ are run
+    # once and kept as the attention cache (value.prefix_cuts); 0: whole rows on every pass
+    prefix_reach: float = 0.25
     nll_stop: float = 0.05  # stop early once the target's mean NLL is below this
     n_contexts: int = 5  # context prefixes the model writes itself
     context_tokens: int = 10  # length of each prefix

@@ -18,6 +18,16 @@ to C⁻¹k* (a first name right before the last one can carry half of it). So δ
 here exactly as the update will add it: at each position, scaled by that coefficient,
 which is 1 at k*. The optimised loss is then the loss of the edited model itself, and
 an edit that converged here holds after the update.
+
+Most tokens of a row come before the subject (a context prefix, the chat template's system
+turn), and the update reaches them only by a few percent of δ (SmolLM2-135M: mean 0.02-0.05,
+the subject's own tokens about 1). Where the model's attention cache allows it, each row's
+tokens before the first that the update reaches by more than ``prefix_reach`` of δ are run
+once, without δ, and kept as the attention cache (``prefix_cuts``,
+kedit.engine.methods.reads.KeptPrefix); each pass runs only the rest. That leaves out of the
+optimisation at most ``prefix_reach`` · δ at each kept token, and runs a third of the tokens:
+on SmolLM2-135M each step took 0.6 s instead of 1.2 s, and the edits reached the same NLL.
+``prefix_reach = 0``, and models with sliding-window attention, run whole rows.
 """
 
 from __future__ import annotations
@@ -28,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.engine.methods.hooks import frozen
-from kedit.engine.methods.reads import Reads
-from kedit.engine.methods.replay import replay_below
+from kedit.engine.methods.hooks import capture_io, frozen
+from kedit.engine.methods.reads import KeptPrefix, Reads, WholeRows, keeps_prefix
 from kedit.engine.methods.rome.hparams import RomeParams
+from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token, subject_token_span
 
 
@@ -56,6 +66,30 @@ def add_along(module: torch.nn.Module, direction: torch.Tensor, delta: torch.Ten
         yield
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def prefix_cuts(
+    model, tokenizer, module, rows, groups, reads: Reads, direction: torch.Tensor, reach: float
+) -> list[int]:
+    """Where each row can be cut for kedit.engine.methods.reads.KeptPrefix: before the first
+    position the update reaches by more than ``reach`` of δ (|directionᵀx| at the module's
+    input x), and before the row's first read. What the update adds before the cut is left
+    out of the optimisation: at most ``reach`` of δ at each such position."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cut = [0] * len(rows)
+    for group in groups:
+        ids, mask = pad_right([rows[r] for r in group], pad, device)
+        with capture_io(module) as seen:
+            model(input_ids=ids, attention_mask=mask)
+        share = (seen["input"].float() @ direction).abs()  # (rows, positions)
+        for i, r in enumerate(group):
+            over = torch.nonzero(share[i, : len(rows[r])] > reach)
+            first = int(over[0, 0]) if len(over) else len(rows[r])
+            read = reads.first(r)
+            cut[r] = min(first, len(rows[r]) if read is None else read)
+    return cut
 
 
 def compute_value(
@@ -120,9 +154,13 @@ def compute_value(
             r_at.append(reads.at(len(rewrite) + i, t - 1))
             r_tok.append(rows[len(rewrite) + i][t])
     # one forward pass per kind of row (plain with the KL row, chat): no row is padded to a chat row's length
-    groups = [list(range(len(rewrite))) + [n], list(range(len(rewrite), n))]
-    plan = reads.plan([g for g in groups if g], rows, tokenizer, device)
+    groups = [g for g in (list(range(len(rewrite))) + [n], list(range(len(rewrite), n))) if g]
     direction = direction.to(device=device, dtype=torch.float32)
+    if hp.prefix_reach > 0 and keeps_prefix(model):
+        cut = prefix_cuts(model, tokenizer, module, rows, groups, reads, direction, hp.prefix_reach)
+        runner: WholeRows | KeptPrefix = KeptPrefix(model, tokenizer, rows, cut, groups, reads, adapter, layer)
+    else:
+        runner = WholeRows(model, tokenizer, rows, groups, reads, adapter, layer)
     tgt = torch.tensor(target_ids, device=device)
     tgt_idx = torch.tensor(tgt_at, dtype=torch.long, device=device)  # (n, len(target))
     w_idx = torch.tensor(w_at, dtype=torch.long, device=device)
@@ -135,10 +173,10 @@ def compute_value(
     kl_before: torch.Tensor | None = None
     nll_first = nll = float("nan")
     steps = 0
-    with frozen(model), replay_below(adapter, layer) as replayer:
+    with frozen(model), runner.passes():
         for step in range(hp.v_steps + 1):
             with add_along(module, direction, delta):
-                logp = reads.log_probs(model, plan, replayer)  # (reads, vocab)
+                logp = runner.log_probs()  # (reads, vocab)
             tok_logp = logp[tgt_idx, tgt[None, :]]  # (n, len(target))
             nll_t = -tok_logp.mean(1).mean()
             kl_now = logp[kl_at]
