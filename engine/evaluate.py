@@ -445,12 +445,34 @@ def locality_cases(
     cases: Sequence[EvalCase], others: Sequence[EvalCase]
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """The prompts (and chat questions) whose answers a run of edits must keep: every case's own
-    locality pairs and, from ``others`` (a real-facts file), each fact the model knows."""
+    locality pairs and, from ``others`` (a real-facts file), each fact the model knows; none
+    about a subject the run edits, nor one of its own prompts or questions (a real-facts file's
+    records are each other's locality)."""
     edited = {c.subject for c in cases if c.subject}
-    pairs = list(dict.fromkeys(p for c in cases for p in c.locality))
-    pairs += [(o.prompt, o.true) for o in others if o.true and o.subject not in edited]
-    chat = [(o.question, o.true) for o in others if o.true and o.question and o.subject not in edited]
+    asked = {c.prompt for c in cases} | {c.question for c in cases if c.question}
+    pairs = [p for c in cases for p in c.locality if p[0] not in asked]
+    pairs += [(o.prompt, o.true) for o in others if o.true and o.subject not in edited and o.prompt not in asked]
+    chat = [
+        (o.question, o.true)
+        for o in others
+        if o.true and o.question and o.subject not in edited and o.question not in asked
+    ]
     return list(dict.fromkeys(pairs)), list(dict.fromkeys(chat))
+
+
+def _facts(edit, cases: Sequence[EvalCase]) -> list[dict[str, Any]]:
+    """The facts an edit of ``cases`` made, as ``probes.batch_figures`` reads them; paraphrases
+    are left out where the unedited model did not answer them (``paraphrase_known`` false)."""
+    facts = edit.facts or [
+        {
+            "prompt": edit.prompt,
+            "subject": edit.subject,
+            "target": edit.target,
+            "paraphrases": list(edit.paraphrases),
+            "question": edit.question,
+        }
+    ]
+    return [f if c.paraphrase_known is not False else {**f, "paraphrases": []} for f, c in zip(facts, cases)]
 
 
 @torch.no_grad()
@@ -472,7 +494,8 @@ def edit_in_batches(
     others: Sequence[EvalCase] = (),
 ) -> dict[str, Any]:
     """Edit ``cases`` in batches of ``batch`` (each one ledger entry), one after another, then
-    measure every fact after the last batch, by both protocols:
+    measure every fact after the last batch, by both protocols. A method that edits one fact at
+    a time (ROME, GRACE, WISE) takes ``batch`` 1: sequential single edits, measured the same way.
 
     - by generation: Rel (the prompt's completion names the target), Para (the paraphrases'),
       Chat (the question's answer names subject and target, chat models), Loc (locality prompts
@@ -484,15 +507,24 @@ def edit_in_batches(
 
     Then every batch is rolled back, newest first, and the logits on the locality prompts are
     compared with the unedited model's (``rollback_exact``: ``torch.equal``)."""
-    from kedit.engine.metrics import NEUTRAL_TEXT, greedy, kept_share, perplexity
+    from kedit.engine.editing import default_method
+    from kedit.engine.methods.table import method_named
+    from kedit.engine.metrics import NEUTRAL_TEXT, greedy, kept_share, lost, perplexity
     from kedit.engine.probes import GenSettings, LocalitySet, batch_figures, locality, snapshot
 
     if batch < 1:
         raise KeditError("--batch takes a positive number of facts")
+    method = method or default_method(session.config)
+    one_by_one = not method_named(method).batches
+    if one_by_one and batch != 1:
+        raise KeditError(f"{method} edits one fact at a time: use --batch 1, or a batch method (memit, alphaedit)")
     handle = session.handle
     settings = GenSettings.from_config(session.config)
     loc_pairs, loc_chat = locality_cases(cases, others)
-    loc = LocalitySet([p for p, _ in loc_pairs], [as_continuation(p, a) for p, a in loc_pairs])
+    if loc_pairs:
+        loc = LocalitySet([p for p, _ in loc_pairs], [as_continuation(p, a) for p, a in loc_pairs])
+    else:  # nothing left unedited: kedit.toml's locality prompts, with the model's own answers
+        loc = session.locality(exclude={c.subject for c in cases if c.subject})
     with session.lock:
         before = snapshot(handle, loc) if loc.prompts else []
         loc_said = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens) if loc.prompts else []
@@ -506,11 +538,25 @@ def edit_in_batches(
         chunks = [list(cases[i : i + batch]) for i in range(0, len(cases), batch)]
         for n, chunk in enumerate(chunks):
             started = time.perf_counter()
-            made.append(session.edit_batch(chunk, method=method, probe=False))
-            seconds.append(time.perf_counter() - started)
+            if one_by_one:  # the edit's own compute time: it probes itself as well
+                c = chunk[0]
+                made.append(
+                    session.edit(
+                        c.prompt,
+                        c.target,
+                        subject=c.subject,
+                        method=method,
+                        paraphrases=c.rephrase,
+                        question=c.question,
+                    )
+                )
+                seconds.append(made[-1].info.timings["compute"])
+            else:
+                made.append(session.edit_batch(chunk, method=method, probe=False))
+                seconds.append(time.perf_counter() - started)
             if progress:
-                progress(f"batches of {batch}", n + 1, len(chunks))
-        facts = [f for e in made for f in e.facts]
+                progress(f"batches of {batch}" if not one_by_one else "edits, one after another", n + 1, len(chunks))
+        facts = [f for e, chunk in zip(made, chunks) for f in _facts(e, chunk)]
         with session.lock:
             if progress:
                 progress("measuring every fact after the last batch", 0, 1)
@@ -518,7 +564,12 @@ def edit_in_batches(
             moved = locality(handle, loc, before) if loc.prompts else None
             now = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens) if loc.prompts else []
             kept = kept_share(loc.answers, loc_said, now) if loc.prompts else None
-            chat_kept_now = chat_kept(handle, loc_chat, chat_before, settings) if loc_chat else None
+            questions = [q for q, _ in loc_chat]
+            chat_now = chat_answers(handle, questions, settings) if loc_chat else []
+            chat_was = [chat_before[q] for q in questions]
+            chat_kept_now = kept_share([a for _, a in loc_chat], chat_was, chat_now) if loc_chat else None
+            gone = [(loc.prompts[i], now[i]) for i in lost(loc.answers, loc_said, now)] if loc.prompts else []
+            gone_chat = [(questions[i], chat_now[i]) for i in lost([a for _, a in loc_chat], chat_was, chat_now)]
             ppl_after = perplexity(handle.model, handle.tokenizer, NEUTRAL_TEXT)
     finally:
         for edit in reversed(made):
@@ -547,4 +598,6 @@ def edit_in_batches(
         "rollback_exact": exact,
         "locality_prompts": len(loc.prompts),
         "locality_questions": len(loc_chat),
+        "loc_lost": gone,  # (prompt, what it generates now) for each one that lost its answer
+        "loc_chat_lost": gone_chat,
     }

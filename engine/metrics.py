@@ -240,3 +240,12 @@ def kept_share(answers: Sequence[str], before: Sequence[str], after: Sequence[st
     the share that still mention it now. None when none did before."""
     held = [(a, now) for a, was, now in zip(answers, before, after, strict=True) if mentions(was, a)]
     return sum(mentions(now, a) for a, now in held) / len(held) if held else None
+
+
+def lost(answers: Sequence[str], before: Sequence[str], after: Sequence[str]) -> list[int]:
+    """The indices of the prompts whose generation mentioned their answer before and not now."""
+    return [
+        i
+        for i, (a, was, now) in enumerate(zip(answers, before, after, strict=True))
+        if mentions(was, a) and not mentions(now, a)
+    ]

@@ -284,8 +284,9 @@ def edit_cmd(
     default=None,
     type=int,
     metavar="B",
-    help="With --sequential and a batch method (memit, alphaedit): edit in batches of B facts, "
-    "then report both protocols, perplexity on neutral text, edits per minute and exact rollback.",
+    help="With --sequential: edit in batches of B facts with a batch method (memit, alphaedit), or "
+    "one by one with --batch 1 (rome, grace, wise); then report both protocols, perplexity on "
+    "neutral text, edits per minute and exact rollback.",
 )
 @click.option(
     "--locality",
@@ -419,6 +420,9 @@ def _eval_batches(
     click.echo(
         f"  rollback of every batch: logits {'equal' if result['rollback_exact'] else 'NOT equal'} to the unedited model's"
     )
+    for label, key in (("completed", "loc_lost"), ("asked in chat", "loc_chat_lost")):
+        for prompt, said in result[key]:
+            click.echo(f"  lost its answer, {label}: {prompt!r} → {said.strip()[:60]!r}")
 
 
 @main.command("export")
