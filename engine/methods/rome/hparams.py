@@ -30,7 +30,7 @@ class RomeParams(MethodParams):
     ridge: float = 1e-2  # C + ridge·mean(diag C)·I: shrinkage for a finite sample
     identity_c: bool = False  # use C = I (no statistics), named as such
     # wordings beyond the prompt (kedit.engine.methods.rome.phrasings); 0 / False: the paper's ROME
-    chat_asks: int = 4  # chat requests δ is also optimised under (chat models only)
+    chat_asks: int = 2  # chat requests δ is also optimised under (chat models only)
     restate_weight: float = 1.0  # weight of the NLL of the subject restated in those answers
     restate: str = "answer"  # what of the restated prompt that NLL reads: "subject" or the whole "answer"
     opening_key: bool = False  # the update fires on the subject opening a text too (see phrasings)
