@@ -9,8 +9,10 @@ a few positions per row keeps logits at just those. Two ways to run the rows, wi
 - ``KeptPrefix``: each row is cut in two. The tokens before the cut are run once, without
   gradients, and kept as the attention cache; each pass runs only the rest of the row. That is
   exact when the change the loop optimises cannot reach the tokens before the cut (MEMIT adds
-  δ at the subject's last token, and attention is causal). Not with sliding-window attention,
-  whose cache drops what slides out of the window (``keeps_prefix``).
+  δ at the subject's last token, and attention is causal). ROME's update reaches every token a
+  little; kedit.engine.methods.rome.value.prefix_cuts bounds what is left out. Not with
+  sliding-window attention, whose cache drops what slides out of the window (``keeps_prefix``).
+  Passes after a group's first replay the blocks below the changed layer here too.
 """
 
 from __future__ import annotations
