@@ -337,6 +337,13 @@ def _measure(
     return row
 
 
+def _edit_case(session, case: EvalCase, method: str | None):
+    """One record as a single edit, with its paraphrases and question for the edit's probe."""
+    return session.edit(
+        case.prompt, case.target, subject=case.subject, method=method, paraphrases=case.rephrase, question=case.question
+    )
+
+
 def edit_and_measure(
     session,
     cases: Sequence[EvalCase],
@@ -372,14 +379,7 @@ def edit_and_measure(
     made = []
     try:
         for i, case in enumerate(cases):
-            edit = session.edit(
-                case.prompt,
-                case.target,
-                subject=case.subject,
-                method=method,
-                paraphrases=case.rephrase,
-                question=case.question,
-            )
+            edit = _edit_case(session, case, method)
             made.append(edit)
             row = {
                 "case": i,
@@ -539,17 +539,7 @@ def edit_in_batches(
         for n, chunk in enumerate(chunks):
             started = time.perf_counter()
             if one_by_one:  # the edit's own compute time: it probes itself as well
-                c = chunk[0]
-                made.append(
-                    session.edit(
-                        c.prompt,
-                        c.target,
-                        subject=c.subject,
-                        method=method,
-                        paraphrases=c.rephrase,
-                        question=c.question,
-                    )
-                )
+                made.append(_edit_case(session, chunk[0], method))
                 seconds.append(made[-1].info.timings["compute"])
             else:
                 made.append(session.edit_batch(chunk, method=method, probe=False))
@@ -563,13 +553,13 @@ def edit_in_batches(
             rel, gen, g = batch_figures(handle, facts, settings)
             moved = locality(handle, loc, before) if loc.prompts else None
             now = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens) if loc.prompts else []
-            kept = kept_share(loc.answers, loc_said, now) if loc.prompts else None
-            questions = [q for q, _ in loc_chat]
+            questions, chat_truth = [q for q, _ in loc_chat], [a for _, a in loc_chat]
             chat_now = chat_answers(handle, questions, settings) if loc_chat else []
             chat_was = [chat_before[q] for q in questions]
-            chat_kept_now = kept_share([a for _, a in loc_chat], chat_was, chat_now) if loc_chat else None
-            gone = [(loc.prompts[i], now[i]) for i in lost(loc.answers, loc_said, now)] if loc.prompts else []
-            gone_chat = [(questions[i], chat_now[i]) for i in lost([a for _, a in loc_chat], chat_was, chat_now)]
+            kept = kept_share(loc.answers, loc_said, now)  # None where none was answered before
+            chat_kept_now = kept_share(chat_truth, chat_was, chat_now)
+            gone = [(loc.prompts[i], now[i]) for i in lost(loc.answers, loc_said, now)]
+            gone_chat = [(questions[i], chat_now[i]) for i in lost(chat_truth, chat_was, chat_now)]
             ppl_after = perplexity(handle.model, handle.tokenizer, NEUTRAL_TEXT)
     finally:
         for edit in reversed(made):
