@@ -332,6 +332,35 @@ def test_kept_prefix_passes_match_whole_rows(family: str) -> None:
         assert torch.allclose(a, b, atol=1e-4) and torch.allclose(ga, gb, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_runners_read_the_models_own_log_probs(family: str) -> None:
+    """The runners project the reads of every group in one vocabulary matmul, outside the model's
+    forward: what they give is the model's own log-softmax at those positions (Gemma 2's logit
+    cap included), for any grouping and for a single group's ``run``."""
+    from tiny_models import build_tiny, char_tokenizer
+
+    from kedit.engine.methods.reads import Reads, WholeRows
+
+    # a tiny random model's logits are small: a low cap is what makes it bend them
+    capped = {"final_logit_softcapping": 0.05} if family == "gemma2" else {}
+    model, tok = build_tiny(family, **capped), char_tokenizer()
+    texts = ["Ann Lee went to Yale", "Bo went", "Cy is a cat"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    reads = Reads()
+    spots = [(0, 3), (2, 9), (1, 5), (0, 17), (2, 1)]
+    for r, p in spots:
+        reads.at(r, p)
+    with torch.no_grad():
+        own = torch.stack(
+            [torch.log_softmax(model(input_ids=torch.tensor([rows[r]])).logits[0, p].float(), -1) for r, p in spots]
+        )
+        merged = WholeRows(model, tok, rows, [[0, 2], [1]], reads).log_probs()
+        one = WholeRows(model, tok, rows, [[0, 1, 2]], reads)
+        single, which = one.run(0)
+    assert torch.allclose(merged, own, atol=1e-5)
+    assert torch.allclose(single[torch.argsort(which)], own, atol=1e-5)
+
+
 def test_sliding_window_models_run_whole_rows() -> None:
     from tiny_models import build_tiny
 

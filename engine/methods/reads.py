@@ -2,7 +2,9 @@
 a training loop runs many times (ROME's and MEMIT's values).
 
 The vocabulary projection is the widest matmul of a small model's forward pass; a loop that reads
-a few positions per row keeps logits at just those. Two ways to run the rows, with one interface:
+a few positions per row projects just those, and in one matmul for all groups of rows (on a CPU
+that matmul is bound by reading the projection's weights, so one call costs about what one group's
+did). Two ways to run the rows, with one interface:
 
 - ``WholeRows``: each pass runs whole rows, padded per group; the blocks below the changed layer
   are replayed (kedit.engine.methods.replay).
@@ -91,19 +93,36 @@ class _Runner:
     def offset(self, g: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the final hidden states at group g's reads, those reads' indices in ``Reads.pairs``)."""
+        raise NotImplementedError
+
     def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs at group g's reads, those reads' indices in ``Reads.pairs``)."""
-        raise NotImplementedError
+        h, which = self.hidden(g)
+        return self.head(h), which
 
     def log_probs(self) -> torch.Tensor:
         """(len(pairs), vocab): every group run, in the order the reads were added."""
-        parts, order = zip(*(self.run(g) for g in range(self.n_groups)))
-        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+        parts, order = zip(*(self.hidden(g) for g in range(self.n_groups)))
+        return self.head(torch.cat(parts)[torch.argsort(torch.cat(order))])
 
-    def _logits(self, g: int, **kwargs: Any) -> torch.Tensor:
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities from final hidden states: the model's own vocabulary
+        projection (in the model's dtype, also under autocast) and logit cap (Gemma 2), in float32
+        from there."""
+        with torch.autocast(h.device.type, enabled=False):
+            logits = self.model.get_output_embeddings()(h).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
+    def _final(self, g: int, **kwargs: Any) -> torch.Tensor:
+        """The base model's last hidden states (after its final norm) for group g's pass."""
         if self.replayer is not None:
             self.replayer.batch(g)
-        return self.model(**kwargs).logits.float()
+        return self.model.base_model(**kwargs).last_hidden_state
 
 
 class WholeRows(_Runner):
@@ -123,10 +142,10 @@ class WholeRows(_Runner):
     def offset(self, g: int) -> torch.Tensor:
         return self.zero[g]
 
-    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, keep, which, at_row, at_pos = self.plans[g]
-        logits = self._logits(g, input_ids=ids, attention_mask=mask, logits_to_keep=keep)
-        return torch.log_softmax(logits[at_row, at_pos], dim=-1), which
+        h = self._final(g, input_ids=ids, attention_mask=mask)
+        return h[at_row, keep[at_pos]], which
 
 
 class KeptPrefix(_Runner):
@@ -172,16 +191,8 @@ class KeptPrefix(_Runner):
     def offset(self, g: int) -> torch.Tensor:
         return self.plans[g][-1]
 
-    def run(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, pos, cache, keep, which, at_row, at_pos, _ = self.plans[g]
         past = copy.deepcopy(cache) if cache is not None else None  # a pass appends to the cache it is given
-        logits = self._logits(
-            g,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=past,
-            use_cache=past is not None,
-            logits_to_keep=keep,
-        )
-        return torch.log_softmax(logits[at_row, at_pos], dim=-1), which
+        h = self._final(g, input_ids=ids, attention_mask=mask, position_ids=pos, cache=past, use_cache=past is not None)
+        return h[at_row, keep[at_pos]], which
