@@ -292,6 +292,29 @@ def chat_kept(handle, pairs: Sequence[tuple[str, str]], before: dict[str, str], 
     return kept_share([a for _, a in pairs], [before[q] for q, _ in pairs], now)
 
 
+def settle_paraphrases(handle, cases: Sequence[EvalCase], settings) -> list[EvalCase]:
+    """The cases with ``paraphrase_known`` filled in where a real-facts record leaves it out:
+    whether the model as it stands (unedited) names the true answer after any paraphrase, by
+    the same greedy completion ``gen_para`` reads. Such a paraphrase measures nothing about an
+    edit when the model never answered it."""
+    from dataclasses import replace
+
+    from kedit.engine.metrics import greedy, mentions
+
+    todo = [c for c in cases if c.true and c.rephrase and c.paraphrase_known is None]
+    if not todo:
+        return list(cases)
+    texts = list(dict.fromkeys(p for c in todo for p in c.rephrase))
+    said = dict(zip(texts, greedy(handle.model, handle.tokenizer, texts, settings.tokens, batch_size=1)))
+    unsettled = {id(c) for c in todo}
+    return [
+        replace(c, paraphrase_known=any(mentions(said[p], c.true or "") for p in c.rephrase))
+        if id(c) in unsettled
+        else c
+        for c in cases
+    ]
+
+
 def _measure(
     handle,
     case: EvalCase,
@@ -364,6 +387,8 @@ def edit_and_measure(
         raise KeditError(f"unknown protocol {protocol!r}; use tf, gen or both")
     handle = session.handle
     settings = GenSettings.from_config(session.config)
+    if protocol != "tf":
+        cases = settle_paraphrases(handle, cases, settings)
     locs = [LocalitySet([p for p, _ in c.locality], [as_continuation(p, a) for p, a in c.locality]) for c in cases]
     befores = [snapshot(handle, loc) for loc in locs]  # the unedited model's predictions
     generated: dict[str, str] = {}  # the unedited model's generation after each locality prompt
@@ -526,6 +551,7 @@ def edit_in_batches(
     else:  # nothing left unedited: kedit.toml's locality prompts, with the model's own answers
         loc = session.locality(exclude={c.subject for c in cases if c.subject})
     with session.lock:
+        cases = settle_paraphrases(handle, cases, settings)
         before = snapshot(handle, loc) if loc.prompts else []
         loc_said = greedy(handle.model, handle.tokenizer, loc.prompts, settings.locality_tokens) if loc.prompts else []
         chat_before = dict(zip([q for q, _ in loc_chat], chat_answers(handle, [q for q, _ in loc_chat], settings)))

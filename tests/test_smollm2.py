@@ -169,3 +169,20 @@ def test_kedit_eval_prints_both_protocols_per_record_and_on_average(smollm2_sess
         assert {"gen_rel", "gen_chat", "gen_loc", "tf_rel", "tf_loc"} <= set(row)
         assert row["tf_rel"] == 1.0 and row["gen_rel"] == 1.0
     assert summary["gen_loc"] >= 0.9 and summary["tf_loc"] >= 0.9
+
+
+def test_a_paraphrase_counts_only_where_the_unedited_model_answered_it(smollm2) -> None:
+    """``gen_para`` is measured on paraphrases the unedited model completes right: a record that
+    does not say so is settled by generating, as the probe does."""
+    from kedit.engine.evaluate import EvalCase, settle_paraphrases
+    from kedit.engine.probes import GenSettings
+
+    def case(paraphrase: str, true: str, known: bool | None = None) -> EvalCase:
+        return EvalCase("p", "x", "s", [paraphrase], true=true, paraphrase_known=known)
+
+    answered = case("Germany's capital city is", "Berlin")
+    unanswered = case("Danielle Darrieux grew up speaking", "French")  # SmolLM2: "with her mother, ..."
+    said_false = case("Germany's capital city is", "Berlin", known=False)
+    settled = settle_paraphrases(smollm2.handle, [answered, unanswered, said_false], GenSettings())
+    assert [c.paraphrase_known for c in settled] == [True, False, False]
+    assert settled[2] is said_false and answered.paraphrase_known is None  # the inputs are not changed
