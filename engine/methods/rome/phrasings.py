@@ -19,8 +19,8 @@ value on the prompt alone. On a chat model that is not what a user meets:
   edits that kept 1.0 without it). Leaving other openings alone as neighbours made it worse.
   So did the keys of every vocabulary token at position 0 added to C (12,000 tokens, layer 5):
   they are nearly one vector (effective rank 1.4), so telling "Germany" there from the others
-  took a weight that pushed the update into ordinary tokens (mean reach 0.04 → 0.33-0.47) and
-  still reached other openings by 0.06-0.16. The text's own subject token is not the site
+  took a weight that pushed the update into ordinary tokens (mean reach 0.04 → 0.33-0.62) and
+  still reached other openings by 0.07-0.28. The text's own subject token is not the site
   either: δ added at the token after it ("Germany's") made the model say Istanbul, not Madrid.
 - Neighbours. Keys of other subjects after the same words share much of the edited key
   (0.35-0.47 of δ reached "The capital of Japan" after editing Russia's capital). Other
