@@ -20,8 +20,8 @@ value on the prompt alone. On a chat model that is not what a user meets:
   So did the keys of every vocabulary token at position 0 added to C (12,000 tokens, layer 5):
   they are nearly one vector (effective rank 1.4), so telling "Germany" there from the others
   took a weight that pushed the update into ordinary tokens (mean reach 0.04 → 0.33-0.62) and
-  still reached other openings by 0.07-0.28. The text's own subject token is not the site
-  either: δ added at the token after it ("Germany's") made the model say Istanbul, not Madrid.
+  still reached other openings by 0.07-0.28. Nor does the edit's δ carry over to the token
+  after such a subject: added at "'s" in "Germany's capital city is", it gave Istanbul, not Madrid.
 - Neighbours. Keys of other subjects after the same words share much of the edited key
   (0.35-0.47 of δ reached "The capital of Japan" after editing Russia's capital). Other
   subjects put in the prompt's place become keys the update should leave alone
