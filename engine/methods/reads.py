@@ -109,10 +109,8 @@ class _Runner:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token log-probabilities from final hidden states: the model's own vocabulary
-        projection (in the model's dtype, also under autocast) and logit cap (Gemma 2), in float32
-        from there."""
-        with torch.autocast(h.device.type, enabled=False):
-            logits = self.model.get_output_embeddings()(h).float()
+        projection and logit cap (Gemma 2), in float32 from there."""
+        logits = self.model.get_output_embeddings()(h).float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
