@@ -15,7 +15,6 @@ class RomeParams(MethodParams):
     layer: int | None = None  # None: pick by causal tracing (cached per model)
     v_steps: int = 25  # Adam steps on δ
     v_lr: float = 0.5
-    v_lr_growth: float = 1.0  # the step size's factor after each step that ends at the norm bound (value.py)
     v_weight_decay: float = 1e-3  # on ‖δ‖² / ‖v‖²
     kl_factor: float = 0.0625  # weight of KL on "{subject} is a"
     wording_kl: float = 1.0  # weight of KL on the prompt's own words after the subject (0: the paper)

@@ -7,12 +7,6 @@ loss = mean NLL of the target after every context prefix
      + v_weight_decay · ‖δ‖² / ‖v‖²
 and after each step ‖δ‖ is clamped to clamp_norm_factor · ‖v‖.
 
-Each step that ends at that bound multiplies the step size by ``v_lr_growth`` (kedit's; 1 gives
-the paper's fixed rate). On SmolLM2-135M δ reaches the bound after about 6 steps, and at a fixed
-rate the rest crept along it: the mean NLL took 8-11 more steps to fall from 0.13 to the 0.05
-stop. Growing by 1.15 a step took 16-17 steps in all instead of 20-23; shrinking the rate there
-(0.9, 0.8) was slower still, and 1.3 overshot.
-
 The wording term is kedit's addition (wording_kl = 0 gives the paper's loss). Without it
 a strong δ can make the subject predict the target at once: asked to complete "Watts
 Humphrey attended", a chat model restating the prompt wrote "Watts Humphrey University
@@ -209,8 +203,6 @@ def compute_value(
                 norm = delta.norm()
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-                    for group in opt.param_groups:  # at the bound: see v_lr_growth
-                        group["lr"] *= hp.v_lr_growth
             if not torch.isfinite(delta).all():
                 raise FloatingPointError("δ became NaN or infinite during optimisation")
     return ValueResult(delta.detach(), nll_first, nll, steps)
