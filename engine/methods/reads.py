@@ -55,20 +55,14 @@ def keeps_prefix(model) -> bool:
     return not getattr(config, "sliding_window", None)
 
 
-def _kept_reads(reads: Reads, group: list[int], start: list[int], width: int, device) -> tuple[torch.Tensor, ...]:
-    """For one group's pass over ``width`` tokens, each row's starting at ``start`` of the row:
-    the positions whose logits are kept, the reads' indices, and each read's (row, kept slot)."""
+def _group_reads(reads: Reads, group: list[int], start: list[int], device) -> tuple[torch.Tensor, ...]:
+    """For one group's pass, each row's tokens starting at ``start`` of the row: the reads'
+    indices, and each read's row in the group and position in the tokens the pass runs."""
     local = {r: i for i, r in enumerate(group)}
     mine = [(k, local[r], p - start[local[r]]) for k, (r, p) in enumerate(reads.pairs) if r in local]
     if any(p < 0 for _, _, p in mine):
         raise ValueError("a read before its row's cut: the kept prefix would not see the change")
-    keep = torch.tensor(sorted({p for _, _, p in mine}), dtype=torch.long, device=device)
-    slot = torch.full((width,), -1, dtype=torch.long, device=device)
-    slot[keep] = torch.arange(len(keep), device=device)
-    which = torch.tensor([k for k, _, _ in mine], dtype=torch.long, device=device)
-    at_row = torch.tensor([i for _, i, _ in mine], dtype=torch.long, device=device)
-    at_pos = slot[torch.tensor([p for _, _, p in mine], dtype=torch.long, device=device)]
-    return keep, which, at_row, at_pos
+    return tuple(torch.tensor([m[i] for m in mine], dtype=torch.long, device=device) for i in range(3))
 
 
 class _Runner:
@@ -133,7 +127,7 @@ class WholeRows(_Runner):
         self.plans: list[tuple[Any, ...]] = []
         for group in groups:
             ids, mask = pad_right([rows[r] for r in group], pad, device)
-            self.plans.append((ids, mask, *_kept_reads(reads, group, [0] * len(group), ids.shape[1], device)))
+            self.plans.append((ids, mask, *_group_reads(reads, group, [0] * len(group), device)))
         self.zero = [torch.zeros(len(group), dtype=torch.long, device=device) for group in groups]
         self.n_groups = len(groups)
 
@@ -141,9 +135,9 @@ class WholeRows(_Runner):
         return self.zero[g]
 
     def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask, keep, which, at_row, at_pos = self.plans[g]
+        ids, mask, which, at_row, at_pos = self.plans[g]
         h = self._final(g, input_ids=ids, attention_mask=mask)
-        return h[at_row, keep[at_pos]], which
+        return h[at_row, at_pos], which
 
 
 class KeptPrefix(_Runner):
@@ -178,9 +172,15 @@ class KeptPrefix(_Runner):
             cache = None
             if lp:
                 with torch.no_grad():
-                    out = model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+                    out = model(  # only the cache is kept: logits at one position
+                        input_ids=pre_ids,
+                        attention_mask=pre_mask,
+                        position_ids=pre_pos,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                 cache = out.cache
-            reading = _kept_reads(reads, group, [cut[r] for r in group], ls, device)
+            reading = _group_reads(reads, group, [cut[r] for r in group], device)
             mask = torch.cat([pre_mask, suf_mask], dim=1)
             offset = torch.tensor([cut[r] for r in group], dtype=torch.long, device=device)
             self.plans.append((suf_ids, mask, suf_pos, cache, *reading, offset))
@@ -190,7 +190,7 @@ class KeptPrefix(_Runner):
         return self.plans[g][-1]
 
     def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask, pos, cache, keep, which, at_row, at_pos, _ = self.plans[g]
+        ids, mask, pos, cache, which, at_row, at_pos, _ = self.plans[g]
         past = copy.deepcopy(cache) if cache is not None else None  # a pass appends to the cache it is given
         h = self._final(g, input_ids=ids, attention_mask=mask, position_ids=pos, cache=past, use_cache=past is not None)
-        return h[at_row, keep[at_pos]], which
+        return h[at_row, at_pos], which

@@ -82,7 +82,7 @@ def prefix_cuts(
     for group in groups:
         ids, mask = pad_right([rows[r] for r in group], pad, device)
         with capture_io(module) as seen:
-            model(input_ids=ids, attention_mask=mask)
+            model.base_model(input_ids=ids, attention_mask=mask)  # the module's input: no vocabulary projection
         share = (seen["input"].float() @ direction).abs()  # (rows, positions)
         for i, r in enumerate(group):
             over = torch.nonzero(share[i, : len(rows[r])] > reach)
