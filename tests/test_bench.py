@@ -245,10 +245,9 @@ def test_rome_value_with_kept_prefixes_matches_whole_rows() -> None:
     attention cache) reaches the δ of whole rows: the update reaches the kept tokens by at most
     ``prefix_reach`` of δ, and every cut is where that share is first exceeded or the row's
     first read."""
-    from tiny_models import build_tiny, char_tokenizer
+    from tiny_models import build_tiny, char_tokenizer, full_pass_io
 
     from kedit.engine.arch import ArchAdapter
-    from kedit.engine.methods.hooks import capture_io
     from kedit.engine.methods.reads import Reads
     from kedit.engine.methods.rome.hparams import RomeParams
     from kedit.engine.methods.rome.key import compute_key
@@ -270,8 +269,7 @@ def test_rome_value_with_kept_prefixes_matches_whole_rows() -> None:
     reach = 0.3
     cut = prefix_cuts(model, tok, module, rows, [[0, 1, 2]], reads, direction, reach)
     for r, row in enumerate(rows):
-        with torch.no_grad(), capture_io(module) as seen:
-            model(input_ids=torch.tensor([row]))
+        seen = full_pass_io(model, module, input_ids=torch.tensor([row]))
         share = (seen["input"][0].float() @ direction).abs()
         assert 0 < cut[r] <= len(row) - 1 and bool((share[: cut[r]] <= reach).all())
         assert cut[r] == len(row) - 1 or float(share[cut[r]]) > reach

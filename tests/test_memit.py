@@ -282,16 +282,23 @@ def test_batches_on_a_4bit_load_leave_the_quantized_weights_alone(session_4bit, 
     assert all(torch.equal(a, b) for a, b in zip(prompt_logits(s, probe), original))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gptj", "gpt_neox", "llama:eager"]
+)
 def test_kept_prefix_passes_match_whole_rows(family: str) -> None:
-    """The value's passes that keep each row's tokens before δ as an attention cache give the
-    log-probabilities and δ's gradient of whole-row passes, on rows of different lengths."""
+    """The value's passes that keep each row's tokens before δ as an attention cache, with a
+    group's rows packed into one masked sequence, give the log-probabilities and δ's gradient of
+    whole-row passes, on rows of different lengths, in every family that keeps prefixes (and
+    with eager attention, whose mask is additive)."""
     from tiny_models import build_tiny, char_tokenizer
 
     from kedit.engine.arch import ArchAdapter
     from kedit.engine.methods.reads import KeptPrefix, Reads, WholeRows, keeps_prefix
 
+    family, _, attention = family.partition(":")
     model, tok = build_tiny(family), char_tokenizer()
+    if attention:
+        model.set_attn_implementation(attention)
     assert keeps_prefix(model)
     adapter = ArchAdapter.for_model(model)
     texts = [("Ann Lee went to", 6, " Yale"), ("Yes. Bo Diaz went to", 10, " Rice"), ("Cy is a", 2, " x")]
@@ -311,11 +318,11 @@ def test_kept_prefix_passes_match_whole_rows(family: str) -> None:
         KeptPrefix(model, tok, rows, at, groups, reads, adapter, 1),
         WholeRows(model, tok, rows, groups, reads, adapter, 1),
     ):
-        pos = torch.tensor(at) - runner.offset(0)
+        where = runner.place(0, torch.tensor(at))
 
-        def hook(mod, args, output, pos=pos):
+        def hook(mod, args, output, where=where):
             hidden = adapter.residual(output)
-            moved = hidden.index_put((torch.arange(len(rows)), pos), delta * 1.0, accumulate=True)
+            moved = hidden.index_put(where, delta * 1.0, accumulate=True)
             return adapter.replace_residual(output, moved)
 
         handle = adapter.layer(1).register_forward_hook(hook)

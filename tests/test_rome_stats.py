@@ -9,13 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import build_tiny, char_tokenizer
+from tiny_models import build_tiny, char_tokenizer, full_pass_io
 
 from kedit.engine import trace
 from kedit.engine.arch import ArchAdapter
 from kedit.engine.errors import KeditError
 from kedit.engine.methods.rome import stats
-from kedit.engine.methods.rome.key import capture_io
 from kedit.engine.metrics import pad_right
 
 TEXTS = [
@@ -49,8 +48,7 @@ def test_keys_stop_at_the_edit_layer_and_equal_a_full_pass(model_type: str) -> N
     h = _tiny(model_type)
     rows = [h.tokenizer(t)["input_ids"] for t in TEXTS]
     ids, mask = pad_right(rows, 0, "cpu")
-    with torch.no_grad(), capture_io(h.adapter.mlp_out(1)) as full:
-        h.model(input_ids=ids, attention_mask=mask)
+    full = full_pass_io(h.model, h.adapter.mlp_out(1), input_ids=ids, attention_mask=mask)
     ran: list[str] = []
     above = [
         h.adapter.layer(2).register_forward_hook(lambda *a: ran.append("block 2")),
@@ -70,9 +68,7 @@ def test_second_moment_is_the_shrunk_mean_outer_product_over_real_tokens() -> No
     c, count, weight = stats.second_moment(h, 1, rows)
     keys = []
     for r in rows:  # one row at a time: no padding at all
-        with torch.no_grad(), capture_io(h.adapter.mlp_out(1)) as seen:
-            h.model(input_ids=torch.tensor([r]))
-        keys.append(seen["input"][0])
+        keys.append(full_pass_io(h.model, h.adapter.mlp_out(1), input_ids=torch.tensor([r]))["input"][0])
     k = torch.cat(keys).double()
     plain = k.T @ k / count
     assert count == sum(len(r) for r in rows) == k.shape[0] == 126

@@ -214,3 +214,20 @@ def make_tiny_with_tokenizer(name: str, path: Path, seed: int = 0) -> Path:
     make_tiny(name, path, seed=seed)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+def full_pass_io(model: torch.nn.Module, module: torch.nn.Module, **inputs: Any) -> dict[str, torch.Tensor]:
+    """``module``'s input and output in a whole forward pass of ``model`` (no early stop), to check
+    code that stops there against."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(mod: torch.nn.Module, args: tuple, output: Any) -> None:
+        seen["input"], seen["output"] = args[0], output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen

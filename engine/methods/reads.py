@@ -9,7 +9,8 @@ did). Two ways to run the rows, with one interface:
 - ``WholeRows``: each pass runs whole rows, padded per group; the blocks below the changed layer
   are replayed (kedit.engine.methods.replay).
 - ``KeptPrefix``: each row is cut in two. The tokens before the cut are run once, without
-  gradients, and kept as the attention cache; each pass runs only the rest of the row. That is
+  gradients, and kept as the attention cache; each pass runs only the rest of the row. A group's
+  rows are packed into one sequence, with a mask that keeps them apart, rather than padded. That is
   exact when the change the loop optimises cannot reach the tokens before the cut (MEMIT adds
   δ at the subject's last token, and attention is causal). ROME's update reaches every token a
   little; kedit.engine.methods.rome.value.prefix_cuts bounds what is left out. Not with
@@ -46,9 +47,12 @@ class Reads:
 
 
 def keeps_prefix(model) -> bool:
-    """Whether a prefix can be kept as an attention cache: not with sliding-window attention
-    (a cache that drops what slides out of the window)."""
+    """Whether a prefix can be kept as an attention cache (KeptPrefix): not with sliding-window
+    attention (a cache that drops what slides out of the window), and only with attention that
+    takes a prepared mask (SDPA or eager), which packing rows needs."""
     config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
     kinds = getattr(config, "layer_types", None)
     if kinds:
         return set(kinds) <= {"full_attention"}
@@ -66,8 +70,7 @@ def _group_reads(reads: Reads, group: list[int], start: list[int], device) -> tu
 
 
 class _Runner:
-    """Runs groups of rows; subclasses say how. ``offset(g)`` is where each row of group g starts
-    in the tokens a pass runs (to place a change at a row position)."""
+    """Runs groups of rows; subclasses say how, and ``place`` where a row position lands."""
 
     def __init__(self, model, adapter, layer: int) -> None:
         self.model, self.adapter, self.layer = model, adapter, layer
@@ -84,7 +87,9 @@ class _Runner:
             finally:
                 self.replayer = None
 
-    def offset(self, g: int) -> torch.Tensor:
+    def place(self, g: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the rows of group g have their positions ``pos`` in the tokens a pass runs:
+        (row indices, positions), to place a change there."""
         raise NotImplementedError
 
     def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +133,10 @@ class WholeRows(_Runner):
         for group in groups:
             ids, mask = pad_right([rows[r] for r in group], pad, device)
             self.plans.append((ids, mask, *_group_reads(reads, group, [0] * len(group), device)))
-        self.zero = [torch.zeros(len(group), dtype=torch.long, device=device) for group in groups]
         self.n_groups = len(groups)
 
-    def offset(self, g: int) -> torch.Tensor:
-        return self.zero[g]
+    def place(self, g: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(len(pos), device=pos.device), pos
 
     def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, which, at_row, at_pos = self.plans[g]
@@ -144,53 +148,73 @@ class KeptPrefix(_Runner):
     """Each row cut at ``cut[row]``: the tokens before it run once and are kept as the attention
     cache, and each pass runs the rest. Every read of a row must be at or after its cut. The same
     computation as whole rows, up to rounding, for any change that leaves the tokens before the
-    cuts alone."""
+    cuts alone.
+
+    A group's rows are packed into one sequence, the kept tokens and the rest alike, and a mask
+    lets each token see only its own row's earlier tokens; positions count within each row. A
+    pass then runs the group's tokens and no padding: the rows a value loop runs differ in
+    length (a chat row's rest can be six times a plain row's), and padding them to the longest
+    ran twice the tokens. Only with attention that takes such a mask (``packs_rows``).
+    """
 
     def __init__(self, model, tok, rows, cut, groups, reads: Reads, adapter=None, layer: int = 0) -> None:
         super().__init__(model, adapter, layer)
         device = next(model.parameters()).device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.plans: list[tuple[Any, ...]] = []
         for group in groups:
             pre = [rows[r][: cut[r]] for r in group]
             suf = [rows[r][cut[r] :] for r in group]
-            n, lp, ls = len(group), max(len(p) for p in pre), max(len(x) for x in suf)
-            pre_ids = torch.full((n, lp), pad, dtype=torch.long, device=device)
-            pre_mask = torch.zeros((n, lp), dtype=torch.long, device=device)
-            pre_pos = torch.zeros((n, lp), dtype=torch.long, device=device)
-            suf_ids = torch.full((n, ls), pad, dtype=torch.long, device=device)
-            suf_mask = torch.zeros((n, ls), dtype=torch.long, device=device)
-            suf_pos = torch.zeros((n, ls), dtype=torch.long, device=device)
-            for i, (p, x) in enumerate(zip(pre, suf)):
-                if p:  # the prefix sits at the right end, next to its row's rest
-                    pre_ids[i, lp - len(p) :] = torch.tensor(p, device=device)
-                    pre_mask[i, lp - len(p) :] = 1
-                    pre_pos[i, lp - len(p) :] = torch.arange(len(p), device=device)
-                suf_ids[i, : len(x)] = torch.tensor(x, device=device)
-                suf_mask[i, : len(x)] = 1
-                suf_pos[i] = len(p) + torch.arange(ls, device=device)
+            pre_ids, pre_pos, pre_row = _packed(pre, [0] * len(group), device)
+            suf_ids, suf_pos, suf_row = _packed(suf, [len(p) for p in pre], device)
             cache = None
-            if lp:
+            if len(pre_ids):
+                seen = (pre_row[:, None] == pre_row[None, :]) & (pre_pos[:, None] >= pre_pos[None, :])
                 with torch.no_grad():
                     out = model(  # only the cache is kept: logits at one position
-                        input_ids=pre_ids,
-                        attention_mask=pre_mask,
-                        position_ids=pre_pos,
+                        input_ids=pre_ids[None],
+                        attention_mask=_mask(model, seen),
+                        position_ids=pre_pos[None],
                         use_cache=True,
                         logits_to_keep=1,
                     )
                 cache = out.cache
-            reading = _group_reads(reads, group, [cut[r] for r in group], device)
-            mask = torch.cat([pre_mask, suf_mask], dim=1)
-            offset = torch.tensor([cut[r] for r in group], dtype=torch.long, device=device)
-            self.plans.append((suf_ids, mask, suf_pos, cache, *reading, offset))
+            own = suf_row[:, None] == suf_row[None, :]
+            seen = torch.cat([suf_row[:, None] == pre_row[None, :], own & (suf_pos[:, None] >= suf_pos[None, :])], 1)
+            # where each row's rest starts in the packed sequence
+            offs = torch.tensor([sum(len(x) for x in suf[:i]) for i in range(len(group))], device=device)
+            cuts = torch.tensor([cut[r] for r in group], device=device)
+            which, at_row, at_pos = _group_reads(reads, group, cuts.tolist(), device)
+            # a row position p sits at offs - cut + p
+            start = offs - cuts
+            at_pos = offs[at_row] + at_pos
+            self.plans.append((suf_ids[None], _mask(model, seen), suf_pos[None], cache, which, at_pos, start))
         self.n_groups = len(groups)
 
-    def offset(self, g: int) -> torch.Tensor:
-        return self.plans[g][-1]
+    def place(self, g: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.plans[g][-1]
+        return torch.zeros_like(start), start + pos
 
     def hidden(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask, pos, cache, which, at_row, at_pos, _ = self.plans[g]
+        ids, mask, pos, cache, which, at_pos, _ = self.plans[g]
         past = copy.deepcopy(cache) if cache is not None else None  # a pass appends to the cache it is given
         h = self._final(g, input_ids=ids, attention_mask=mask, position_ids=pos, cache=past, use_cache=past is not None)
-        return h[at_row, at_pos], which
+        return h[0, at_pos], which
+
+
+def _packed(parts: list[list[int]], first: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists as one sequence: (ids, each token's position in its own row starting at
+    ``first``, each token's row)."""
+    ids = [t for p in parts for t in p]
+    pos = [f + j for p, f in zip(parts, first) for j in range(len(p))]
+    row = [i for i, p in enumerate(parts) for _ in p]
+    return tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (ids, pos, row))  # type: ignore[return-value]
+
+
+def _mask(model, seen: torch.Tensor) -> torch.Tensor:
+    """A (query, key) boolean matrix, True where a token may attend, as the model's attention
+    takes a prepared mask: boolean for SDPA, additive for eager attention."""
+    if model.config._attn_implementation == "eager":
+        dtype = model.dtype
+        zero = torch.zeros((), dtype=dtype, device=seen.device)
+        return torch.where(seen, zero, torch.finfo(dtype).min)[None, None]
+    return seen[None, None]

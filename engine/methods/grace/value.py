@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from kedit.engine.methods.grace.params import GraceParams
-from kedit.engine.methods.hooks import capture_io, frozen
+from kedit.engine.methods.hooks import frozen, run_until
 from kedit.engine.methods.replay import replay_below
 from kedit.engine.metrics import encode_pair
 
@@ -16,8 +16,7 @@ from kedit.engine.metrics import encode_pair
 def key_and_output(model, tokenizer, module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's input and output at the prompt's last token, codebook included."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
-    with capture_io(module) as seen:
-        model(input_ids=ids)
+    seen = run_until(model, module, input_ids=ids)
     return seen["input"][0, -1].float(), seen["output"][0, -1].float()
 
 

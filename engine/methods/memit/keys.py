@@ -4,41 +4,22 @@ layer on the bare prompt. Passes stop at the layer they read: the blocks above c
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
 from kedit.engine.methods.base import EditRequest
+from kedit.engine.methods.hooks import run_until
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
 ROWS_PER_PASS = 64
 
 
-class _Reached(Exception):
-    """Raised once the pass has what it came for."""
-
-
-@contextmanager
-def _stop_after(module: torch.nn.Module, grab) -> Iterator[dict[str, torch.Tensor]]:
-    """While open, a forward pass hands ``grab(args, output)`` of ``module`` back and ends there."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(mod, args, output):
-        seen["value"] = grab(args, output)
-        raise _Reached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def _at_subjects(handle, module, grab, texts: Sequence[str], subjects: Sequence[str]) -> torch.Tensor:
-    """``grab`` of ``module`` at each text's subject's last token, (len(texts), width), float32."""
+    """``grab`` of ``module``'s input and output (kedit.engine.methods.hooks.run_until) at each
+    text's subject's last token, (len(texts), width), float32."""
     tok, model = handle.tokenizer, handle.model
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -48,12 +29,8 @@ def _at_subjects(handle, module, grab, texts: Sequence[str], subjects: Sequence[
         subj = subjects[start : start + ROWS_PER_PASS]
         ids, mask = pad_right([tok(t)["input_ids"] for t in chunk], pad, device)
         pos = torch.tensor([subject_last_token(tok, t, s) for t, s in zip(chunk, subj)], device=device)
-        with _stop_after(module, grab) as seen:
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Reached:
-                pass
-        out.append(seen["value"][torch.arange(len(chunk), device=device), pos].float())
+        seen = run_until(model, module, input_ids=ids, attention_mask=mask)
+        out.append(grab(seen)[torch.arange(len(chunk), device=device), pos].float())
     return torch.cat(out)
 
 
@@ -63,7 +40,7 @@ def fact_keys(handle, layer: int, requests: Sequence[EditRequest], templates: Se
     module = handle.adapter.mlp_out(layer)
     texts = [c.format(r.prompt) for r, cs in zip(requests, templates) for c in cs]
     subjects = [r.subject for r, cs in zip(requests, templates) for _ in cs]
-    keys = _at_subjects(handle, module, lambda args, output: args[0], texts, subjects)
+    keys = _at_subjects(handle, module, lambda seen: seen["input"], texts, subjects)
     return keys.view(len(requests), len(templates[0]), -1).mean(1)
 
 
@@ -73,7 +50,7 @@ def residuals(handle, layer: int, requests: Sequence[EditRequest]) -> torch.Tens
     return _at_subjects(
         handle,
         adapter.layer(layer),
-        lambda args, output: adapter.residual(output),
+        lambda seen: adapter.residual(seen["output"]),
         [r.prompt for r in requests],
         [r.subject for r in requests],
     )

@@ -135,11 +135,8 @@ def compute_targets(
                     if all(done[u] for u in mine_units):
                         continue
                     local = torch.tensor(group, device=device)
-                    current.update(
-                        rows=torch.arange(len(group), device=device),
-                        pos=at_t[local] - runner.offset(g),
-                        units=unit_t[local],
-                    )
+                    at_rows, at_pos = runner.place(g, at_t[local])
+                    current.update(rows=at_rows, pos=at_pos, units=unit_t[local])
                     logp, which = runner.run(g)  # in the order of ``which``
                     slot = {k: n for n, k in enumerate(which.tolist())}
                     loss = torch.zeros((), device=device)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kedit.engine.methods.hooks import capture_io
+from kedit.engine.methods.hooks import run_until
 from kedit.engine.metrics import pad_right
 from kedit.engine.subject import subject_last_token
 
@@ -78,8 +78,7 @@ def subject_keys(
     ((len(texts), d_in), (len(texts), d_out))."""
     idx = [subject_last_token(tokenizer, t, s) for t, s in zip(texts, subjects)]
     ids, mask = right_padded(tokenizer, texts, next(model.parameters()).device)
-    with capture_io(module) as seen:
-        model(input_ids=ids, attention_mask=mask)
+    seen = run_until(model, module, input_ids=ids, attention_mask=mask)
     rows = torch.arange(len(texts), device=ids.device)
     pos = torch.tensor(idx, device=ids.device)
     return seen["input"][rows, pos].float(), seen["output"][rows, pos].float()

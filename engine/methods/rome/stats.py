@@ -19,8 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 
 from kedit.engine import paths
 from kedit.engine.errors import KeditError
+from kedit.engine.methods.hooks import run_until
 from kedit.engine.metrics import pad_right
 
 Progress = Callable[[str, int, int], None]
@@ -212,37 +212,10 @@ def token_rows(tokenizer, texts: Sequence[str], n: int, tokens: int, packed: boo
     return [prefix + stream[i * body : (i + 1) * body] for i in picks]
 
 
-class _Reached(Exception):
-    """Raised at the edit layer's MLP output projection: the rest of the pass is not needed."""
-
-
-@contextmanager
-def stop_at(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """While open, a forward pass records ``module``'s input and ends there (raising ``_Reached``)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(mod: torch.nn.Module, args: tuple) -> None:
-        seen["input"] = args[0]
-        raise _Reached
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def layer_keys(model, module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The keys (inputs of ``module``) at every position of a batch, running the model only up to them."""
-    with stop_at(module) as seen:
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _Reached:
-            pass
-    if "input" not in seen:
-        raise RuntimeError("the forward pass never reached the edit layer's MLP output projection")
-    return seen["input"]
+    return run_until(model, module, input_ids=ids, attention_mask=mask)["input"]
 
 
 @dataclass

@@ -27,6 +27,8 @@ once, without δ, and kept as the attention cache (``prefix_cuts``,
 kedit.engine.methods.reads.KeptPrefix); each pass runs only the rest. That leaves out of the
 optimisation at most ``prefix_reach`` · δ at each kept token, and runs a third of the tokens:
 on SmolLM2-135M each step took 0.6 s instead of 1.2 s, and the edits reached the same NLL.
+The rows' rests are then packed into one pass, no padding (KeptPrefix): the value took 0.7×
+the time of padded groups on the same three facts, in one run, with the same figures.
 ``prefix_reach = 0``, and models with sliding-window attention, run whole rows.
 """
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.engine.methods.hooks import capture_io, frozen
+from kedit.engine.methods.hooks import frozen, run_until
 from kedit.engine.methods.reads import KeptPrefix, Reads, WholeRows, keeps_prefix
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.metrics import pad_right
@@ -81,8 +83,7 @@ def prefix_cuts(
     cut = [0] * len(rows)
     for group in groups:
         ids, mask = pad_right([rows[r] for r in group], pad, device)
-        with capture_io(module) as seen:
-            model.base_model(input_ids=ids, attention_mask=mask)  # the module's input: no vocabulary projection
+        seen = run_until(model, module, input_ids=ids, attention_mask=mask)
         share = (seen["input"].float() @ direction).abs()  # (rows, positions)
         for i, r in enumerate(group):
             over = torch.nonzero(share[i, : len(rows[r])] > reach)
@@ -153,12 +154,15 @@ def compute_value(
         for t in range(max(start, 1), end):
             r_at.append(reads.at(len(rewrite) + i, t - 1))
             r_tok.append(rows[len(rewrite) + i][t])
-    # one forward pass per kind of row (plain with the KL row, chat): no row is padded to a chat row's length
+    # padded rows: one forward pass per kind of row (plain with the KL row, chat), so that no row
+    # is padded to a chat row's length; kept prefixes pack every row into one pass
     groups = [g for g in (list(range(len(rewrite))) + [n], list(range(len(rewrite), n))) if g]
     direction = direction.to(device=device, dtype=torch.float32)
     if hp.prefix_reach > 0 and keeps_prefix(model):
         cut = prefix_cuts(model, tokenizer, module, rows, groups, reads, direction, hp.prefix_reach)
-        runner: WholeRows | KeptPrefix = KeptPrefix(model, tokenizer, rows, cut, groups, reads, adapter, layer)
+        runner: WholeRows | KeptPrefix = KeptPrefix(
+            model, tokenizer, rows, cut, [sum(groups, [])], reads, adapter, layer
+        )
     else:
         runner = WholeRows(model, tokenizer, rows, groups, reads, adapter, layer)
     tgt = torch.tensor(target_ids, device=device)

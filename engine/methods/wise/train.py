@@ -9,7 +9,7 @@ import torch
 
 from kedit.engine.merging import ties_merge
 from kedit.engine.methods.base import EditRequest, MethodInfo
-from kedit.engine.methods.hooks import capture_io, frozen
+from kedit.engine.methods.hooks import frozen, run_until
 from kedit.engine.methods.replay import replay_below
 from kedit.engine.methods.wise.memory import WisePatch, memory
 from kedit.engine.methods.wise.params import WiseParams
@@ -28,8 +28,7 @@ def _inputs(model, tokenizer, module, rows: list[list[int]]) -> tuple[torch.Tens
     """The module's inputs (B, T, in) for right-padded rows, and the mask (B, T)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = pad_right(rows, pad, next(model.parameters()).device)
-    with capture_io(module) as seen:
-        model(input_ids=ids, attention_mask=mask)
+    seen = run_until(model, module, input_ids=ids, attention_mask=mask)
     return seen["input"].float(), mask.bool()
 
 
@@ -53,8 +52,8 @@ def train_edit(
     tgt = torch.tensor(target_ids, device=device)
     at = torch.arange(len(target_ids), device=device)  # the target's places among the kept logits
 
-    with torch.no_grad(), capture_io(module) as seen:
-        model(input_ids=ids)
+    with torch.no_grad():
+        seen = run_until(model, module, input_ids=ids)
     x_edit = seen["input"][0, edit_pos].float()  # (n_target, in): independent of the side memory
     out_dim = seen["output"].shape[-1]
     dtype = seen["output"].dtype
