@@ -57,6 +57,9 @@ def test_spread_direction_fires_on_its_keys_leaves_neighbours_alone_and_is_rome_
     ak = torch.linalg.solve(a, keys.double().T)
     direct = ak @ torch.linalg.solve(keys.double() @ ak, torch.ones(2, 1, dtype=torch.float64))
     assert torch.allclose(spread_direction(c, keys, near, 3.0, 0.01).double(), direct[:, 0], atol=1e-4)
+    # shares: the first key gets all of δ, the second none (the opening key beside the edited one)
+    only_first = spread_direction(c, keys, near, 3.0, 0.01, shares=torch.tensor([1.0, 0.0]))
+    assert torch.allclose(keys @ only_first, torch.tensor([1.0, 0.0]), atol=1e-4)
 
 
 def test_c_inverse_k_factors_c_once_and_solves_every_key_with_it() -> None:

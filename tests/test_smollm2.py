@@ -77,9 +77,17 @@ def test_mentions_is_whole_words_without_case_or_accents() -> None:
     assert not mentions("anything", "  ")
 
 
-def test_rome_edit_shows_in_generation_and_rolls_back_exactly(smollm2) -> None:
+def assert_capitals_kept_in_chat(session, capitals: list[dict]) -> None:
+    """Asked in chat, all but at most one of the other capitals keep their answer."""
     from kedit.engine.evaluate import chat_answers
     from kedit.engine.probes import GenSettings
+
+    answers = chat_answers(session.handle, [r["question"] for r in capitals], GenSettings())
+    still = sum(mentions(a, r["true"]) for a, r in zip(answers, capitals))
+    assert still >= len(capitals) - 1, list(zip([r["subject"] for r in capitals], answers))
+
+
+def test_rome_edit_shows_in_generation_and_rolls_back_exactly(smollm2) -> None:
 
     record = next(r for r in facts() if r["subject"] == "Japan")
     others = [r for r in facts() if "capital" not in r["prompt"]][:6]
@@ -110,9 +118,7 @@ def test_rome_edit_shows_in_generation_and_rolls_back_exactly(smollm2) -> None:
         assert kept >= 5, after  # unrelated facts are still generated
         # asked in its own chat, the model names the new capital for Japan, and the others as before
         assert g.chat == 1.0, g.outputs
-        answers = chat_answers(smollm2.handle, [r["question"] for r in capitals], GenSettings())
-        still = sum(mentions(a, r["true"]) for a, r in zip(answers, capitals))
-        assert still >= len(capitals) - 1, list(zip([r["subject"] for r in capitals], answers))
+        assert_capitals_kept_in_chat(smollm2, capitals)
     finally:
         smollm2.rollback(edit.id)
     with torch.no_grad():
@@ -186,3 +192,60 @@ def test_a_paraphrase_counts_only_where_the_unedited_model_answered_it(smollm2) 
     settled = settle_paraphrases(smollm2.handle, [answered, unanswered, said_false], GenSettings())
     assert [c.paraphrase_known for c in settled] == [True, False, False]
     assert settled[2] is said_false and answered.paraphrase_known is None  # the inputs are not changed
+
+
+def test_opening_rewords_the_prompt_only_where_a_one_token_subject_would_sit_at_position_0(smollm2) -> None:
+    from kedit.engine.methods.rome.phrasings import opening
+
+    tok = smollm2.tokenizer
+    assert opening(tok, "The capital of Germany is", "Germany") == "Germany's capital is"
+    assert opening(tok, "The official language of Mexico is", "Mexico") == "Mexico's official language is"
+    assert opening(tok, "The capital of the United Kingdom is", "the United Kingdom") is None  # "The" opens it
+    assert opening(tok, "The Colosseum is located in the city of", "The Colosseum") is None  # not "The R of S"
+    assert opening(tok, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux") is None  # two tokens
+
+
+def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None:
+    """A one-token subject that opens a text sits at position 0, where every word has about the
+    same key; the edit's second key, at the token after the subject, carries it there. Without
+    it the possessive paraphrase keeps the old capital; with it the paraphrase names the new
+    one, the second direction leaves the edited key alone, the other capitals asked in chat
+    keep their answers, and rollback is exact."""
+    from kedit.engine.methods.hooks import run_until
+    from kedit.engine.methods.rome.key import compute_key, context_templates
+
+    record = next(r for r in facts() if r["subject"] == "Germany")
+    capitals = [r for r in facts() if "capital" in r["prompt"] and r is not record]
+    tok, model = smollm2.tokenizer, smollm2.model
+    ids = tok(record["paraphrase"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits_before = model(ids).logits
+
+    def edit(**params):
+        return smollm2.edit(record["prompt"], record["new"], subject="Germany", method="rome", params=params)
+
+    plain = edit(opening=False)
+    try:
+        (without,) = greedy(model, tok, [record["paraphrase"]], 8)
+    finally:
+        smollm2.rollback(plain.id)
+    e = edit(opening=True)
+    try:
+        (said,) = greedy(model, tok, [record["paraphrase"]], 8)
+        assert mentions(without, record["true"]) and not mentions(without, record["new"]), without
+        assert mentions(said, record["new"]), said
+        assert e.info.opening == "Germany's capital is" and e.patch.u.shape[1] == 2
+        module = smollm2.handle.adapter.mlp_out(e.layer)
+        d2 = e.patch.v[:, 1].float()
+        contexts = context_templates(
+            tok, smollm2.contexts(e.hparams["n_contexts"], e.hparams["context_tokens"]), record["prompt"]
+        )
+        k_star, _ = compute_key(model, tok, module, record["prompt"], "Germany", contexts)
+        with torch.no_grad():
+            k2 = run_until(model, module, **tok("Germany's capital is", return_tensors="pt"))["input"][0, 1].float()
+        assert abs(float(k2 @ d2) - 1) < 1e-3 and abs(float(k_star @ d2)) < 1e-3
+        assert_capitals_kept_in_chat(smollm2, capitals)
+    finally:
+        smollm2.rollback(e.id)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits_before)

@@ -33,6 +33,7 @@ class RomeParams(MethodParams):
     chat_asks: int = 2  # chat requests δ is also optimised under (chat models only)
     restate_weight: float = 1.0  # weight of the NLL of the subject restated in those answers
     restate: str = "answer"  # what of the restated prompt that NLL reads: "subject" or the whole "answer"
-    opening_key: bool = False  # the update fires on the subject opening a text too (see phrasings)
+    opening: bool = False  # a second key and value where the subject opens a text at position 0 (see phrasings)
+    opening_clamp: float = 1.5  # ‖δ₂‖ ≤ factor · ‖v‖ for that value (2 and 4 cost other facts on SmolLM2)
     neighbours: int = 24  # other subjects in the prompt whose keys the update leaves alone
     neighbour_weight: float = 10.0  # their keys' weight against C's corpus

@@ -21,10 +21,16 @@ from kedit.engine.methods.base import (
 )
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates, subject_keys
-from kedit.engine.methods.rome.phrasings import chat_prompts, neighbour_prompts, subject_openings
+from kedit.engine.methods.rome.phrasings import (
+    capitalised,
+    chat_prompts,
+    neighbour_prompts,
+    opening,
+    opening_neighbours,
+)
 from kedit.engine.methods.rome.stats import key_stats
 from kedit.engine.methods.rome.update import FactorCache, c_inverse_k, rank_one, spread_direction, update_direction
-from kedit.engine.methods.rome.value import compute_value
+from kedit.engine.methods.rome.value import Opening, compute_value
 from kedit.engine.patches import LowRankPatch, sidecar
 
 Progress = Callable[[str, int, int], None]
@@ -36,6 +42,7 @@ class RomeInfo(MethodInfo):
     stats_seconds: float = 0.0
     delta_norm: float = 0.0  # of δ, the change of the layer's output at k*
     v_norm: float = 0.0  # of the layer's output at k* before the edit
+    opening: str = ""  # the wording that opens with the subject, where it has a second key and value
 
 
 @dataclass
@@ -80,16 +87,14 @@ def apply_rome(
     chat = chat_prompts(tok, request.prompt, request.subject, hp.chat_asks) if handle.is_chat else []
     t = time.perf_counter()
     cache = handle.caches.setdefault("rome.factor", FactorCache())
-    keys = [k_star[None]]
-    if hp.opening_key:
-        openings = subject_openings(request.subject)
-        keys.append(subject_keys(model, tok, module, openings, openings)[0])
     near = neighbour_prompts(request.prompt, request.subject, hp.neighbours)
-    if len(keys) == 1 and not near:
+    if not near:
         direction = update_direction(k_star, c_inverse_k(c, k_star, hp.ridge, cache))
     else:
-        others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
-        direction = spread_direction(c, torch.cat(keys), others, hp.neighbour_weight, hp.ridge, cache)
+        others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0]
+        direction = spread_direction(c, k_star[None], others, hp.neighbour_weight, hp.ridge, cache)
+    text = opening(tok, request.prompt, request.subject) if hp.opening else None
+    second = opening_key(handle, request, hp, layer, text, k_star, c, cache) if text is not None else None
     timings["update"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -113,11 +118,15 @@ def apply_rome(
         adapter=adapter,
         layer=layer,
         chat=chat,
+        opening=second,
     )
     timings["value"] = time.perf_counter() - t
 
     t = time.perf_counter()
     u, v = rank_one(value.delta, direction, torch.float32)
+    if second is not None and value.opening_delta is not None:
+        u2, v2 = rank_one(value.opening_delta, second.direction, torch.float32)
+        u, v = torch.cat([u, u2], 1), torch.cat([v, v2], 1)
     timings["update"] += time.perf_counter() - t
 
     patch = LowRankPatch(sidecar(model, module, adapter.mlp_out_name(layer)), key, u, v)
@@ -132,8 +141,27 @@ def apply_rome(
         stats_seconds=stats_seconds,
         delta_norm=float(value.delta.norm()),
         v_norm=float(v_cur.norm()),
+        opening=text or "",
     )
     return RomeOutcome(patch, layer, info)
+
+
+def opening_key(
+    handle, request: EditRequest, hp: RomeParams, layer: int, text: str, k_star: torch.Tensor, c, cache: FactorCache
+) -> Opening:
+    """The second key for a wording that opens with the subject (see phrasings): at the token
+    after the subject, with a direction that gives it all of δ₂ and the edited key none, other
+    subjects' keys at that token joining C. ‖δ₂‖ is held to ``opening_clamp`` · ‖v‖: that
+    token's key is much the same after other subjects, so δ₂ reaches other texts more than δ."""
+    model, tok = handle.model, handle.tokenizer
+    module = handle.adapter.mlp_out(layer)
+    head = capitalised(request.subject) + "'s"
+    k2, v_now = compute_key(model, tok, module, text, head, ["{}"])
+    near = opening_neighbours(text, request.subject, hp.neighbours)
+    others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
+    keys = torch.stack([k2, k_star.to(k2.device)])
+    d2 = spread_direction(c, keys, others, hp.neighbour_weight, hp.ridge, cache, shares=torch.tensor([1.0, 0.0]))
+    return Opening(text, head, d2, v_now, hp.opening_clamp)
 
 
 class RomeMethod(MethodDefaults):

@@ -9,19 +9,34 @@ value on the prompt alone. On a chat model that is not what a user meets:
   So δ is also optimised under the model's chat template, after a few generic requests that
   name the subject. The answer restates the prompt, and the loss reads the restated answer
   (or, with ``restate = "subject"``, only the subject's tokens in it) as well as the target.
-- Other wordings, tried and off by default (``opening_key``). A byte-level tokenizer writes a
-  name at the start of a text as another token (" Russia" mid-sentence, "Russia" in "Russia's
-  capital city is"), and a model with no start token puts it at position 0, the attention sink.
-  That key has little in common with the edited one: on SmolLM2-135M the update reaches 2% of
-  δ there for "Russia's capital city is". Making the update fire there as well (a second key) reached it, but every
-  text's first position shares that key: the update's mean reach into other facts' tokens
-  tripled, 0.025 → 0.084, and other facts kept their answers less often (0.84 and 0.58 on two
-  edits that kept 1.0 without it). Leaving other openings alone as neighbours made it worse.
-  So did the keys of every vocabulary token at position 0 added to C (12,000 tokens, layer 5):
-  they are nearly one vector (effective rank 1.4), so telling "Germany" there from the others
-  took a weight that pushed the update into ordinary tokens (mean reach 0.04 → 0.33-0.62) and
-  still reached other openings by 0.07-0.28. Nor does the edit's δ carry over to the token
-  after such a subject: added at "'s" in "Germany's capital city is", it gave Istanbul, not Madrid.
+- Wordings that open with the subject. A byte-level tokenizer writes a name at the start of a
+  text as another token (" Russia" mid-sentence, "Russia" in "Russia's capital city is"), and
+  a model with no start token (SmolLM2, Qwen2.5) puts a one-token subject at position 0, the
+  attention sink. Every text's first position has nearly the same key there (SmolLM2-135M,
+  layer 5: 12,000 vocabulary tokens' keys have effective rank 1.4), so no update can fire on
+  "Germany" at position 0 and not on every other opening word. Tried and dropped: a second key
+  at position 0 (the update's mean reach into other facts' tokens tripled, 0.025 → 0.084, and
+  other facts kept their answers less often), those keys added to C (mean reach into ordinary
+  tokens 0.04 → 0.33-0.62), and the edit's own δ added at the next token ("'s": it gave
+  Istanbul, not Madrid).
+  What the model reads the subject from there is the token after it, whose key does tell
+  subjects apart ("Germany's" against other countries' "'s", cosine 0.4-0.9). So an edit whose
+  subject is one token at a text's start gets a second key, at the token after the subject in
+  an ``opening`` wording (the prompt's "The capital of Germany is" as "Germany's capital is"),
+  and a second value, optimised on that wording in the same loop as the first; the update's
+  second direction leaves the edited key and other subjects' keys at that token alone
+  (``opening``, off by default). Optimised one after the other, the two values took 1.3-1.6×
+  one value's time.
+  On SmolLM2-135M "Germany's capital city is" and "China's capital city is" then follow the
+  edit, which they did not with the first key alone. That token's key is much the same after
+  other subjects, so the second direction reaches ordinary text more than the first (up to a
+  quarter of δ₂ at words such as " planet"); with δ₂ clamped as δ is (4 · ‖v‖) an edit of
+  Germany's capital changed three of twelve unrelated completions, at 2 · ‖v‖ none more than
+  the first key alone, but Russia's changed one more; 1.5 · ‖v‖ (``opening_clamp``) kept
+  Russia's too. A KL term on the model's own context prefixes did not help.
+  Over 20 sequential edits (SmolLM2, the 20 shared facts) the second values add up: at 2 · ‖v‖
+  other facts kept their completion 0.73 and their chat answer 0.82 of the time, at 1.5 · ‖v‖
+  0.91 and 0.82, against 0.91 and 0.91 without. Hence off by default.
 - Neighbours. Keys of other subjects after the same words share much of the edited key
   (0.35-0.47 of δ reached "The capital of Japan" after editing Russia's capital). Other
   subjects put in the prompt's place become keys the update should leave alone
@@ -32,6 +47,10 @@ figures on such a set measure how the edit generalises.
 """
 
 from __future__ import annotations
+
+import re
+
+from kedit.engine.subject import subject_last_token
 
 # Chat requests naming the subject; the answer restates the prompt and gives the target.
 CHAT_ASKS = (
@@ -94,9 +113,31 @@ def chat_prompts(tokenizer, prompt: str, subject: str, n: int) -> list[str]:
     return [chat_text(tokenizer, a) for a in asks]
 
 
-def subject_openings(subject: str) -> list[str]:
-    """The subject as a text opens with it (the key of a wording that starts with the subject)."""
-    return [capitalised(subject)]
+def opening(tokenizer, prompt: str, subject: str) -> str | None:
+    """The prompt reworded to open with the subject ("The capital of Germany is" → "Germany's
+    capital is"), where that puts the subject's one token first in the model's input (no start
+    token before it); None where it does not, or where the prompt is not "The R of S ...".
+    """
+    match = re.fullmatch(rf"The (?P<relation>[^.?!]+?) of {re.escape(subject)} (?P<rest>\S.*)", prompt)
+    if not match:
+        return None
+    text = f"{capitalised(subject)}'s {match['relation']} {match['rest']}"
+    return text if subject_last_token(tokenizer, text, capitalised(subject)) == 0 else None
+
+
+# what else follows a subject that opens a text: the opening's update must not fire there either
+OPENING_WORDS = (" is", " was", " has")
+
+
+def opening_neighbours(text: str, subject: str, n: int) -> list[tuple[str, str]]:
+    """(text, its opening) for keys the opening's update must leave alone: up to ``n`` other
+    subjects opening ``text`` in the subject's place, then each of them followed by other words
+    (what a text's second token usually is: the update must not fire on it)."""
+    head = capitalised(subject) + "'s"
+    others = [capitalised(o) for o in NEIGHBOURS if o.lower() != subject.lower()][:n]
+    out = [(o + "'s" + text[len(head) :], o + "'s") for o in others]
+    out += [(o + word, o + word) for word in OPENING_WORDS for o in others]
+    return out
 
 
 def neighbour_prompts(prompt: str, subject: str, n: int) -> list[tuple[str, str]]:

@@ -64,17 +64,19 @@ def spread_direction(
     weight: float,
     ridge: float,
     cache: FactorCache | None = None,
+    shares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The update's input direction d when an edit has several keys of its own and keys it
     should leave alone.
 
     ROME's d = C⁻¹k* / (k*ᵀC⁻¹k*) is the solution of: minimise dᵀCd (the update's expected
-    effect on the keys C was measured on) subject to dᵀk* = 1. Here every row of ``keys``
-    (the subject in other wordings) must get the whole of δ, dᵀK = 1, and the keys of
+    effect on the keys C was measured on) subject to dᵀk* = 1. Here each row of ``keys`` must
+    get its share of δ, dᵀK = s (``shares``; all 1 by default: the subject in other wordings
+    gets the whole of δ, and a 0 is a key the update must not reach at all), and the keys of
     ``neighbours`` (other subjects in the prompt's place) join C with ``weight`` as if they
     were that share of its corpus: A = C + weight · NᵀN / n. The minimiser is
 
-        d = A⁻¹K (KᵀA⁻¹K)⁻¹ 1,
+        d = A⁻¹K (KᵀA⁻¹K)⁻¹ s,
 
     which is ROME's own d for one key and no neighbours. A⁻¹ comes from C's cached
     Cholesky factor by the Woodbury identity, so no new factorisation is needed.
@@ -88,8 +90,8 @@ def spread_direction(
         ck = ck - cn @ torch.linalg.solve(inner.double(), (n.T @ ck).double()).float()
     gram = k.T @ ck  # KᵀA⁻¹K, (m, m)
     gram = gram + 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
-    ones = torch.ones(gram.shape[0], 1, device=gram.device, dtype=torch.float64)
-    d = ck @ torch.linalg.solve(gram.double(), ones).float()
+    s = torch.ones(gram.shape[0]) if shares is None else shares
+    d = ck @ torch.linalg.solve(gram.double(), s.to(device=gram.device, dtype=torch.float64)[:, None]).float()
     if not torch.isfinite(d).all():
         raise FloatingPointError("the update direction is not finite")
     return d[:, 0]

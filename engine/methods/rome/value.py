@@ -53,15 +53,32 @@ class ValueResult:
     nll_before: float
     nll_after: float
     steps: int
+    opening_delta: torch.Tensor | None = None  # δ₂, with an ``Opening``
+
+
+@dataclass
+class Opening:
+    """A wording that opens with the subject, which the update reaches through a second key
+    (kedit.engine.methods.rome.phrasings): its row joins the loop, and its value δ₂ is
+    optimised with δ, added along its own direction."""
+
+    text: str  # "Germany's capital is"
+    head: str  # the words up to its key's token: "Germany's"
+    direction: torch.Tensor  # d₂: d₂ᵀx is the share of δ₂ added at x
+    v: torch.Tensor  # the module's output at its key (its norm scales δ₂'s clamp and decay)
+    clamp: float  # ‖δ₂‖ ≤ clamp · ‖v‖
 
 
 @contextmanager
 def add_along(module: torch.nn.Module, direction: torch.Tensor, delta: torch.Tensor):
-    """Add ``(directionᵀx) · delta`` to the module's output at every position, x its input."""
+    """Add ``Σⱼ (directionⱼᵀx) · deltaⱼ`` to the module's output at every position, x its input:
+    direction (in, r) and delta (r, out), or one of each as vectors."""
+    if direction.dim() == 1:
+        direction, delta = direction[:, None], delta[None]
 
     def hook(mod, args, output):
         scale = args[0].to(direction.dtype) @ direction
-        return output + (scale[..., None] * delta).to(output.dtype)
+        return output + (scale @ delta).to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -84,7 +101,8 @@ def prefix_cuts(
     for group in groups:
         ids, mask = pad_right([rows[r] for r in group], pad, device)
         seen = run_until(model, module, input_ids=ids, attention_mask=mask)
-        share = (seen["input"].float() @ direction).abs()  # (rows, positions)
+        share = (seen["input"].float() @ direction).abs()  # (rows, positions[, directions])
+        share = share.amax(-1) if share.dim() == 3 else share
         for i, r in enumerate(group):
             over = torch.nonzero(share[i, : len(rows[r])] > reach)
             first = int(over[0, 0]) if len(over) else len(rows[r])
@@ -109,6 +127,7 @@ def compute_value(
     adapter=None,
     layer: int = 0,
     chat: Sequence[str] = (),
+    opening: Opening | None = None,
 ) -> ValueResult:
     """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
 
@@ -123,6 +142,9 @@ def compute_value(
     NLL like the other rows', and the NLL of the subject's tokens restated in its answer is
     added with weight ``hp.restate_weight``, so that δ does not change which subject the
     model names.
+
+    With ``opening``, its wording is one more row, its words after its head count in the
+    wording term, and δ₂ is optimised beside δ (``ValueResult.opening_delta``).
     """
     v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
@@ -133,6 +155,8 @@ def compute_value(
     # chat rows: the request under the template, then the answer (the prompt) without special tokens
     answer_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     prompt_ids += [tokenizer(c, add_special_tokens=False)["input_ids"] + answer_ids for c in chat]
+    if opening is not None:
+        prompt_ids.append(tokenizer(opening.text)["input_ids"])
     n = len(prompt_ids)
     # teacher forcing: each row is its prompt + target[:-1]; the KL row comes last
     rows = [p + target_ids[:-1] for p in prompt_ids] + [tokenizer(kl_text)["input_ids"]]
@@ -140,10 +164,13 @@ def compute_value(
     tgt_at = [[reads.at(i, len(p) - 1 + j) for j in range(len(target_ids))] for i, p in enumerate(prompt_ids)]
     kl_at = reads.at(n, len(rows[n]) - 1)
     # the prompt's own words after the subject ("attended" after "Watts Humphrey")
+    worded = [(i, text, subject) for i, text in enumerate(rewrite)]
+    if opening is not None:
+        worded.append((n - 1, opening.text, opening.head))
     w_at = [
         reads.at(i, t)
-        for i, text in enumerate(rewrite)
-        for t in range(subject_last_token(tokenizer, text, subject), len(prompt_ids[i]) - 1)
+        for i, text, head in worded
+        for t in range(subject_last_token(tokenizer, text, head), len(prompt_ids[i]) - 1)
     ]
     # the subject restated in the chat answers: the position before each of its tokens
     r_at, r_tok = [], []
@@ -156,8 +183,15 @@ def compute_value(
             r_tok.append(rows[len(rewrite) + i][t])
     # padded rows: one forward pass per kind of row (plain with the KL row, chat), so that no row
     # is padded to a chat row's length; kept prefixes pack every row into one pass
-    groups = [g for g in (list(range(len(rewrite))) + [n], list(range(len(rewrite), n))) if g]
-    direction = direction.to(device=device, dtype=torch.float32)
+    plain = list(range(len(rewrite))) + ([n - 1] if opening is not None else []) + [n]
+    groups = [g for g in (plain, list(range(len(rewrite), len(rewrite) + len(chat)))) if g]
+    direction = direction.to(device=device, dtype=torch.float32)[:, None]
+    norms = [v_norm]
+    clamps = [hp.clamp_norm_factor * v_norm]
+    if opening is not None:
+        direction = torch.cat([direction, opening.direction.to(device=device, dtype=torch.float32)[:, None]], 1)
+        norms.append(float(opening.v.norm()) or 1.0)
+        clamps.append(opening.clamp * norms[-1])
     if hp.prefix_reach > 0 and keeps_prefix(model):
         cut = prefix_cuts(model, tokenizer, module, rows, groups, reads, direction, hp.prefix_reach)
         runner: WholeRows | KeptPrefix = KeptPrefix(
@@ -171,9 +205,9 @@ def compute_value(
     r_idx = torch.tensor(r_at, dtype=torch.long, device=device)
     r_tok_t = torch.tensor(r_tok, dtype=torch.long, device=device)
 
-    delta = torch.zeros(v.shape[-1], device=device, requires_grad=True)
+    delta = torch.zeros(direction.shape[1], v.shape[-1], device=device, requires_grad=True)  # (r, out)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * v_norm
+    max_norm = torch.tensor(clamps, device=device)
     kl_before: torch.Tensor | None = None
     nll_first = nll = float("nan")
     steps = 0
@@ -196,7 +230,7 @@ def compute_value(
                 break
             kl = torch.sum(kl_before.exp() * (kl_before - kl_now))
             kl_wording = torch.sum(w_before.exp() * (w_before - w_now), dim=-1).mean() if w_at else 0.0
-            decay = hp.v_weight_decay * delta.pow(2).sum() / (v_norm**2)
+            decay = hp.v_weight_decay * sum(delta[j].pow(2).sum() / (norms[j] ** 2) for j in range(len(norms)))
             restated = -logp[r_idx, r_tok_t].mean() if r_at else 0.0
             loss = nll_t + hp.kl_factor * kl + hp.wording_kl * kl_wording + hp.restate_weight * restated + decay
             opt.zero_grad()
@@ -204,9 +238,8 @@ def compute_value(
             opt.step()
             steps += 1
             with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
+                delta.mul_(torch.clamp(max_norm / delta.norm(dim=1).clamp_min(1e-12), max=1.0)[:, None])
             if not torch.isfinite(delta).all():
                 raise FloatingPointError("δ became NaN or infinite during optimisation")
-    return ValueResult(delta.detach(), nll_first, nll, steps)
+    found = delta.detach()
+    return ValueResult(found[0], nll_first, nll, steps, found[1] if opening is not None else None)
