@@ -77,8 +77,8 @@ def add_along(module: torch.nn.Module, direction: torch.Tensor, delta: torch.Ten
         direction, delta = direction[:, None], delta[None]
 
     def hook(mod, args, output):
-        scale = args[0].to(direction.dtype) @ direction
-        return output + (scale @ delta).to(output.dtype)
+        scale = args[0].to(direction.dtype) @ direction  # (..., r)
+        return output + (scale[..., None] * delta).sum(-2).to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -230,7 +230,7 @@ def compute_value(
                 break
             kl = torch.sum(kl_before.exp() * (kl_before - kl_now))
             kl_wording = torch.sum(w_before.exp() * (w_before - w_now), dim=-1).mean() if w_at else 0.0
-            decay = hp.v_weight_decay * sum(delta[j].pow(2).sum() / (norms[j] ** 2) for j in range(len(norms)))
+            decay = sum(hp.v_weight_decay * delta[j].pow(2).sum() / (norms[j] ** 2) for j in range(len(norms)))
             restated = -logp[r_idx, r_tok_t].mean() if r_at else 0.0
             loss = nll_t + hp.kl_factor * kl + hp.wording_kl * kl_wording + hp.restate_weight * restated + decay
             opt.zero_grad()
