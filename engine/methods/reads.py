@@ -154,7 +154,7 @@ class KeptPrefix(_Runner):
     lets each token see only its own row's earlier tokens; positions count within each row. A
     pass then runs the group's tokens and no padding: the rows a value loop runs differ in
     length (a chat row's rest can be six times a plain row's), and padding them to the longest
-    ran twice the tokens. Only with attention that takes such a mask (``packs_rows``).
+    ran twice the tokens. Only with attention that takes such a mask (``keeps_prefix``).
     """
 
     def __init__(self, model, tok, rows, cut, groups, reads: Reads, adapter=None, layer: int = 0) -> None:
