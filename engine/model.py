@@ -11,6 +11,7 @@ message says how to get it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -174,14 +175,16 @@ class ModelHandle:
     def cache_key(self) -> str:
         """Names this model for on-disk caches: its source, its config and its quantization.
 
-        The fact world's folder name is the hash of its build, so a rebuilt world is another model.
+        The fact world is named by the hash of its build (its fact_world.json), so a rebuilt
+        world is another model.
         """
         import hashlib
 
         where = self.source.location or self.source.name
         # name_or_path is typed Optional; a model from_pretrained read from a folder has it
         if self.source.kind == "fact-world":
-            where = f"fact-world:{Path(cast(str, self.model.name_or_path)).name}"
+            info = Path(cast(str, self.model.name_or_path)) / "fact_world.json"
+            where = f"fact-world:{json.loads(info.read_text())['key']}"
         elif self.source.kind == "gguf":  # the converted folder is named <content hash>-v<format>
             where = f"gguf:{Path(cast(str, self.model.name_or_path)).name.split('-v')[0]}"
         blob = f"{self.source.kind}:{where}:{self.model.config.to_json_string()}:{self.quant}"

@@ -98,26 +98,26 @@ def test_the_mood_vector_is_monotonic_and_makes_chat_answers_cheerful(session, r
     steered = moods()
     rack.switch("fact-world-mood", False)
     plain = moods()
+    print(f"\nheld-out people asked their mood in chat, (happy, sad): unsteered {plain}, at 0.5 {steered}")
     assert plain[1] >= len(people) // 2, plain  # unsteered, most held-out people say they are sad
     assert steered[0] >= 0.9 * len(people) and steered[1] == 0, (plain, steered)
 
 
-def test_the_fact_world_trains_with_avx2_kernels_whatever_the_cpu(tmp_path: Path) -> None:
-    """The vectors fit the model AVX2 kernels train; AVX-512 ones train another (a tiny build shows it)."""
-    import os
-    import subprocess
-    import sys
+def test_the_fact_world_loads_the_shipped_model_and_other_settings_build_their_own(tmp_path: Path, monkeypatch) -> None:
+    """The vectors fit the shipped weights: kedit.toml's settings must name that build (a change
+    to the recipe or the corpus fails here until `python -m kedit.engine.factworld.build` is rerun)."""
+    import json
 
-    from kedit.engine.factworld.build import TRAINING_KERNELS, BuildSettings, build
+    from conftest import REPO
 
+    from kedit.engine.config import Config
+    from kedit.engine.factworld.build import SHIPPED, BuildSettings, ensure_built, shipped
+
+    settings = BuildSettings.from_config(Config.load(cwd=REPO).table("fact_world"))
+    assert json.loads((SHIPPED / "fact_world.json").read_text())["key"] == settings.key()
+    monkeypatch.setenv("KEDIT_CACHE_DIR", str(tmp_path))
+    assert ensure_built(settings, show_progress=False) == SHIPPED and not any(tmp_path.iterdir())
     tiny = BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2)
-    build(tmp_path / "here", tiny, show_progress=False)
-    code = (
-        "import sys; from pathlib import Path; from kedit.engine.factworld.build import BuildSettings, build; "
-        "build(Path(sys.argv[1]), BuildSettings(steps=3, mood_steps=2, n_people=6, n_taxa=2), show_progress=False)"
-    )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": TRAINING_KERNELS}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2")], env=env, check=True, capture_output=True)
-    assert (tmp_path / "here" / "model.safetensors").read_bytes() == (
-        tmp_path / "avx2" / "model.safetensors"
-    ).read_bytes()
+    assert not shipped(tiny)
+    built = ensure_built(tiny, show_progress=False)
+    assert built.parent == tmp_path / "fact-world" and (built / "model.safetensors").is_file()
