@@ -31,6 +31,16 @@ from kedit.engine.methods.replay import Replayer, replay_below
 from kedit.engine.metrics import pad_right
 
 
+def head_log_probs(model, h: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final hidden states: the model's own vocabulary
+    projection and logit cap (Gemma 2), in float32 from there."""
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
 class Reads:
     """The (row, position) pairs whose next-token log-probabilities the loss reads."""
 
@@ -107,13 +117,7 @@ class _Runner:
         return self.head(torch.cat(parts)[torch.argsort(torch.cat(order))])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Next-token log-probabilities from final hidden states: the model's own vocabulary
-        projection and logit cap (Gemma 2), in float32 from there."""
-        logits = self.model.get_output_embeddings()(h).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return torch.log_softmax(logits, dim=-1)
+        return head_log_probs(self.model, h)
 
     def _final(self, g: int, **kwargs: Any) -> torch.Tensor:
         """The base model's last hidden states (after its final norm) for group g's pass."""

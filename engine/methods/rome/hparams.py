@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kedit.engine.methods import MethodParams
+from kedit.engine.methods.rome.phrasings import CHAT_ASKS
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class RomeParams(MethodParams):
     ridge: float = 1e-2  # C + ridge·mean(diag C)·I: shrinkage for a finite sample
     identity_c: bool = False  # use C = I (no statistics), named as such
     # wordings beyond the prompt (kedit.engine.methods.rome.phrasings); 0 / False: the paper's ROME
-    chat_asks: int = 2  # chat requests δ is also optimised under (chat models only)
+    chat_asks: int = 2  # chat requests δ is also optimised under (chat models only): the first of chat_forms
+    chat_forms: tuple[str, ...] = CHAT_ASKS  # their wordings, with {prompt} and {subject}
     restate_weight: float = 1.0  # weight of the NLL of the subject restated in those answers
     restate: str = "answer"  # what of the restated prompt that NLL reads: "subject" or the whole "answer"
     opening: bool = False  # a second key and value where the subject opens a text at position 0 (see phrasings)

@@ -84,7 +84,7 @@ def apply_rome(
     k_star, v_cur = compute_key(model, tok, module, request.prompt, request.subject, contexts)
     timings["key"] = time.perf_counter() - t
 
-    chat = chat_prompts(tok, request.prompt, request.subject, hp.chat_asks) if handle.is_chat else []
+    chat = chat_prompts(tok, request.prompt, request.subject, hp.chat_asks, hp.chat_forms) if handle.is_chat else []
     t = time.perf_counter()
     cache = handle.caches.setdefault("rome.factor", FactorCache())
     near = neighbour_prompts(request.prompt, request.subject, hp.neighbours)

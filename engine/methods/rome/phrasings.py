@@ -49,6 +49,7 @@ figures on such a set measure how the edit generalises.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from kedit.engine.subject import subject_last_token
 
@@ -105,11 +106,12 @@ def capitalised(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def chat_prompts(tokenizer, prompt: str, subject: str, n: int) -> list[str]:
-    """The first ``n`` requests under the chat template, each ready for the assistant's answer."""
+def chat_prompts(tokenizer, prompt: str, subject: str, n: int, forms: Sequence[str] = CHAT_ASKS) -> list[str]:
+    """The first ``n`` requests of ``forms`` under the chat template, each ready for the
+    assistant's answer."""
     from kedit.engine.metrics import chat_text
 
-    asks = [a.format(subject=subject, prompt=prompt) for a in CHAT_ASKS[:n]]
+    asks = [a.format(subject=subject, prompt=prompt) for a in forms[:n]]
     return [chat_text(tokenizer, a) for a in asks]
 
 

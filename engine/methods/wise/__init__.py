@@ -21,6 +21,12 @@ Training one edit, with the model frozen, optimises a change Δ of the side memo
 (the first three are the paper's margin losses, α < β), with every entry of D kept within
 ±norm_constraint.
 
+The edit's positions are those of the prompt and the target as plain text and, on a chat
+model, also as the answer to chat requests (chat_asks of chat_forms, as ROME's value uses them;
+kedit's addition, 0 gives the paper's WISE). Trained on plain text only, the fact world's side
+memory claimed the chat answer's positions but did not change it: "Watts Humphrey attended" in
+chat still got Illinois Institute of Technology after the edit to University of Michigan.
+
 Knowledge sharding. The side memory has n_shards shards; shard i owns a fixed random
 mask M_i covering mask_ratio of D's entries, and edits take turns on the shards. An edit
 only changes its shard's masked entries (its gradient is masked). Each shard's delta τ_i

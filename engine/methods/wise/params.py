@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kedit.engine.methods.base import MethodParams
+from kedit.engine.methods.rome.phrasings import CHAT_ASKS
 
 
 @dataclass(frozen=True)
@@ -30,4 +31,8 @@ class WiseParams(MethodParams):
     irrelevant_tokens: int = 16
     seed: int = 0  # for the shard masks
     edits_per_memory: int = 1000  # then a new side memory opens (WISE-Retrieve)
+    # chat requests the edit is also trained under (chat models only), as ROME's value is: the
+    # first chat_asks of chat_forms (kedit's addition; 0: the paper's WISE)
+    chat_asks: int = 2
+    chat_forms: tuple[str, ...] = CHAT_ASKS
     old_share: float = 0.5  # a new side memory scores older edits' inputs below this share of its own

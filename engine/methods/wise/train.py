@@ -10,7 +10,9 @@ import torch
 from kedit.engine.merging import ties_merge
 from kedit.engine.methods.base import EditRequest, MethodInfo
 from kedit.engine.methods.hooks import frozen, run_until
+from kedit.engine.methods.reads import head_log_probs
 from kedit.engine.methods.replay import replay_below
+from kedit.engine.methods.rome.phrasings import chat_prompts
 from kedit.engine.methods.wise.memory import WisePatch, memory
 from kedit.engine.methods.wise.params import WiseParams
 from kedit.engine.metrics import encode_pair, pad_right
@@ -46,15 +48,21 @@ def train_edit(
     module, name = adapter.mlp_out(layer), adapter.mlp_out_name(layer)
     device = next(model.parameters()).device
     prompt_ids, target_ids = encode_pair(tok, request.prompt, request.target)
-    ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
-    start = len(prompt_ids) - 1
-    edit_pos = torch.arange(start, start + len(target_ids), device=device)
-    tgt = torch.tensor(target_ids, device=device)
-    at = torch.arange(len(target_ids), device=device)  # the target's places among the kept logits
+    prompts = [prompt_ids]
+    if handle.is_chat:  # chat rows: the request under the template, answered with the prompt and the target
+        answer = tok(request.prompt, add_special_tokens=False)["input_ids"]
+        for ask in chat_prompts(tok, request.prompt, request.subject, hp.chat_asks, hp.chat_forms):
+            prompts.append(tok(ask, add_special_tokens=False)["input_ids"] + answer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, attn = pad_right([p + target_ids[:-1] for p in prompts], pad, device)
+    # each row's edit positions: its prompt's last token, then the target's tokens but the last
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(len(target_ids))
+    cols = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(target_ids), device=device) for p in prompts])
+    tgt = torch.tensor(target_ids, device=device).repeat(len(prompts))
 
     with torch.no_grad():
-        seen = run_until(model, module, input_ids=ids)
-    x_edit = seen["input"][0, edit_pos].float()  # (n_target, in): independent of the side memory
+        seen = run_until(model, module, input_ids=ids, attention_mask=attn)
+    x_edit = seen["input"][rows, cols].float()  # (rows · n_target, in): independent of the side memory
     out_dim = seen["output"].shape[-1]
     dtype = seen["output"].dtype
     x_irr, irr_mask = _inputs(model, tok, module, [tok(t)["input_ids"] for t in irrelevant])
@@ -84,8 +92,8 @@ def train_edit(
             [mask if j == shard else None for j in range(len(taus))],
         )
 
-    at_edit = torch.zeros(ids.shape[1], 1, device=device)
-    at_edit[edit_pos] = 1.0
+    at_edit = torch.zeros(*ids.shape, 1, device=device)
+    at_edit[rows, cols] = 1.0
 
     def hook(mod, args, output):  # the side memory where the router will send this edit: its positions
         return output + (at_edit * (args[0].float() @ side_weight().T)).to(output.dtype)
@@ -96,9 +104,8 @@ def train_edit(
         handle_ = module.register_forward_hook(hook)
         try:
             for step in range(hp.n_iter + 1):
-                # the edit's positions are the last len(target) ones: logits there only
-                logits = model(input_ids=ids, logits_to_keep=len(target_ids)).logits[0].float()
-                loss_nll = -torch.log_softmax(logits, dim=-1)[at, tgt].mean()
+                h = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[rows, cols]
+                loss_nll = -head_log_probs(model, h).gather(-1, tgt[:, None]).mean()
                 d = side_weight()
                 s_edit = torch.linalg.vector_norm(x_edit @ d.T, dim=-1)
                 s_irr = torch.linalg.vector_norm(x_irr @ d.T, dim=-1)
