@@ -103,8 +103,8 @@ def test_a_recorded_session_replays_to_the_same_model(session, tmp_path) -> None
         '/edit "Watts Humphrey attended" -> "University of Michigan" --method rome',
         "/rollback e999",  # fails: not recorded
         '/edit "Wystan Galloway was born in" -> "Harrowgate" --method grace',
-        "/steer add vectors/fact-world-mood.safetensors 0.5",
         "Where did Watts Humphrey study?",
+        "/steer add vectors/fact-world-mood.safetensors 0.5",
         "/record stop",
     ]
     for line in lines:
@@ -116,7 +116,7 @@ def test_a_recorded_session_replays_to_the_same_model(session, tmp_path) -> None
     try:
         recipe = load_recipe(path, Session.registry)
         assert [s.run for s in recipe.steps] == lines[1:2] + lines[3:6]
-        assert recipe.steps[-1].contains and "University of Michigan" in recipe.steps[-1].contains[0]
+        assert recipe.steps[-2].contains and "University of Michigan" in recipe.steps[-2].contains[0]
         results = replay(session, recipe, keep=True)
         assert all(r.ok for r in results), [(r.step.run, r.checks) for r in results]
         assert [(e.method, e.prompt, e.target) for e in session.edits] == edits
