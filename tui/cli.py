@@ -509,10 +509,14 @@ def export_cmd(
 
 
 @main.command("fact-world")
-@click.option("--rebuild", is_flag=True, help="Build again even if a cached copy exists.")
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Train a copy from the recipe into the cache and report on it (sessions keep the shipped model).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def fact_world(rebuild: bool, as_json: bool) -> None:
-    """Build (or find) the embedded fact-world model and report its recall."""
+    """Find (or build) the embedded fact-world model and report its recall."""
     from kedit.engine.config import Config
     from kedit.engine.factworld import build as fw
     from kedit.engine.factworld.recall import recall_report
