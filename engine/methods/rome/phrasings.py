@@ -34,9 +34,11 @@ value on the prompt alone. On a chat model that is not what a user meets:
   Germany's capital changed three of twelve unrelated completions, at 2 · ‖v‖ none more than
   the first key alone, but Russia's changed one more; 1.5 · ‖v‖ (``opening_clamp``) kept
   Russia's too. A KL term on the model's own context prefixes did not help.
-  Over 20 sequential edits (SmolLM2, the 20 shared facts) the second values add up: at 2 · ‖v‖
-  other facts kept their completion 0.73 and their chat answer 0.82 of the time, at 1.5 · ‖v‖
-  0.91 and 0.82, against 0.91 and 0.91 without. Hence off by default.
+  Over 20 sequential edits (SmolLM2, the 20 shared facts) the second values add up: with 11
+  other facts, at 2 · ‖v‖ they kept their completion 0.73 and their chat answer 0.82 of the
+  time, at 1.5 · ‖v‖ 0.91 and 0.82, against 0.91 and 0.91 without; with 30 other facts, at
+  1.5 · ‖v‖ 0.76 and 0.70 against 0.76 and 0.73, no paraphrase more than without (0.57), and
+  neutral text's perplexity 1.11 times the unedited model's against 1.02. Hence off by default.
 - Neighbours. Keys of other subjects after the same words share much of the edited key
   (0.35-0.47 of δ reached "The capital of Japan" after editing Russia's capital). Other
   subjects put in the prompt's place become keys the update should leave alone
