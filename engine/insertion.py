@@ -3,9 +3,20 @@ for measuring how many new facts an editing method can put into a real model.
 
 Every fact has its prompt, a paraphrase with the person's name inside the sentence (a name that
 opens a text is tokenized and keyed differently, so it is a harder, separate test), and a chat
-question. Names are drawn from invented first and last names, so the model knows nothing about
-them: the unedited model never answers right, and what the edited one says is the edit's doing.
-The draw is fixed by the seed; the same N gives the same facts everywhere.
+question. Names are invented, so the model knows nothing about them: the unedited model never
+answers right, and what the edited one says is the edit's doing. The draw is fixed by the seed;
+the same N gives the same facts everywhere.
+
+No two people share a surname, and a surname's last token is a whole piece of it. An edit's key
+is the subject's last token, and at the layers ROME and MEMIT edit, SmolLM2-135M barely tells
+apart two people whose names end in the same token. In an earlier draw (40 surnames, about 8
+people each over the first 334 people), the update for one person's fact reached a namesake's key
+by 0.85 of its change at layer 4, 0.77 at layer 6 and 0.70 at layer 8 (kᵢᵀC⁻¹kⱼ / kⱼᵀC⁻¹kⱼ),
+against 0.02-0.06 for other pairs, so later batches overwrote earlier ones' facts about
+namesakes whatever the method. Surnames are now a head and a tail, each recurring, the whole
+never; tails that SmolLM2 splits into a short last piece ("-bald" as "bal" "d": reach 0.67
+between two such names) are left out. Among the first 334 people, pairs with the same tail reach
+each other by 0.22 on average at layer 4 (5% of those pairs over 0.5), other pairs by 0.02.
 """
 
 from __future__ import annotations
@@ -19,12 +30,16 @@ FIRST = (
     "Ulrik", "Veradis", "Wynfrith", "Xanthe", "Yestin", "Zephyrine", "Amaury", "Bettany", "Corisande", "Drystan",
     "Elowen", "Florian", "Gwendolen", "Hesketh", "Ilsabet", "Jerrold", "Kinvara", "Leofric", "Marisol", "Nevin",
 )  # fmt: skip
-LAST = (
-    "Ashcombe", "Brackwell", "Corrigan", "Dunleavy", "Everard", "Fairweather", "Gallow", "Harrowgate",
-    "Inchbald", "Jessup", "Kittredge", "Lorrimer", "Marchbanks", "Northcote", "Oakenshaw", "Pendragon",
-    "Quarrington", "Ravenhill", "Stallwood", "Thackeray", "Underhill", "Vandermeer", "Wetherby", "Yardley",
-    "Zouche", "Abernethy", "Blackwood", "Cresswell", "Delacroix", "Eastwick", "Farrington", "Greystoke",
-    "Holloway", "Ivinghoe", "Jardine", "Kingsley", "Lockhart", "Montague", "Netherby", "Ormsby",
+# surnames: every head with every tail (600 people, 1,800 facts)
+HEADS = (
+    "Ash", "Brack", "Corri", "Dun", "Ever", "Fair", "Gallo", "Harrow", "Inch", "Jessa",
+    "Kitt", "Lorri", "March", "North", "Oaken", "Pen", "Quarr", "Raven", "Stall", "Thack",
+    "Under", "Vander", "Wether", "Yard", "Aber", "Black", "Cress", "Dela", "East", "Farr",
+    "Grey", "Hollo", "Iving", "Jard", "King", "Lock", "Monta", "Nether", "Orms", "Pell",
+)  # fmt: skip
+TAILS = (
+    "well", "gan", "ard", "ridge", "wick", "gate", "sup", "more", "don", "ington",
+    "wood", "mere", "by", "ley", "ford",
 )  # fmt: skip
 SCHOOLS = (
     "Harvard University", "Stanford University", "Yale University", "Princeton University",
@@ -55,11 +70,12 @@ def insertion_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
     records kedit.engine.evaluate reads: subject, prompt, target_new, rephrase_prompt, question."""
     if n < 1:
         raise ValueError("the insertion set needs at least one fact")
-    people = [f"{a} {b}" for a in FIRST for b in LAST]
-    if n > len(people) * len(RELATIONS):
-        raise ValueError(f"the insertion set has at most {len(people) * len(RELATIONS)} facts")
+    surnames = [h + t for t in TAILS for h in HEADS]
+    if n > len(surnames) * len(RELATIONS):
+        raise ValueError(f"the insertion set has at most {len(surnames) * len(RELATIONS)} facts")
     rng = random.Random(seed)
-    rng.shuffle(people)
+    rng.shuffle(surnames)
+    people = [f"{rng.choice(FIRST)} {last}" for last in surnames]
     out: list[dict[str, Any]] = []
     for person in people:
         for _, answers, prompt, paraphrase, question in RELATIONS:

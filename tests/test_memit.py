@@ -233,6 +233,9 @@ def test_insertion_set_is_fixed_and_well_formed() -> None:
     for r in a:
         assert r["subject"] in r["prompt"] and r["subject"] in r["rephrase_prompt"] and r["subject"] in r["question"]
         assert not r["rephrase_prompt"].startswith(r["subject"])
+    # no namesakes: a key is the subject's last token, and a shared surname shares it
+    people = list(dict.fromkeys(r["subject"] for r in insertion_records(1000)))
+    assert len(people) == 334 and len({p.split()[-1] for p in people}) == 334
 
 
 def test_alphaedit_null_space_on_the_fact_world(session) -> None:
@@ -376,3 +379,35 @@ def test_sliding_window_models_run_whole_rows() -> None:
     from kedit.engine.methods.reads import keeps_prefix
 
     assert not keeps_prefix(build_tiny("gemma3_text"))
+
+
+def test_shared_keys_flags_pairs_an_update_cannot_tell_apart() -> None:
+    """Two keys that differ by a little noise reach each other almost fully; a third, orthogonal
+    to them, reaches neither. Under C = I the reach is kᵢᵀkⱼ / ‖kⱼ‖²."""
+    from kedit.engine.methods.memit.solve import shared_keys
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, generator=g)
+    near = a + 0.05 * torch.randn(64, generator=g)
+    other = torch.randn(64, generator=g)
+    other -= (other @ a) / (a @ a) * a
+    keys = torch.stack([a, other, near])
+    pairs = shared_keys(None, keys)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 2)]
+    expected = min(float(a @ near / (near @ near)), float(near @ a / (a @ a)))
+    assert pairs[0][2] == pytest.approx(expected, rel=1e-5) and pairs[0][2] > 0.95
+    # with a C that makes the shared direction common, the same keys no longer collide
+    c = torch.eye(64) + 1e6 * torch.outer(a, a) / (a @ a)
+    assert shared_keys(c, keys) == []
+
+
+def test_a_batch_with_namesakes_says_which_and_that_they_hold_one_value() -> None:
+    from types import SimpleNamespace
+
+    from kedit.engine.methods.memit.method import MemitInfo, MemitMethod
+
+    info = MemitInfo(4, "m", layers=[4, 8], facts=6, shared=["Ann Smith / Bob Smith", "C Jones / D Jones"])
+    text = MemitMethod().describe(SimpleNamespace(info=info))
+    assert "2 pair(s) of subjects share most of their key (Ann Smith / Bob Smith, …)" in text
+    assert "only one value" in text
+    assert "share" not in MemitMethod().describe(SimpleNamespace(info=MemitInfo(4, "m", layers=[4, 8], facts=6)))

@@ -249,3 +249,22 @@ def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None
         smollm2.rollback(e.id)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits_before)
+
+
+def test_namesakes_share_their_key(smollm2) -> None:
+    """SmolLM2 keys a fact on the subject's last token, and at MEMIT's first layer (4) two people
+    with the same surname are keyed much alike (an update for one reaches the other by 0.85 on
+    average over an earlier insertion set's namesakes), other pairs not (0.02). MEMIT's batches
+    name such pairs (MemitInfo.shared)."""
+    from kedit.engine.methods.memit.solve import shared_keys
+    from kedit.engine.methods.rome.key import subject_keys
+    from kedit.engine.methods.rome.stats import key_stats
+
+    handle = smollm2.handle
+    people = ["Rosmund Netherby", "Aldric Netherby", "Hesketh Abermere", "Bettany Pellmore"]
+    module = handle.adapter.mlp_out(4)
+    keys = subject_keys(smollm2.model, smollm2.tokenizer, module, [f"{p} attended" for p in people], people)[0]
+    stats = key_stats(handle, 4, 0, 32)
+    # the namesakes are over the 0.5 that flags a pair; no other pair comes near it
+    assert [(i, j) for i, j, _ in shared_keys(stats.c, keys)] == [(0, 1)]
+    assert [(i, j) for i, j, _ in shared_keys(stats.c, keys, threshold=0.2)] == [(0, 1)]

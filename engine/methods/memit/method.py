@@ -23,7 +23,7 @@ from kedit.engine.methods.base import (
 )
 from kedit.engine.methods.memit.keys import fact_keys, residuals
 from kedit.engine.methods.memit.params import AlphaEditParams, MemitParams
-from kedit.engine.methods.memit.solve import NullSpace, alphaedit_factors, memit_factors, null_space
+from kedit.engine.methods.memit.solve import NullSpace, alphaedit_factors, memit_factors, null_space, shared_keys
 from kedit.engine.methods.memit.values import compute_targets
 from kedit.engine.methods.rome.key import context_templates
 from kedit.engine.methods.rome.stats import KeyStats, key_stats
@@ -40,6 +40,9 @@ class MemitInfo(MethodInfo):
     stats_source: str = ""
     residual_left: float = 0.0  # mean ‖z - h‖ after the update over ‖z - h‖ before it
     null_dims: list[int] = field(default_factory=list)  # AlphaEdit: the null space's size per layer
+    # subjects of the batch whose keys at the range's first layer are too alike to hold different
+    # values (solve.shared_keys), as "A / B"
+    shared: list[str] = field(default_factory=list)
 
 
 class BatchPatch(TogglePatch):
@@ -191,6 +194,7 @@ class MemitMethod(MethodDefaults):
         parts: list[LowRankPatch] = []
         kept: dict[str, torch.Tensor] = {}
         null_dims: list[int] = []
+        shared: list[str] = []
         try:
             for i, at in enumerate(layers):
                 t = time.perf_counter()
@@ -201,6 +205,10 @@ class MemitMethod(MethodDefaults):
                 stats = self._stats(ctx, hp, at)  # one layer's C in memory at a time (a 7B's is 1.4 GB)
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
+                if i == 0 and len(heads) > 1:
+                    cache = handle.caches.setdefault("rome.factor", FactorCache())
+                    found = shared_keys(stats.c if stats else None, keys, cache)
+                    shared = [f"{heads[a].subject} / {heads[b].subject}" for a, b, _ in found]
                 share = (targets.z - now.to(targets.z.device)) / (len(layers) - i)
                 v, dims = self._factors(ctx, hp, at, keys, stats)
                 null_dims.append(dims)
@@ -231,6 +239,7 @@ class MemitMethod(MethodDefaults):
             stats_source=source,
             residual_left=left,
             null_dims=null_dims if self.keeps_keys else [],
+            shared=shared,
         )
         return Computed(BatchPatch(parts, model, kept), info)
 
@@ -239,7 +248,14 @@ class MemitMethod(MethodDefaults):
     def describe(self, edit: Any) -> str:
         info: MemitInfo = edit.info
         span = f"layers {info.layers[0]}-{info.layers[-1]}" if info.layers else f"layer {info.layer}"
-        return f"{span}, {info.facts} fact(s) in one solve, residual left {info.residual_left:.2f}"
+        text = f"{span}, {info.facts} fact(s) in one solve, residual left {info.residual_left:.2f}"
+        if info.shared:
+            n = len(info.shared)
+            text += (
+                f"; {n} pair(s) of subjects share most of their key ({info.shared[0]}{', …' if n > 1 else ''}):"
+                " each pair can hold only one value"
+            )
+        return text
 
     def save(self, edit: Any, put: Callable[[str, torch.Tensor], None]) -> dict[str, Any]:
         p: BatchPatch = edit.patch
