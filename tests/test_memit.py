@@ -86,6 +86,49 @@ def test_alphaedit_projection_leaves_preserved_keys_alone() -> None:
     assert drift_keeping < 0.5 * drift_plain
 
 
+def test_alphaedit_preservation_term_prices_what_p_leaves_in() -> None:
+    """Keys that use every direction a little (a real model's): P at a relative threshold keeps
+    some of their energy. With ``weight`` λ the solve adds λ tr(Δ'P C PΔ'ᵀ) and satisfies
+    (P (G + λC) P + μI) V = P K; the update then moves ordinary keys less, still fitting the edits."""
+    g = torch.Generator().manual_seed(2)
+    d, n = 64, 6
+    scales = torch.linspace(0.2, 2.0, d)  # every direction used, none much
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    ordinary = (torch.randn(4000, d, generator=g) * scales) @ basis.T
+    c = ordinary.T @ ordinary / len(ordinary)
+    space = null_space(c, 0.5)
+    assert 0 < space.kept < d
+    kept_energy = float(space.project(ordinary.T).pow(2).sum() / ordinary.pow(2).sum())
+    print(f"\nP keeps {kept_energy:.3f} of the ordinary keys' energy ({space.kept} of {d} directions)")
+    assert kept_energy > 0.01  # not a null space: the term has something to do
+
+    keys = torch.randn(n, d, generator=g)
+    r = torch.randn(n, 16, generator=g)
+    mu, lam = 0.1, 20.0
+    v = alphaedit_factors(space, keys, None, mu, lam).double()
+    p = space.q.double() @ space.q.double().T
+    kd, cd = keys.double().T, c.double()
+    lhs = (p @ (kd @ kd.T + lam * cd) @ p + mu * torch.eye(d, dtype=torch.float64)) @ v
+    residual = float((lhs - p @ kd).norm() / (p @ kd).norm())
+    print(f"normal-equation residual with the term {residual:.2e}")
+    assert residual < 1e-4
+    assert torch.allclose(alphaedit_factors(space, keys, None, mu, 0.0), alphaedit_factors(space, keys, None, mu))
+
+    def figures(vv: torch.Tensor) -> tuple[float, float]:
+        delta = r.double().T @ vv.double().T
+        fit = float((delta @ kd - r.double().T).norm() / r.norm())
+        moved = float(torch.trace(delta @ cd @ delta.T).sqrt() / torch.trace(r.double().T @ r.double()).sqrt())
+        return fit, moved
+
+    fit0, moved0 = figures(alphaedit_factors(space, keys, None, mu))
+    fit1, moved1 = figures(v)
+    print(
+        f"misfit / change on ordinary keys: without the term {fit0:.3f} / {moved0:.3f}, with {fit1:.3f} / {moved1:.3f}"
+    )
+    assert moved1 < 0.7 * moved0
+    assert fit1 < 0.3
+
+
 def test_facts_sharing_a_key_are_one_unit() -> None:
     from kedit.engine.methods.base import EditRequest
 

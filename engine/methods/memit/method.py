@@ -316,7 +316,8 @@ class AlphaEditMethod(MemitMethod):
             )
         name = ctx.handle.adapter.mlp_out_name(layer)
         mu = hp.l2 * float(stats.c.diagonal().mean())
-        return alphaedit_factors(space, keys, earlier_keys(ctx.handle.model, name), mu), space.kept
+        weight = hp.preserve * keys.shape[1]
+        return alphaedit_factors(space, keys, earlier_keys(ctx.handle.model, name), mu, weight), space.kept
 
     @staticmethod
     def _space(ctx: EditContext, layer: int, stats: KeyStats, threshold: float) -> NullSpace:

@@ -18,7 +18,7 @@ class MemitParams(MethodParams):
     v_steps: int = 25  # Adam steps on each fact's δ
     v_lr: float = 1.5
     v_weight_decay: float = 1e-3  # on ‖δ‖ / ‖h‖², as the reference code has it
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖h‖, h the residual at L
+    clamp_norm_factor: float = 1.0  # ‖δ‖ ≤ factor · ‖h‖, h the residual at L (kedit.toml says why)
     kl_factor: float = 0.0625  # KL on "{subject} is a"
     nll_stop: float = 0.05  # a fact's δ stops once its target's mean NLL is below this
     n_contexts: int = 2  # context prefixes the model writes itself (plus the bare prompt)
@@ -45,3 +45,6 @@ class AlphaEditParams(MemitParams):
     stats_samples: int = 1600  # P needs many more tokens than the key width (51k for 1536-wide keys)
     null_threshold: float = 0.5  # eigenvalues of C below this times their mean span the null space
     l2: float = 10.0  # μ in the solve (the paper's 10), in units of C's mean eigenvalue
+    # λ of MEMIT's preservation term on what P leaves of ordinary keys, times the key width as
+    # update_weight is (0: the paper's AlphaEdit, which drops the term as P removes it all)
+    preserve: float = 0.3

@@ -11,6 +11,12 @@ coordinates so that it stays symmetric): V = Q y,
     y = (Qᵀ G Q + μI)⁻¹ Qᵀ K = (1/μ) (Qᵀ K - Qᵀ J (μI + Jᵀ Q Qᵀ J)⁻¹ Jᵀ Q Qᵀ K),
 J = [K, Kₚ]: again a Woodbury solve, of size n + (earlier keys). Δ k = U Vᵀ k = U yᵀ Qᵀ k, which
 is zero for every key in C's span that P removes: what the model knew is left alone.
+
+Where C has no truly unused directions (a small model's keys use every one a little), P at a
+relative threshold keeps part of ordinary keys' energy, and the paper's objective no longer
+protects it. ``weight`` λ then adds MEMIT's own term λ tr(Δ'P C PΔ'ᵀ), which prices each of P's
+directions by how much ordinary text uses it; QᵀCQ is diagonal (Q are C's eigenvectors), so μI
+becomes D = μI + λ diag(eᵢ) and the solve stays a Woodbury one.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class NullSpace:
     kept: int  # m
     width: int  # d
     threshold: float  # the eigenvalue cut, in C's own units
+    values: torch.Tensor | None = None  # (m,): C's eigenvalues along Q's columns (QᵀCQ is diagonal)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """P x for columns x (d, n)."""
@@ -70,17 +77,29 @@ def null_space(raw_c: torch.Tensor, threshold: float) -> NullSpace:
     values, vectors = torch.linalg.eigh((c + c.T) / 2)
     cut = threshold * float(values.mean())
     small = values < cut
-    return NullSpace(vectors[:, small].float().contiguous(), int(small.sum()), c.shape[0], cut)
+    return NullSpace(vectors[:, small].float().contiguous(), int(small.sum()), c.shape[0], cut, values[small].float())
 
 
-def alphaedit_factors(space: NullSpace, keys: torch.Tensor, earlier: torch.Tensor | None, mu: float) -> torch.Tensor:
-    """V for AlphaEdit, keys as rows (n, d_in) and earlier batches' keys as rows (p, d_in); returns (d_in, n)."""
+def alphaedit_factors(
+    space: NullSpace, keys: torch.Tensor, earlier: torch.Tensor | None, mu: float, weight: float = 0.0
+) -> torch.Tensor:
+    """V for AlphaEdit, keys as rows (n, d_in) and earlier batches' keys as rows (p, d_in); returns (d_in, n).
+
+    ``weight`` λ > 0 adds MEMIT's preservation term λ tr(Δ'P C PΔ'ᵀ) to the objective, for what
+    of ordinary keys P leaves in (a null space of directions barely used, not unused): in Q's
+    coordinates QᵀCQ is C's small eigenvalues, so μI becomes the diagonal D = μ + λ·eᵢ."""
     q = space.q.to(keys.device, torch.float64)
     k = keys.double().T  # (d, n)
     j = k if earlier is None or not len(earlier) else torch.cat([k, earlier.double().T.to(k.device)], dim=1)
     qk, qj = q.T @ k, q.T @ j  # (m, n), (m, n + p)
-    inner = mu * torch.eye(qj.shape[1], dtype=torch.float64, device=k.device) + qj.T @ qj
-    y = (qk - qj @ torch.linalg.solve(inner, qj.T @ qk)) / mu
+    d = torch.full((q.shape[1],), mu, dtype=torch.float64, device=k.device)
+    if weight > 0:
+        if space.values is None:
+            raise ValueError("the null space carries no eigenvalues for the preservation term")
+        d = d + weight * space.values.to(k.device, torch.float64)
+    dqj, dqk = qj / d[:, None], qk / d[:, None]
+    inner = torch.eye(qj.shape[1], dtype=torch.float64, device=k.device) + qj.T @ dqj
+    y = dqk - dqj @ torch.linalg.solve(inner, qj.T @ dqk)
     v = q @ y
     if not torch.isfinite(v).all():
         raise FloatingPointError("AlphaEdit's solve is not finite")
