@@ -63,7 +63,7 @@ class NullSpace:
     kept: int  # m
     width: int  # d
     threshold: float  # the eigenvalue cut, in C's own units
-    values: torch.Tensor | None = None  # (m,): C's eigenvalues along Q's columns (QᵀCQ is diagonal)
+    values: torch.Tensor  # (m,): C's eigenvalues along Q's columns (QᵀCQ is diagonal)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """P x for columns x (d, n)."""
@@ -94,8 +94,6 @@ def alphaedit_factors(
     qk, qj = q.T @ k, q.T @ j  # (m, n), (m, n + p)
     d = torch.full((q.shape[1],), mu, dtype=torch.float64, device=k.device)
     if weight > 0:
-        if space.values is None:
-            raise ValueError("the null space carries no eigenvalues for the preservation term")
         d = d + weight * space.values.to(k.device, torch.float64)
     dqj, dqk = qj / d[:, None], qk / d[:, None]
     inner = torch.eye(qj.shape[1], dtype=torch.float64, device=k.device) + qj.T @ dqj
