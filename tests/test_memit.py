@@ -14,7 +14,7 @@ from fact_cases import edit_cases, prompt_logits
 from kedit.engine.errors import KeditError
 from kedit.engine.evaluate import EvalCase, edit_in_batches, read_cases
 from kedit.engine.methods.memit.method import earlier_keys, key_units
-from kedit.engine.methods.memit.solve import alphaedit_factors, memit_factors, null_space
+from kedit.engine.methods.memit.solve import alphaedit_factors, alphaedit_pullback, memit_factors, null_space
 from kedit.engine.methods.rome.stats import key_stats
 
 
@@ -127,6 +127,70 @@ def test_alphaedit_preservation_term_prices_what_p_leaves_in() -> None:
     )
     assert moved1 < 0.7 * moved0
     assert fit1 < 0.3
+
+
+def test_alphaedit_pullback_counts_preservation_from_the_unedited_weights() -> None:
+    """A batch after earlier ones: with the pull-back, its change A Qᵀ solves the normal equations
+    of the term counted from the unedited weights, A M = R KᵀQ - λ Δₚ C Q, stays inside P, and
+    leaves the total change on ordinary keys smaller than the earlier batches left it, while
+    it still fits its own facts and keeps the earlier batches' keys."""
+    g = torch.Generator().manual_seed(3)
+    d, n, d_out = 64, 6, 16
+    scales = torch.linspace(0.2, 2.0, d)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    ordinary = (torch.randn(4000, d, generator=g) * scales) @ basis.T
+    c = ordinary.T @ ordinary / len(ordinary)
+    space = null_space(c, 0.5)
+    mu, lam = 0.1, 20.0
+    cd = c.double()
+
+    # three earlier batches, each solved with the ones before it in its keys
+    earlier_keys: list[torch.Tensor] = []
+    us, vs = [], []
+    for _ in range(3):
+        k = torch.randn(n, d, generator=g)
+        r = torch.randn(n, d_out, generator=g)
+        prev = torch.cat(earlier_keys) if earlier_keys else None
+        vs.append(alphaedit_factors(space, k, prev, mu, lam))
+        us.append(r.T)
+        earlier_keys.append(k)
+    before = (torch.cat(us, dim=1), torch.cat(vs, dim=1))
+    kp = torch.cat(earlier_keys)
+    keys = torch.randn(n, d, generator=g)
+    r = torch.randn(n, d_out, generator=g)
+    v = alphaedit_factors(space, keys, kp, mu, lam)
+    u2, v2 = alphaedit_pullback(space, keys, kp, mu, lam, before)
+    assert u2.shape[1] == v2.shape[1] <= min(d_out, before[0].shape[1])
+    delta = (r.T @ v.T + u2 @ v2.T).double()
+    past = (before[0] @ before[1].T).double()
+
+    q = space.q.double()
+    kd, jd = keys.double().T, torch.cat([keys, kp]).double().T
+    m = q.T @ jd @ jd.T @ q + mu * torch.eye(space.kept, dtype=torch.float64) + lam * q.T @ cd @ q
+    a = delta @ q
+    rhs = r.double().T @ kd.T @ q - lam * past @ cd @ q
+    residual = float((a @ m - rhs).norm() / rhs.norm())
+    outside = float((delta - a @ q.T).norm() / delta.norm())
+    print(f"\nnormal-equation residual {residual:.2e}; change outside P {outside:.2e}")
+    assert residual < 1e-4 and outside < 1e-5
+
+    def on_ordinary(change: torch.Tensor) -> float:
+        return float(torch.trace(change @ cd @ change.T).sqrt())
+
+    def misfit_and_drift(change: torch.Tensor) -> tuple[float, float]:
+        fit = float((change @ kd - r.double().T).norm() / r.norm())
+        return fit, float((change @ kp.double().T).norm() / (past @ kp.double().T).norm())
+
+    plain = r.double().T @ v.double().T
+    was = on_ordinary(past)
+    total_plain, total_pulled = on_ordinary(past + plain), on_ordinary(past + delta)
+    (fit0, drift0), (fit1, drift1) = misfit_and_drift(plain), misfit_and_drift(delta)
+    print(
+        f"change on ordinary keys: earlier batches {was:.3f}, with this one {total_plain:.3f} without the pull-back,"
+        f" {total_pulled:.3f} with; misfit {fit0:.3f} / {fit1:.3f}, change at earlier keys {drift0:.3f} / {drift1:.3f}"
+    )
+    assert total_pulled - was < 0.5 * (total_plain - was)
+    assert fit1 < 0.5 and drift1 < 0.3
 
 
 def test_facts_sharing_a_key_are_one_unit() -> None:

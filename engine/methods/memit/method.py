@@ -23,12 +23,19 @@ from kedit.engine.methods.base import (
 )
 from kedit.engine.methods.memit.keys import fact_keys, residuals
 from kedit.engine.methods.memit.params import AlphaEditParams, MemitParams
-from kedit.engine.methods.memit.solve import NullSpace, alphaedit_factors, memit_factors, null_space, shared_keys
+from kedit.engine.methods.memit.solve import (
+    NullSpace,
+    alphaedit_factors,
+    alphaedit_pullback,
+    memit_factors,
+    null_space,
+    shared_keys,
+)
 from kedit.engine.methods.memit.values import compute_targets
 from kedit.engine.methods.rome.key import context_templates
 from kedit.engine.methods.rome.stats import KeyStats, key_stats
 from kedit.engine.methods.rome.update import FactorCache
-from kedit.engine.patches import LowRankPatch, TogglePatch, all_attached, attached, sidecar
+from kedit.engine.patches import LowRankPatch, TogglePatch, all_attached, attached, sidecar, sidecars
 
 KEYS_KIND = "alphaedit_keys"  # per module: the keys of each AlphaEdit batch in force, by edit id
 
@@ -94,6 +101,19 @@ def earlier_keys(model: torch.nn.Module, name: str) -> torch.Tensor | None:
     return torch.cat(list(table.values())) if table else None
 
 
+def earlier_change(model: torch.nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The factors (U, V) of the AlphaEdit batches in force on module ``name``, side by side:
+    their change there is U Vᵀ. None if there are none."""
+    table = all_attached(model, KEYS_KIND).get(name) or {}
+    side = sidecars(model).get(name)
+    if not table or side is None:
+        return None
+    parts = [side.factors[eid] for eid in table if eid in side.factors]
+    if not parts:
+        return None
+    return torch.cat([u for u, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+
 class MemitMethod(MethodDefaults):
     name = "memit"
     params: Any = MemitParams
@@ -136,11 +156,12 @@ class MemitMethod(MethodDefaults):
 
     def _factors(
         self, ctx: EditContext, hp: MemitParams, layer: int, keys: torch.Tensor, stats: KeyStats | None
-    ) -> tuple[torch.Tensor, int]:
-        """V (d_in, n) for this layer, and the null space's size (0: none)."""
+    ) -> tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """V (d_in, n) for this layer, the null space's size (0: none), and factors (U, V) of
+        any further change the batch makes there besides its own facts' (None: none)."""
         cache = ctx.handle.caches.setdefault("rome.factor", FactorCache())
         weight = hp.update_weight * keys.shape[1]
-        return memit_factors(stats.c if stats else None, keys, weight, cache), 0
+        return memit_factors(stats.c if stats else None, keys, weight, cache), 0, None
 
     def prepare(self, ctx: EditContext, hp: MemitParams, layer: int) -> dict[str, Any]:
         if hp.identity_c:
@@ -210,10 +231,13 @@ class MemitMethod(MethodDefaults):
                     found = shared_keys(stats.c if stats else None, keys, cache)
                     shared = [f"{heads[a].subject} / {heads[b].subject}" for a, b, _ in found]
                 share = (targets.z - now.to(targets.z.device)) / (len(layers) - i)
-                v, dims = self._factors(ctx, hp, at, keys, stats)
+                v, dims, extra = self._factors(ctx, hp, at, keys, stats)
                 null_dims.append(dims)
+                u = share.T
+                if extra is not None:
+                    u, v = torch.cat([u, extra[0].to(u)], dim=1), torch.cat([v, extra[1].to(v)], dim=1)
                 name = adapter.mlp_out_name(at)
-                part = LowRankPatch(sidecar(model, adapter.mlp_out(at), name), edit_id, share.T.contiguous(), v)
+                part = LowRankPatch(sidecar(model, adapter.mlp_out(at), name), edit_id, u.contiguous(), v)
                 part.apply()
                 parts.append(part)
                 if self.keeps_keys:
@@ -304,7 +328,7 @@ class AlphaEditMethod(MemitMethod):
 
     def _factors(
         self, ctx: EditContext, hp: MemitParams, layer: int, keys: torch.Tensor, stats: KeyStats | None
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None]:
         if stats is None:
             raise KeditError("AlphaEdit needs key statistics for its projection; leave identity_c off")
         assert isinstance(hp, AlphaEditParams)
@@ -317,7 +341,11 @@ class AlphaEditMethod(MemitMethod):
         name = ctx.handle.adapter.mlp_out_name(layer)
         mu = hp.l2 * float(stats.c.diagonal().mean())
         weight = hp.preserve * keys.shape[1]
-        return alphaedit_factors(space, keys, earlier_keys(ctx.handle.model, name), mu, weight), space.kept
+        earlier = earlier_keys(ctx.handle.model, name)
+        v = alphaedit_factors(space, keys, earlier, mu, weight)
+        before = earlier_change(ctx.handle.model, name) if hp.pullback and weight > 0 else None
+        extra = alphaedit_pullback(space, keys, earlier, mu, weight, before) if before is not None else None
+        return v, space.kept, extra
 
     @staticmethod
     def _space(ctx: EditContext, layer: int, stats: KeyStats, threshold: float) -> NullSpace:

@@ -51,3 +51,6 @@ class AlphaEditParams(MemitParams):
     # λ of MEMIT's preservation term on what P leaves of ordinary keys, times the key width as
     # update_weight is (0: the paper's AlphaEdit, which drops the term as P removes it all)
     preserve: float = 0.3
+    # count that term from the unedited weights: each batch also takes back, on ordinary keys,
+    # what the earlier AlphaEdit batches in force moved (solve.alphaedit_pullback)
+    pullback: bool = True
