@@ -13,6 +13,7 @@ from fact_cases import edit_cases, prompt_logits
 
 from kedit.engine.errors import KeditError
 from kedit.engine.evaluate import EvalCase, edit_in_batches, read_cases
+from kedit.engine.methods.base import EditRequest
 from kedit.engine.methods.memit.method import earlier_keys, key_units
 from kedit.engine.methods.memit.solve import alphaedit_factors, alphaedit_pullback, memit_factors, null_space
 from kedit.engine.methods.rome.stats import key_stats
@@ -259,6 +260,29 @@ def test_alphaedit_batches_in_sequence_keep_the_earlier_ones(session) -> None:
     assert result["gen_loc"] >= 0.9 and result["tf_loc"] >= 0.9
     assert result["ppl_ratio"] <= 1.1
     assert result["rollback_exact"]
+
+
+def test_alphaedit_pullback_on_a_model_adds_the_earlier_change_and_rolls_back(session) -> None:
+    """With ``pullback`` (and the preservation term it needs), a second batch carries, on each
+    layer, factors beyond its own facts' (the take-back of the first batch's change there), the
+    first batch none; rolling both back gives the unedited logits."""
+    cases = _batch_records(session, 12, 4)
+    probe = [c.prompt for c in cases]
+    original = prompt_logits(session, probe)
+    params = {"preserve": 0.3, "pullback": True}
+    first = session.edit_batch(cases[:6], method="alphaedit", params=params, probe=False)
+    second = session.edit_batch(cases[6:], method="alphaedit", params=params, probe=False)
+
+    def units(batch: list[EvalCase]) -> int:
+        return len(key_units([EditRequest(c.prompt, c.subject, c.target) for c in batch]))
+
+    assert all(part.u.shape[1] == units(cases[:6]) for part in first.patch.parts)
+    extra = [part.u.shape[1] - units(cases[6:]) for part in second.patch.parts]
+    print(f"\nthe second batch's take-back factors per layer: {extra}")
+    assert all(n > 0 for n in extra)
+    session.rollback(second.id)
+    session.rollback(first.id)
+    assert all(torch.equal(a, b) for a, b in zip(prompt_logits(session, probe), original))
 
 
 def test_single_edit_methods_run_one_by_one_and_records_are_not_each_others_locality(session) -> None:

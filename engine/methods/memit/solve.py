@@ -144,8 +144,9 @@ def alphaedit_pullback(
     with Δₚ the earlier change, rather than from the weights as they are, the normal equations of
     A = Δ'Q gain a right-hand side: A M = R KᵀQ - λ Δₚ C Q, and C Q = Q E (Q are C's eigenvectors,
     E their eigenvalues). The extra change is -λ X Qᵀ with X = Δₚ Q E M⁻¹ (d_out, m). Earlier
-    batches' keys are in M, so what it takes back from them is small; without it each batch's
-    change on ordinary keys adds to the last's. X is factored by its SVD, X = A S Wᵀ, dropping
+    batches' keys are in M, which limits what it takes back from their own facts (on SmolLM2,
+    not enough: README); without it each batch's change on ordinary keys adds to the last's.
+    X is factored by its SVD, X = A S Wᵀ, dropping
     the components below ``tol`` of the largest (its rank is at most the earlier facts' count
     and d_out): -λ A S (d_out, r) and Q W (d_in, r)."""
     k, j = _keys_and_earlier(keys, earlier)
