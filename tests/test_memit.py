@@ -15,7 +15,7 @@ from kedit.engine.errors import KeditError
 from kedit.engine.evaluate import EvalCase, edit_in_batches, read_cases
 from kedit.engine.methods.base import EditRequest
 from kedit.engine.methods.memit.method import earlier_keys, key_units
-from kedit.engine.methods.memit.solve import alphaedit_factors, alphaedit_pullback, memit_factors, null_space
+from kedit.engine.methods.memit.solve import AlphaEditSolve, alphaedit_factors, memit_factors, null_space
 from kedit.engine.methods.rome.stats import key_stats
 
 
@@ -159,8 +159,9 @@ def test_alphaedit_pullback_counts_preservation_from_the_unedited_weights() -> N
     kp = torch.cat(earlier_keys)
     keys = torch.randn(n, d, generator=g)
     r = torch.randn(n, d_out, generator=g)
-    v = alphaedit_factors(space, keys, kp, mu, lam)
-    u2, v2 = alphaedit_pullback(space, keys, kp, mu, lam, before)
+    solve = AlphaEditSolve(space, keys, kp, mu, lam)
+    v = solve.factors()
+    u2, v2 = solve.pullback(before)
     assert u2.shape[1] == v2.shape[1] <= min(d_out, before[0].shape[1])
     delta = (r.T @ v.T + u2 @ v2.T).double()
     past = (before[0] @ before[1].T).double()
@@ -195,8 +196,6 @@ def test_alphaedit_pullback_counts_preservation_from_the_unedited_weights() -> N
 
 
 def test_facts_sharing_a_key_are_one_unit() -> None:
-    from kedit.engine.methods.base import EditRequest
-
     reqs = [
         EditRequest("Ana Bell attended", "Ana Bell", " Yale"),
         EditRequest("Ana Bell lives in the city of", "Ana Bell", " Oslo"),

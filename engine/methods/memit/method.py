@@ -23,14 +23,7 @@ from kedit.engine.methods.base import (
 )
 from kedit.engine.methods.memit.keys import fact_keys, residuals
 from kedit.engine.methods.memit.params import AlphaEditParams, MemitParams
-from kedit.engine.methods.memit.solve import (
-    NullSpace,
-    alphaedit_factors,
-    alphaedit_pullback,
-    memit_factors,
-    null_space,
-    shared_keys,
-)
+from kedit.engine.methods.memit.solve import AlphaEditSolve, NullSpace, memit_factors, null_space, shared_keys
 from kedit.engine.methods.memit.values import compute_targets
 from kedit.engine.methods.rome.key import context_templates
 from kedit.engine.methods.rome.stats import KeyStats, key_stats
@@ -341,11 +334,9 @@ class AlphaEditMethod(MemitMethod):
         name = ctx.handle.adapter.mlp_out_name(layer)
         mu = hp.l2 * float(stats.c.diagonal().mean())
         weight = hp.preserve * keys.shape[1]
-        earlier = earlier_keys(ctx.handle.model, name)
-        v = alphaedit_factors(space, keys, earlier, mu, weight)
+        solve = AlphaEditSolve(space, keys, earlier_keys(ctx.handle.model, name), mu, weight)
         before = earlier_change(ctx.handle.model, name) if hp.pullback and weight > 0 else None
-        extra = alphaedit_pullback(space, keys, earlier, mu, weight, before) if before is not None else None
-        return v, space.kept, extra
+        return solve.factors(), space.kept, solve.pullback(before) if before is not None else None
 
     @staticmethod
     def _space(ctx: EditContext, layer: int, stats: KeyStats, threshold: float) -> NullSpace:

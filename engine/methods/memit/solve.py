@@ -20,7 +20,7 @@ becomes D = μI + λ diag(eᵢ) and the solve stays a Woodbury one.
 
 In sequential editing that term, as MEMIT writes it, prices only the new batch's change: each
 batch moves ordinary keys a little more, in directions the next batch does not see. Counted from
-the unedited weights instead (``alphaedit_pullback``), it also takes back what earlier batches
+the unedited weights instead (``AlphaEditSolve.pullback``), it also takes back what earlier batches
 moved there, as far as their own keys (in Kₚ) allow.
 """
 
@@ -85,11 +85,23 @@ def null_space(raw_c: torch.Tensor, threshold: float) -> NullSpace:
     return NullSpace(vectors[:, small].float().contiguous(), int(small.sum()), c.shape[0], cut, values[small].float())
 
 
-class _NullSolve:
-    """M⁻¹ x in Q's coordinates, M = Qᵀ J Jᵀ Q + D with D diagonal (μ, plus λ·eᵢ with the
-    preservation term), by Woodbury: M⁻¹ = D⁻¹ - D⁻¹ QᵀJ (I + JᵀQ D⁻¹ QᵀJ)⁻¹ JᵀQ D⁻¹."""
+class AlphaEditSolve:
+    """One layer's AlphaEdit solve for a batch: M⁻¹ x in Q's coordinates, M = Qᵀ J Jᵀ Q + D,
+    J = [K, Kₚ] (the batch's keys and earlier batches' keys, as rows (n, d_in) and (p, d_in)),
+    D diagonal (μ, plus λ·eᵢ with the preservation term ``weight`` λ), by Woodbury:
+    M⁻¹ = D⁻¹ - D⁻¹ QᵀJ (I + JᵀQ D⁻¹ QᵀJ)⁻¹ JᵀQ D⁻¹. Built once, it gives the batch's V
+    (``factors``) and, when asked, its pull-back (``pullback``)."""
 
-    def __init__(self, space: NullSpace, j: torch.Tensor, mu: float, weight: float) -> None:
+    def __init__(
+        self, space: NullSpace, keys: torch.Tensor, earlier: torch.Tensor | None, mu: float, weight: float = 0.0
+    ) -> None:
+        self.space, self.weight = space, weight
+        self.k = keys.double().T  # (d, n)
+        j = (
+            self.k
+            if earlier is None or not len(earlier)
+            else torch.cat([self.k, earlier.double().T.to(self.k.device)], 1)
+        )
         self.q = space.q.to(j.device, torch.float64)
         self.qj = self.q.T @ j  # (m, n + p)
         d = torch.full((self.q.shape[1],), mu, dtype=torch.float64, device=j.device)
@@ -99,66 +111,54 @@ class _NullSolve:
         eye = torch.eye(self.qj.shape[1], dtype=torch.float64, device=j.device)
         self.inner = eye + self.qj.T @ (self.qj / d[:, None])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ x for x (m, r)."""
         dx = x / self.d[:, None]
         return dx - (self.qj / self.d[:, None]) @ torch.linalg.solve(self.inner, self.qj.T @ dx)
 
+    def factors(self) -> torch.Tensor:
+        """V (d_in, n): Q M⁻¹ Qᵀ K.
 
-def _keys_and_earlier(keys: torch.Tensor, earlier: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    k = keys.double().T  # (d, n)
-    if earlier is None or not len(earlier):
-        return k, k
-    return k, torch.cat([k, earlier.double().T.to(k.device)], dim=1)
+        ``weight`` λ > 0 adds MEMIT's preservation term λ tr(Δ'P C PΔ'ᵀ) to the objective, for
+        what of ordinary keys P leaves in (a null space of directions barely used, not unused):
+        in Q's coordinates QᵀCQ is C's small eigenvalues, so μI becomes D = μ + λ·eᵢ."""
+        v = self.q @ self.solve(self.q.T @ self.k)
+        if not torch.isfinite(v).all():
+            raise FloatingPointError("AlphaEdit's solve is not finite")
+        return v.float()
+
+    def pullback(
+        self, before: tuple[torch.Tensor, torch.Tensor], tol: float = 1e-4
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of the batch's change that takes back, on ordinary keys, what the earlier
+        batches ``before`` = (U, V) (their Σ U Vᵀ) changed: factors (d_out, r) and (d_in, r) to
+        add to the batch's own.
+
+        With the preservation term counted from the unedited weights, λ tr((Δₚ + Δ) C (Δₚ + Δ)ᵀ)
+        with Δₚ the earlier change, rather than from the weights as they are, the normal equations
+        of A = Δ'Q gain a right-hand side: A M = R KᵀQ - λ Δₚ C Q, and C Q = Q E (Q are C's
+        eigenvectors, E their eigenvalues). The extra change is -λ X Qᵀ with X = Δₚ Q E M⁻¹
+        (d_out, m). Earlier batches' keys are in M, which limits what it takes back from their
+        own facts (on SmolLM2, not enough: README); without it each batch's change on ordinary
+        keys adds to the last's. X is factored by its SVD, X = A S Wᵀ, dropping the components
+        below ``tol`` of the largest (its rank is at most the earlier facts' count and d_out):
+        -λ A S (d_out, r) and Q W (d_in, r)."""
+        u_p, v_p = before[0].double().to(self.q.device), before[1].double().to(self.q.device)
+        b = u_p @ (v_p.T @ self.q)  # Δₚ Q, (d_out, m)
+        e = self.space.values.to(self.q.device, torch.float64)
+        x = self.solve(e[:, None] * b.T).T  # Δₚ Q E M⁻¹ (M and E are symmetric)
+        a, s, wt = torch.linalg.svd(x, full_matrices=False)
+        keep = s > tol * float(s.max()) if len(s) else s.bool()
+        u2 = -self.weight * a[:, keep] * s[keep][None, :]
+        v2 = self.q @ wt[keep].T
+        if not (torch.isfinite(u2).all() and torch.isfinite(v2).all()):
+            raise FloatingPointError("AlphaEdit's pull-back is not finite")
+        return u2.float(), v2.float()
 
 
 def alphaedit_factors(
     space: NullSpace, keys: torch.Tensor, earlier: torch.Tensor | None, mu: float, weight: float = 0.0
 ) -> torch.Tensor:
-    """V for AlphaEdit, keys as rows (n, d_in) and earlier batches' keys as rows (p, d_in); returns (d_in, n).
-
-    ``weight`` λ > 0 adds MEMIT's preservation term λ tr(Δ'P C PΔ'ᵀ) to the objective, for what
-    of ordinary keys P leaves in (a null space of directions barely used, not unused): in Q's
-    coordinates QᵀCQ is C's small eigenvalues, so μI becomes the diagonal D = μ + λ·eᵢ."""
-    k, j = _keys_and_earlier(keys, earlier)
-    solve = _NullSolve(space, j, mu, weight)
-    v = solve.q @ solve(solve.q.T @ k)
-    if not torch.isfinite(v).all():
-        raise FloatingPointError("AlphaEdit's solve is not finite")
-    return v.float()
-
-
-def alphaedit_pullback(
-    space: NullSpace,
-    keys: torch.Tensor,
-    earlier: torch.Tensor | None,
-    mu: float,
-    weight: float,
-    before: tuple[torch.Tensor, torch.Tensor],
-    tol: float = 1e-4,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The part of a batch's change that takes back, on ordinary keys, what the earlier batches
-    ``before`` = (U, V) (their Σ U Vᵀ) changed: factors (d_out, r) and (d_in, r) to add to the
-    batch's own.
-
-    With the preservation term counted from the unedited weights, λ tr((Δₚ + Δ) C (Δₚ + Δ)ᵀ)
-    with Δₚ the earlier change, rather than from the weights as they are, the normal equations of
-    A = Δ'Q gain a right-hand side: A M = R KᵀQ - λ Δₚ C Q, and C Q = Q E (Q are C's eigenvectors,
-    E their eigenvalues). The extra change is -λ X Qᵀ with X = Δₚ Q E M⁻¹ (d_out, m). Earlier
-    batches' keys are in M, which limits what it takes back from their own facts (on SmolLM2,
-    not enough: README); without it each batch's change on ordinary keys adds to the last's.
-    X is factored by its SVD, X = A S Wᵀ, dropping
-    the components below ``tol`` of the largest (its rank is at most the earlier facts' count
-    and d_out): -λ A S (d_out, r) and Q W (d_in, r)."""
-    k, j = _keys_and_earlier(keys, earlier)
-    solve = _NullSolve(space, j, mu, weight)
-    u_p, v_p = before[0].double().to(k.device), before[1].double().to(k.device)
-    b = u_p @ (v_p.T @ solve.q)  # Δₚ Q, (d_out, m)
-    e = space.values.to(k.device, torch.float64)
-    x = solve(e[:, None] * b.T).T  # Δₚ Q E M⁻¹ (M and E are symmetric)
-    a, s, wt = torch.linalg.svd(x, full_matrices=False)
-    keep = s > tol * float(s.max()) if len(s) else s.bool()
-    u2 = -weight * a[:, keep] * s[keep][None, :]
-    v2 = solve.q @ wt[keep].T
-    if not (torch.isfinite(u2).all() and torch.isfinite(v2).all()):
-        raise FloatingPointError("AlphaEdit's pull-back is not finite")
-    return u2.float(), v2.float()
+    """V for AlphaEdit (AlphaEditSolve.factors), keys as rows (n, d_in) and earlier batches' keys
+    as rows (p, d_in); returns (d_in, n)."""
+    return AlphaEditSolve(space, keys, earlier, mu, weight).factors()
