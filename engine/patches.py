@@ -27,7 +27,8 @@ class Patch(Protocol):
 
 
 class LowRankSidecar:
-    """Adds Σₑ Uₑ Vₑᵀ x to one module's output; one per edited module.
+    """Adds Σₑ Uₑ Vₑᵀ x to one module's output; one per edited module (as one product Σ Vₑ Uₑᵀ
+    once the factors' total rank makes that the cheaper one).
 
     Factors are kept per edit, in order, and concatenated for the forward pass, so
     taking out any edit leaves the others' factors untouched, and taking out the
@@ -41,6 +42,7 @@ class LowRankSidecar:
         self._handle: Any = None
         self._u: torch.Tensor | None = None  # (out, r): every edit's U side by side
         self._v: torch.Tensor | None = None  # (in, r)
+        self._dense: torch.Tensor | None = None  # V Uᵀ (in, out), once that is the cheaper product
 
     def add(self, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
         """Add an edit's factors: u is (out, r), v is (in, r)."""
@@ -55,13 +57,18 @@ class LowRankSidecar:
 
     def _rebuild(self) -> None:
         if not self.factors:
-            self._u = self._v = None
+            self._u = self._v = self._dense = None
             if self._handle is not None:
                 self._handle.remove()
                 self._handle = None
             return
         self._u = torch.cat([u for u, _ in self.factors.values()], dim=1).contiguous()
         self._v = torch.cat([v for _, v in self.factors.values()], dim=1).contiguous()
+        # (x V) Uᵀ costs r (in + out) a token, x (V Uᵀ) in · out: past that rank (many batches of
+        # many facts) the product is formed once. It is a function of the factors in force only,
+        # so taking an edit out gives back exactly what was there before it
+        wide = self._u.shape[1] * (self._u.shape[0] + self._v.shape[0]) > self._u.shape[0] * self._v.shape[0]
+        self._dense = (self._v @ self._u.T).contiguous() if wide else None
         if self._handle is None:
             self._handle = self.module.register_forward_hook(self._hook)
 
@@ -70,7 +77,7 @@ class LowRankSidecar:
         u, v = self._u, self._v
         if u is None or v is None:
             return output
-        delta = (x.to(v.dtype) @ v) @ u.T
+        delta = x.to(v.dtype) @ self._dense if self._dense is not None else (x.to(v.dtype) @ v) @ u.T
         return output + delta.to(output.dtype)
 
     @property

@@ -96,6 +96,29 @@ def test_sidecar_adds_u_v_x_and_removal_restores_bit_for_bit() -> None:
     assert not layer._forward_hooks  # no hook left behind
 
 
+def test_sidecar_of_high_rank_adds_one_product_and_removal_restores_bit_for_bit() -> None:
+    """Past the rank where x (V Uᵀ) is cheaper than (x V) Uᵀ the sidecar adds the product: the
+    same change to float rounding, and taking the wide edit out gives back exactly the narrow
+    state before it."""
+    model, layer = _layer(2)
+    x = torch.randn(5, 8)
+    original = model(x)
+    hidden = model[1](model[0](x))
+    narrow = LowRankPatch(sidecar(model, layer, "2"), "e1", torch.randn(8, 2), torch.randn(16, 2))
+    narrow.apply()
+    before_wide = model(x)
+    u, v = torch.randn(8, 9), torch.randn(16, 9)  # rank 11 in all: 11 · (8 + 16) > 8 · 16
+    wide = LowRankPatch(sidecar(model, layer, "2"), "e2", u, v)
+    wide.apply()
+    side = sidecars(model)["2"]
+    assert side.rank == 11 and side._dense is not None
+    assert torch.allclose(model(x), before_wide + (hidden @ v) @ u.T, atol=1e-4)
+    wide.revert()
+    assert side._dense is None and torch.equal(model(x), before_wide)
+    narrow.revert()
+    assert torch.equal(model(x), original) and not layer._forward_hooks
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 6), st.randoms(use_true_random=False))
 def test_any_order_of_removal_restores_the_original(n: int, rnd: random.Random) -> None:
