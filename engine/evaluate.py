@@ -510,6 +510,15 @@ def _logits(handle, texts: Sequence[str]) -> torch.Tensor:
     return handle.model(input_ids=ids, attention_mask=mask).logits.float()
 
 
+def _by_batch(hits: Sequence[bool], sizes: Sequence[int]) -> list[float]:
+    """The share of hits in each consecutive run of ``sizes``."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(sum(hits[at : at + n]) / n if n else 0.0)
+        at += n
+    return out
+
+
 def edit_in_batches(
     session,
     cases: Sequence[EvalCase],
@@ -572,7 +581,8 @@ def edit_in_batches(
                 seconds.append(time.perf_counter() - started)
             if progress:
                 progress(f"batches of {batch}" if not one_by_one else "edits, one after another", n + 1, len(chunks))
-        facts = [f for e, chunk in zip(made, chunks) for f in _facts(e, chunk)]
+        per_batch = [_facts(e, chunk) for e, chunk in zip(made, chunks)]
+        facts = [f for b in per_batch for f in b]
         with session.lock:
             if progress:
                 progress("measuring every fact after the last batch", 0, 1)
@@ -599,6 +609,8 @@ def edit_in_batches(
         "batches": len(seconds),
         "method": made[0].method if made else method,
         "gen_rel": g.rel,
+        # Rel over each batch's own facts, oldest first: how earlier batches fade under later ones
+        "gen_rel_by_batch": _by_batch(g.hits, [len(b) for b in per_batch]),
         "gen_para": g.para,
         "gen_chat": g.chat,
         "gen_loc": kept,

@@ -86,6 +86,7 @@ class GenResult:
     loc: float | None  # unrelated prompts that still generate the answer they generated before
     outputs: dict[str, str] = field(default_factory=dict)  # prompt or question -> what was generated
     before: dict[str, str] = field(default_factory=dict)  # the same, written by the model before the edit
+    hits: list[bool] = field(default_factory=list)  # per fact of a batch: its completion mentions the target
 
 
 @dataclass
@@ -382,6 +383,7 @@ def batch_figures(handle, facts: list[dict[str, Any]], settings: GenSettings) ->
         chat,
         None,
         outputs,
+        hits=hits,
     )
     return rel, gen, by_gen
 

@@ -406,6 +406,8 @@ def _eval_batches(
         f"  by generation: Rel {fmt(result['gen_rel'])}  Para {fmt(result['gen_para'])}  "
         f"Chat {fmt(result['gen_chat'])}  Loc {fmt(result['gen_loc'])}  Loc chat {fmt(result['gen_loc_chat'])}"
     )
+    if result["batches"] > 1:
+        click.echo("  Rel by batch, oldest first: " + " ".join(f"{x:.2f}" for x in result["gen_rel_by_batch"]))
     click.echo(
         f"  teacher-forced: Rel {fmt(result['tf_rel'])}  Gen {fmt(result['tf_gen'])}  Loc {fmt(result['tf_loc'])}"
     )
