@@ -107,6 +107,27 @@ def earlier_change(model: torch.nn.Module, name: str) -> tuple[torch.Tensor, tor
     return torch.cat([u for u, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
 
+def earlier_shortfall(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """For the keys of each AlphaEdit batch in force on module ``name`` (rows in ``earlier_keys``'
+    order), what they still lack of the change their own batch set out to give them there: that
+    batch's target share r (its U's first columns, one per key) less Σ U Vᵀ k over the factors
+    from that batch on. Columns (d_out, p); None if there are no such keys."""
+    table = all_attached(model, KEYS_KIND).get(name) or {}
+    side = sidecars(model).get(name)
+    if not table or side is None:
+        return None
+    order = list(side.factors)
+    columns = []
+    for eid, k in table.items():
+        own = side.factors[eid][0]
+        lack = own[:, : k.shape[0]].T.to(k.device, torch.float64, copy=True)  # the shares r, (n, d_out)
+        for e in order[order.index(eid) :]:
+            u, v = side.factors[e]
+            lack -= (k.double() @ v.double().to(k.device)) @ u.double().T.to(k.device)
+        columns.append(lack)
+    return torch.cat(columns).T
+
+
 class MemitMethod(MethodDefaults):
     name = "memit"
     params: Any = MemitParams
@@ -336,7 +357,8 @@ class AlphaEditMethod(MemitMethod):
         weight = hp.preserve * keys.shape[1]
         solve = AlphaEditSolve(space, keys, earlier_keys(ctx.handle.model, name), mu, weight)
         before = earlier_change(ctx.handle.model, name) if hp.pullback and weight > 0 else None
-        return solve.factors(), space.kept, solve.pullback(before) if before is not None else None
+        lack = earlier_shortfall(ctx.handle.model, name) if hp.refit else None
+        return solve.factors(), space.kept, solve.extra(before, lack)
 
     @staticmethod
     def _space(ctx: EditContext, layer: int, stats: KeyStats, threshold: float) -> NullSpace:

@@ -52,5 +52,8 @@ class AlphaEditParams(MemitParams):
     # update_weight is (0: the paper's AlphaEdit, which drops the term as P removes it all)
     preserve: float = 0.3
     # count that term from the unedited weights: each batch also takes back, on ordinary keys,
-    # what the earlier AlphaEdit batches in force moved (solve.AlphaEditSolve.pullback; kedit.toml)
+    # what the earlier AlphaEdit batches in force moved (solve.AlphaEditSolve.extra; kedit.toml)
     pullback: bool = False
+    # fit the earlier batches' keys to their own batch's targets, rather than keep them as they
+    # are now (solve.AlphaEditSolve.extra; kedit.toml)
+    refit: bool = False

@@ -20,8 +20,10 @@ becomes D = μI + λ diag(eᵢ) and the solve stays a Woodbury one.
 
 In sequential editing that term, as MEMIT writes it, prices only the new batch's change: each
 batch moves ordinary keys a little more, in directions the next batch does not see. Counted from
-the unedited weights instead (``AlphaEditSolve.pullback``), it also takes back what earlier batches
-moved there, as far as their own keys (in Kₚ) allow.
+the unedited weights instead (``AlphaEditSolve.extra``), it also takes back what earlier batches
+moved there, as far as their own keys (in Kₚ) allow. And keeping earlier keys "as they are now"
+lets each batch's compromise at them add up; fitting them to their own batch's targets
+(``AlphaEditSolve.extra``'s lack) solves for all the facts so far instead.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class AlphaEditSolve:
     J = [K, Kₚ] (the batch's keys and earlier batches' keys, as rows (n, d_in) and (p, d_in)),
     D diagonal (μ, plus λ·eᵢ with the preservation term ``weight`` λ), by Woodbury:
     M⁻¹ = D⁻¹ - D⁻¹ QᵀJ (I + JᵀQ D⁻¹ QᵀJ)⁻¹ JᵀQ D⁻¹. Built once, it gives the batch's V
-    (``factors``) and, when asked, its pull-back (``pullback``)."""
+    (``factors``) and, when asked, its change beyond its own facts (``extra``)."""
 
     def __init__(
         self, space: NullSpace, keys: torch.Tensor, earlier: torch.Tensor | None, mu: float, weight: float = 0.0
@@ -127,32 +129,54 @@ class AlphaEditSolve:
             raise FloatingPointError("AlphaEdit's solve is not finite")
         return v.float()
 
-    def pullback(
-        self, before: tuple[torch.Tensor, torch.Tensor], tol: float = 1e-4
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The part of the batch's change that takes back, on ordinary keys, what the earlier
-        batches ``before`` = (U, V) (their Σ U Vᵀ) changed: factors (d_out, r) and (d_in, r) to
-        add to the batch's own.
+    def extra(
+        self,
+        before: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lack: torch.Tensor | None = None,
+        tol: float = 1e-4,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The part of the batch's change beyond fitting its own facts and keeping the earlier
+        batches' keys as they are now: factors (d_out, r) and (d_in, r) to add to the batch's own,
+        or None when neither term is asked for.
 
-        With the preservation term counted from the unedited weights, λ tr((Δₚ + Δ) C (Δₚ + Δ)ᵀ)
-        with Δₚ the earlier change, rather than from the weights as they are, the normal equations
-        of A = Δ'Q gain a right-hand side: A M = R KᵀQ - λ Δₚ C Q, and C Q = Q E (Q are C's
-        eigenvectors, E their eigenvalues). The extra change is -λ X Qᵀ with X = Δₚ Q E M⁻¹
-        (d_out, m). Earlier batches' keys are in M, which limits what it takes back from their
-        own facts (on SmolLM2, not enough: README); without it each batch's change on ordinary
-        keys adds to the last's. X is factored by its SVD, X = A S Wᵀ, dropping the components
-        below ``tol`` of the largest (its rank is at most the earlier facts' count and d_out):
-        -λ A S (d_out, r) and Q W (d_in, r)."""
-        u_p, v_p = before[0].double().to(self.q.device), before[1].double().to(self.q.device)
-        b = u_p @ (v_p.T @ self.q)  # Δₚ Q, (d_out, m)
-        e = self.space.values.to(self.q.device, torch.float64)
-        x = self.solve(e[:, None] * b.T).T  # Δₚ Q E M⁻¹ (M and E are symmetric)
+        Both terms add to the right-hand side of the normal equations of A = Δ'Q, A M = R KᵀQ + B:
+
+        - ``before`` = (U, V), the earlier batches' change Δₚ = Σ U Vᵀ: the preservation term
+          counted from the unedited weights, λ tr((Δₚ + Δ) C (Δₚ + Δ)ᵀ), rather than from the
+          weights as they are, adds B = -λ Δₚ C Q = -λ Δₚ Q E (C Q = Q E: Q are C's
+          eigenvectors, E their eigenvalues). The batch takes back, on ordinary keys, what the
+          earlier ones moved there; without it each batch's change on ordinary keys adds to the
+          last's.
+        - ``lack`` (d_out, p): what each earlier key still lacks of the change its own batch set
+          out to give it (its target share, less what the edits since have given it). The earlier
+          keys are then fitted to their targets, ‖Δ'P Kₚ - lack‖², rather than kept as they are
+          now, so B = lack KₚᵀQ, and each batch solves the objective of all the facts so far: a
+          batch's compromise at earlier keys is not kept and compounded by the next (with
+          ``before``, keeping "as now" shrinks the earlier facts again at every batch).
+
+        The extra change is X Qᵀ with X = B M⁻¹ (d_out, m), factored by its SVD, X = A S Wᵀ, less
+        the components below ``tol`` of the largest (its rank is at most d_out and the earlier
+        facts' count): A S (d_out, r) and Q W (d_in, r)."""
+        if before is None and lack is None:
+            return None
+        b = torch.zeros(0)
+        if before is not None:
+            u_p, v_p = before[0].double().to(self.q.device), before[1].double().to(self.q.device)
+            e = self.space.values.to(self.q.device, torch.float64)
+            b = -self.weight * (u_p @ (v_p.T @ self.q)) * e[None, :]  # -λ Δₚ Q E
+        if lack is not None:
+            earlier = self.qj[:, self.k.shape[1] :]  # Qᵀ Kₚ, (m, p)
+            if earlier.shape[1] != lack.shape[1]:
+                raise ValueError(f"{lack.shape[1]} targets for {earlier.shape[1]} earlier keys")
+            fit = lack.double().to(self.q.device) @ earlier.T  # lack KₚᵀQ
+            b = fit if before is None else b + fit
+        x = self.solve(b.T).T  # B M⁻¹ (M is symmetric)
         a, s, wt = torch.linalg.svd(x, full_matrices=False)
-        keep = s > tol * float(s.max()) if len(s) else s.bool()
-        u2 = -self.weight * a[:, keep] * s[keep][None, :]
+        keep = s > tol * float(s.max()) if len(s) and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
+        u2 = a[:, keep] * s[keep][None, :]
         v2 = self.q @ wt[keep].T
         if not (torch.isfinite(u2).all() and torch.isfinite(v2).all()):
-            raise FloatingPointError("AlphaEdit's pull-back is not finite")
+            raise FloatingPointError("AlphaEdit's extra change is not finite")
         return u2.float(), v2.float()
 
 
