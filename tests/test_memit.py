@@ -25,6 +25,15 @@ def _keys_in_subspace(g: torch.Generator, n: int, d: int, rank: int) -> tuple[to
     return torch.randn(n, rank, generator=g) @ basis.T, basis
 
 
+def _ordinary_keys(g: torch.Generator, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4,000 keys (rows) that use every direction a little, none much (a real model's), and their
+    second moment C."""
+    scales = torch.linspace(0.2, 2.0, d)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    ordinary = (torch.randn(4000, d, generator=g) * scales) @ basis.T
+    return ordinary, ordinary.T @ ordinary / len(ordinary)
+
+
 def test_memit_solve_is_the_least_squares_solution() -> None:
     """Δ = U Vᵀ minimises ‖Δ K - R‖² + λ tr(Δ C Δᵀ): its normal equations Δ (λC + K Kᵀ) = R Kᵀ
     hold, and moving Δ in any direction raises the objective."""
@@ -93,10 +102,7 @@ def test_alphaedit_preservation_term_prices_what_p_leaves_in() -> None:
     (P (G + λC) P + μI) V = P K; the update then moves ordinary keys less, still fitting the edits."""
     g = torch.Generator().manual_seed(2)
     d, n = 64, 6
-    scales = torch.linspace(0.2, 2.0, d)  # every direction used, none much
-    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-    ordinary = (torch.randn(4000, d, generator=g) * scales) @ basis.T
-    c = ordinary.T @ ordinary / len(ordinary)
+    ordinary, c = _ordinary_keys(g, d)
     space = null_space(c, 0.5)
     assert 0 < space.kept < d
     kept_energy = float(space.project(ordinary.T).pow(2).sum() / ordinary.pow(2).sum())
@@ -137,10 +143,7 @@ def test_alphaedit_pullback_counts_preservation_from_the_unedited_weights() -> N
     it still fits its own facts and keeps the earlier batches' keys."""
     g = torch.Generator().manual_seed(3)
     d, n, d_out = 64, 6, 16
-    scales = torch.linspace(0.2, 2.0, d)
-    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-    ordinary = (torch.randn(4000, d, generator=g) * scales) @ basis.T
-    c = ordinary.T @ ordinary / len(ordinary)
+    _, c = _ordinary_keys(g, d)
     space = null_space(c, 0.5)
     mu, lam = 0.1, 20.0
     cd = c.double()
@@ -205,10 +208,7 @@ def test_alphaedit_refit_fits_earlier_keys_to_their_own_targets() -> None:
     now" under the pull-back shrinks them again at every batch."""
     g = torch.Generator().manual_seed(5)
     d, n, d_out, batches = 128, 4, 16, 10
-    scales = torch.linspace(0.2, 2.0, d)
-    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-    ordinary = (torch.randn(4000, d, generator=g) * scales) @ basis.T
-    c = ordinary.T @ ordinary / len(ordinary)
+    _, c = _ordinary_keys(g, d)
     space = null_space(c, 0.5)
     mu, lam = 0.1, 20.0
     shared = torch.randn(n, d, generator=g)  # each batch's keys lean on the same few directions
