@@ -159,17 +159,17 @@ class AlphaEditSolve:
         facts' count): A S (d_out, r) and Q W (d_in, r)."""
         if before is None and lack is None:
             return None
-        b = torch.zeros(0)
+        terms = []  # B's terms, each (d_out, m)
         if before is not None:
             u_p, v_p = before[0].double().to(self.q.device), before[1].double().to(self.q.device)
             e = self.space.values.to(self.q.device, torch.float64)
-            b = -self.weight * (u_p @ (v_p.T @ self.q)) * e[None, :]  # -λ Δₚ Q E
+            terms.append(-self.weight * (u_p @ (v_p.T @ self.q)) * e[None, :])  # -λ Δₚ Q E
         if lack is not None:
             earlier = self.qj[:, self.k.shape[1] :]  # Qᵀ Kₚ, (m, p)
             if earlier.shape[1] != lack.shape[1]:
                 raise ValueError(f"{lack.shape[1]} targets for {earlier.shape[1]} earlier keys")
-            fit = lack.double().to(self.q.device) @ earlier.T  # lack KₚᵀQ
-            b = fit if before is None else b + fit
+            terms.append(lack.double().to(self.q.device) @ earlier.T)  # lack KₚᵀQ
+        b = sum(terms[1:], terms[0])
         x = self.solve(b.T).T  # B M⁻¹ (M is symmetric)
         a, s, wt = torch.linalg.svd(x, full_matrices=False)
         keep = s > tol * float(s.max()) if len(s) and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
