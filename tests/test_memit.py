@@ -227,12 +227,13 @@ def test_alphaedit_refit_fits_earlier_keys_to_their_own_targets() -> None:
             if refit and b:  # each earlier key's absolute target less what it has now
                 lack = torch.cat([targets[j] - keys[j] @ total.T for j in range(b)]).T
             solve = AlphaEditSolve(space, keys[b], kp, mu, lam)
-            u, v = (targets[b] - keys[b] @ total.T).T, solve.factors()  # R: the target less what is there
+            r = targets[b] - keys[b] @ total.T  # R: the target less what is there
+            u, v = r.T, solve.factors()
             extra = solve.extra(before, lack)
             if extra is not None:
                 u, v = torch.cat([u, extra[0]], 1), torch.cat([v, extra[1]], 1)
             factors.append((u, v))
-            last = (solve, before, lack, kp, u, v, (targets[b] - keys[b] @ total.T))
+            last = (solve, before, lack, kp, u, v, r)
         total = sum((uu @ vv.T for uu, vv in factors), torch.zeros(d_out, d))
         first = float((keys[0] @ total.T - targets[0]).norm() / targets[0].norm())
         final = float((keys[-1] @ total.T - targets[-1]).norm() / targets[-1].norm())
