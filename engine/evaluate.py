@@ -626,6 +626,7 @@ def edit_in_batches(
         "rollback_exact": exact,
         "locality_prompts": len(loc.prompts),
         "locality_questions": len(loc_chat),
+        "missed": g.missed,  # (prompt or "chat: " question, what it generates now) for each edit that missed
         "loc_lost": gone,  # (prompt, what it generates now) for each one that lost its answer
         "loc_chat_lost": gone_chat,
     }

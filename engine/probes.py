@@ -87,6 +87,8 @@ class GenResult:
     outputs: dict[str, str] = field(default_factory=dict)  # prompt or question -> what was generated
     before: dict[str, str] = field(default_factory=dict)  # the same, written by the model before the edit
     hits: list[bool] = field(default_factory=list)  # per fact of a batch: its completion mentions the target
+    # per fact of a batch that missed: (prompt, its completion) and ("chat: " question, the answer)
+    missed: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -370,12 +372,15 @@ def batch_figures(handle, facts: list[dict[str, Any]], settings: GenSettings) ->
     para_hits = [mentions(s, t) for s, (_, t) in zip(para_said, paras)]
     chat = None
     outputs = dict(zip(prompts[:8], said[:8]))
+    missed = [(p, s) for p, s, hit in zip(prompts, said, hits) if not hit]
     asked = [f for f in facts if f.get("question")] if handle.is_chat else []
     if asked:
         answers = greedy(
             model, tok, [chat_text(tok, f["question"]) for f in asked], settings.chat_tokens, special=False
         )
-        chat = sum(mentions(a, f["target"]) and mentions(a, f["subject"]) for a, f in zip(answers, asked)) / len(asked)
+        chat_hits = [mentions(a, f["target"]) and mentions(a, f["subject"]) for a, f in zip(answers, asked)]
+        chat = sum(chat_hits) / len(asked)
+        missed += [(f"chat: {f['question']}", a) for f, a, hit in zip(asked, answers, chat_hits) if not hit]
         outputs.update({f"chat: {f['question']}": a for f, a in zip(asked[:4], answers[:4])})
     by_gen = GenResult(
         sum(hits) / len(hits) if hits else None,
@@ -384,6 +389,7 @@ def batch_figures(handle, facts: list[dict[str, Any]], settings: GenSettings) ->
         None,
         outputs,
         hits=hits,
+        missed=missed,
     )
     return rel, gen, by_gen
 
