@@ -39,21 +39,31 @@ class LowRankSidecar:
         self.module = module
         self.name = name
         self.factors: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # the keys (m, in) each edit in force was written for, where it gave them: later edits keep them
+        self.keys: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._handle: Any = None
         self._u: torch.Tensor | None = None  # (out, r): every edit's U side by side
         self._v: torch.Tensor | None = None  # (in, r)
         self._dense: torch.Tensor | None = None  # V Uᵀ (in, out), once that is the cheaper product
 
-    def add(self, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Add an edit's factors: u is (out, r), v is (in, r)."""
+    def add(self, key: str, u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Add an edit's factors: u is (out, r), v is (in, r); ``keys`` (m, in), the inputs it
+        was written for, if it gives them."""
         if key in self.factors:
             raise ValueError(f"{key} is already applied to {self.name}")
         self.factors[key] = (u.detach(), v.detach())
+        if keys is not None:
+            self.keys[key] = keys.detach()
         self._rebuild()
 
     def remove(self, key: str) -> None:
         del self.factors[key]
+        self.keys.pop(key, None)
         self._rebuild()
+
+    def edited_keys(self) -> torch.Tensor | None:
+        """The keys of the edits in force that gave theirs, as rows; None if none did."""
+        return torch.cat(list(self.keys.values())) if self.keys else None
 
     def _rebuild(self) -> None:
         if not self.factors:
@@ -136,13 +146,15 @@ class TogglePatch:
 
 
 class LowRankPatch(TogglePatch):
-    """One edit's factors on one sidecar."""
+    """One edit's factors on one sidecar, and the keys it was written for (``keys``, optional)."""
 
-    def __init__(self, side: LowRankSidecar, key: str, u: torch.Tensor, v: torch.Tensor) -> None:
-        self.side, self.key, self.u, self.v = side, key, u, v
+    def __init__(
+        self, side: LowRankSidecar, key: str, u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> None:
+        self.side, self.key, self.u, self.v, self.keys = side, key, u, v, keys
 
     def _apply(self) -> None:
-        self.side.add(self.key, self.u, self.v)
+        self.side.add(self.key, self.u, self.v, self.keys)
 
     def _revert(self) -> None:
         self.side.remove(self.key)

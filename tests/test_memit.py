@@ -579,7 +579,7 @@ def test_sliding_window_models_run_whole_rows() -> None:
 def test_shared_keys_flags_pairs_an_update_cannot_tell_apart() -> None:
     """Two keys that differ by a little noise reach each other almost fully; a third, orthogonal
     to them, reaches neither. Under C = I the reach is kᵢᵀkⱼ / ‖kⱼ‖²."""
-    from kedit.engine.methods.memit.solve import shared_keys
+    from kedit.engine.methods.rome.update import shared_keys
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, generator=g)

@@ -34,6 +34,8 @@ def test_saved_session_reloads_into_an_identical_model(session, tmp_path: Path) 
     try:
         assert [e.id for e in loaded] == [a.id, b.id]
         assert torch.equal(_logits(session), edited)
+        # and the keys later edits keep (ROME's keep_earlier) come back with them
+        assert all(torch.equal(x.patch.keys, y.patch.keys) for x, y in zip(loaded, [a, b]))
         assert [(m.role, m.content) for m in session.chat] == chat
         assert loaded[0].probe.as_dict() == a.probe.as_dict()
         assert int(session.ledger.next_id()[1:]) > int(b.id[1:])  # ids are not reused after a load

@@ -117,6 +117,39 @@ def test_twenty_sequential_edits(session) -> None:
     )
 
 
+def test_a_later_edit_gives_none_of_its_change_to_the_earlier_edits_keys(session) -> None:
+    """Each ROME edit records its key k* on the layer's sidecar while it is in force; a later
+    edit's direction d (d·x is the share of δ added at input x) is 1 at its own key and 0 at
+    those, unless it edits the same subject again, which it then overrides."""
+    (fa, new_a), (fb, new_b) = _distinct_subjects(session, 2)
+    a = session.edit(fa.prompt(0), new_a, subject=fa.subject)
+    try:
+        side = a.patch.side
+        k_a = side.keys[a.id][0]
+        b = session.edit(fb.prompt(0), new_b, subject=fb.subject)
+        try:
+            assert list(side.keys) == [a.id, b.id] and b.info.kept_keys == 1
+            d_b, k_b = b.patch.v[:, 0].double(), side.keys[b.id][0].double()
+            assert abs(float(d_b @ k_b) - 1) < 1e-3 and abs(float(d_b @ k_a.double())) < 1e-4
+        finally:
+            session.rollback(b.id)
+        assert list(side.keys) == [a.id]
+        plain = session.edit(fb.prompt(0), new_b, subject=fb.subject, params={"keep_earlier": False})
+        try:  # the paper's update reaches the earlier key; and records no key of its own
+            assert abs(float(plain.patch.v[:, 0].double() @ k_a.double())) > 1e-3
+            assert plain.info.kept_keys == 0 and list(side.keys) == [a.id]
+        finally:
+            session.rollback(plain.id)
+        again = session.edit(fa.prompt(0), new_b, subject=fa.subject)
+        try:  # the same subject edited again: its earlier key is the one to move
+            assert again.info.kept_keys == 0
+        finally:
+            session.rollback(again.id)
+    finally:
+        session.rollback(a.id)
+    assert not side.keys
+
+
 def test_traced_layer_beats_the_worst_layer(session) -> None:
     from kedit.engine.trace import best_edit_layer
 

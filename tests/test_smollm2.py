@@ -205,6 +205,34 @@ def test_opening_rewords_the_prompt_only_where_a_one_token_subject_would_sit_at_
     assert opening(tok, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux") is None  # two tokens
 
 
+def test_the_question_form_is_built_only_from_the_r_of_s_shape() -> None:
+    from kedit.engine.methods.rome.phrasings import question
+
+    assert question("The capital of Greece is", "Greece") == "What is the capital of Greece?"
+    assert question("The mother tongue of Danielle Darrieux was", "Danielle Darrieux") == (
+        "What was the mother tongue of Danielle Darrieux?"
+    )
+    assert question("Romeo and Juliet was written by", "Romeo and Juliet") is None
+    assert question("The capital of Greece is located in", "Greece") is None
+
+
+def test_the_neighbour_keys_name_no_subject_that_the_shared_figures_are_measured_on() -> None:
+    """The update is told to leave the neighbours' keys alone, so a subject among them would
+    overstate locality on the shared facts and the other-facts file."""
+    from kedit.engine.methods.rome.phrasings import NEIGHBOURS
+
+    others = REPO / "recipes" / "smollm2-other-facts.jsonl"
+    measured = [r["subject"] for r in facts()]
+    measured += [json.loads(line)["subject"] for line in others.read_text().splitlines() if line.strip()]
+    assert len(measured) == 50
+
+    def names(subject: str) -> set[str]:  # "Wolfgang Amadeus Mozart" and "Mozart" share one
+        return set(subject.lower().split()) - {"the", "of", "and"}
+
+    words = set().union(*map(names, measured))
+    assert not [n for n in NEIGHBOURS if names(n) & words]
+
+
 def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None:
     """A one-token subject that opens a text sits at position 0, where every word has about the
     same key; the edit's second key, at the token after the subject, carries it there. Without
@@ -256,9 +284,9 @@ def test_namesakes_share_their_key(smollm2) -> None:
     with the same surname are keyed much alike (an update for one reaches the other by 0.85 on
     average over an earlier insertion set's namesakes), other pairs not (0.02). MEMIT's batches
     name such pairs (MemitInfo.shared)."""
-    from kedit.engine.methods.memit.solve import shared_keys
     from kedit.engine.methods.rome.key import subject_keys
     from kedit.engine.methods.rome.stats import key_stats
+    from kedit.engine.methods.rome.update import shared_keys
 
     handle = smollm2.handle
     people = ["Rosmund Netherby", "Aldric Netherby", "Hesketh Abermere", "Bettany Pellmore"]

@@ -23,11 +23,11 @@ from kedit.engine.methods.base import (
 )
 from kedit.engine.methods.memit.keys import fact_keys, residuals
 from kedit.engine.methods.memit.params import AlphaEditParams, MemitParams
-from kedit.engine.methods.memit.solve import AlphaEditSolve, NullSpace, memit_factors, null_space, shared_keys
+from kedit.engine.methods.memit.solve import AlphaEditSolve, NullSpace, memit_factors, null_space
 from kedit.engine.methods.memit.values import compute_targets
 from kedit.engine.methods.rome.key import context_templates
 from kedit.engine.methods.rome.stats import KeyStats, key_stats
-from kedit.engine.methods.rome.update import FactorCache
+from kedit.engine.methods.rome.update import FactorCache, shared_keys
 from kedit.engine.patches import LowRankPatch, TogglePatch, all_attached, attached, sidecar, sidecars
 
 KEYS_KIND = "alphaedit_keys"  # per module: the keys of each AlphaEdit batch in force, by edit id
@@ -41,7 +41,7 @@ class MemitInfo(MethodInfo):
     residual_left: float = 0.0  # mean ‖z - h‖ after the update over ‖z - h‖ before it
     null_dims: list[int] = field(default_factory=list)  # AlphaEdit: the null space's size per layer
     # subjects of the batch whose keys at the range's first layer are too alike to hold different
-    # values (solve.shared_keys), as "A / B"
+    # values (rome.update.shared_keys), as "A / B"
     shared: list[str] = field(default_factory=list)
 
 

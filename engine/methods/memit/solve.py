@@ -48,20 +48,6 @@ def memit_factors(
     return v.float()
 
 
-def shared_keys(
-    c: torch.Tensor | None, keys: torch.Tensor, cache: FactorCache | None = None, threshold: float = 0.5
-) -> list[tuple[int, int, float]]:
-    """Pairs (i, j), i < j, of keys (rows) so alike that a least-squares update for either moves
-    the other by more than ``threshold`` of its change, both ways: kᵢᵀC⁻¹kⱼ / kⱼᵀC⁻¹kⱼ, the
-    smaller of the two with the pair. Such facts cannot hold different values."""
-    k = keys.float().T  # (d, n)
-    g = k.T @ c_inverse_k(c, k, 0.0, cache)  # kᵢᵀC⁻¹kⱼ
-    reach = g / g.diagonal().clamp_min(1e-12)[None, :]
-    both = torch.minimum(reach, reach.T)
-    pairs = torch.triu(both > threshold, diagonal=1).nonzero().tolist()
-    return [(i, j, float(both[i, j])) for i, j in pairs]
-
-
 @dataclass
 class NullSpace:
     """Q (d, m): an orthonormal basis of the directions C's keys barely use; P = Q Qᵀ."""

@@ -32,10 +32,14 @@ class RomeParams(MethodParams):
     identity_c: bool = False  # use C = I (no statistics), named as such
     # wordings beyond the prompt (kedit.engine.methods.rome.phrasings); 0 / False: the paper's ROME
     chat_asks: int = 2  # chat requests δ is also optimised under (chat models only): the first of chat_forms
-    chat_forms: tuple[str, ...] = CHAT_ASKS  # their wordings, with {prompt} and {subject}
+    # their wordings, with {prompt}, {subject} and {question} (phrasings.question; skipped where the prompt has none)
+    chat_forms: tuple[str, ...] = ("{question}", *CHAT_ASKS)
     restate_weight: float = 1.0  # weight of the NLL of the subject restated in those answers
     restate: str = "answer"  # what of the restated prompt that NLL reads: "subject" or the whole "answer"
     opening: bool = False  # a second key and value where the subject opens a text at position 0 (see phrasings)
     opening_clamp: float = 1.5  # ‖δ₂‖ ≤ factor · ‖v‖ for that value (2 and 4 cost other facts on SmolLM2)
+    # the update gives none of δ to the keys of earlier edits in force on its layer (not the same
+    # subject's: rome.method.earlier_keys), so that later edits do not move them; False: the paper
+    keep_earlier: bool = True
     neighbours: int = 24  # other subjects in the prompt whose keys the update leaves alone
     neighbour_weight: float = 10.0  # their keys' weight against C's corpus

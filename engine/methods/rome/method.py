@@ -29,7 +29,14 @@ from kedit.engine.methods.rome.phrasings import (
     opening_neighbours,
 )
 from kedit.engine.methods.rome.stats import key_stats
-from kedit.engine.methods.rome.update import FactorCache, c_inverse_k, rank_one, spread_direction, update_direction
+from kedit.engine.methods.rome.update import (
+    FactorCache,
+    c_inverse_k,
+    rank_one,
+    shared_keys,
+    spread_direction,
+    update_direction,
+)
 from kedit.engine.methods.rome.value import Opening, compute_value
 from kedit.engine.patches import LowRankPatch, sidecar
 
@@ -43,6 +50,7 @@ class RomeInfo(MethodInfo):
     delta_norm: float = 0.0  # of δ, the change of the layer's output at k*
     v_norm: float = 0.0  # of the layer's output at k* before the edit
     opening: str = ""  # the wording that opens with the subject, where it has a second key and value
+    kept_keys: int = 0  # earlier edits' keys on the layer that this update leaves where they were
 
 
 @dataclass
@@ -87,14 +95,17 @@ def apply_rome(
     chat = chat_prompts(tok, request.prompt, request.subject, hp.chat_asks, hp.chat_forms) if handle.is_chat else []
     t = time.perf_counter()
     cache = handle.caches.setdefault("rome.factor", FactorCache())
+    side = sidecar(model, module, adapter.mlp_out_name(layer))
+    kept = earlier_keys(side, k_star, c, hp, cache) if hp.keep_earlier else None
     near = neighbour_prompts(request.prompt, request.subject, hp.neighbours)
-    if not near:
+    if not near and kept is None:
         direction = update_direction(k_star, c_inverse_k(c, k_star, hp.ridge, cache))
     else:
-        others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0]
-        direction = spread_direction(c, k_star[None], others, hp.neighbour_weight, hp.ridge, cache)
+        others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
+        keys, shares = own_keys(k_star[None], kept)
+        direction = spread_direction(c, keys, others, hp.neighbour_weight, hp.ridge, cache, shares)
     text = opening(tok, request.prompt, request.subject) if hp.opening else None
-    second = opening_key(handle, request, hp, layer, text, k_star, c, cache) if text is not None else None
+    second = opening_key(handle, request, hp, layer, text, k_star, c, cache, kept) if text is not None else None
     timings["update"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -129,7 +140,7 @@ def apply_rome(
         u, v = torch.cat([u, u2], 1), torch.cat([v, v2], 1)
     timings["update"] += time.perf_counter() - t
 
-    patch = LowRankPatch(sidecar(model, module, adapter.mlp_out_name(layer)), key, u, v)
+    patch = LowRankPatch(side, key, u, v, keys=k_star[None].float() if hp.keep_earlier else None)
     info = RomeInfo(
         layer,
         adapter.mlp_out_name(layer),
@@ -142,25 +153,61 @@ def apply_rome(
         delta_norm=float(value.delta.norm()),
         v_norm=float(v_cur.norm()),
         opening=text or "",
+        kept_keys=0 if kept is None else len(kept),
     )
     return RomeOutcome(patch, layer, info)
 
 
+def earlier_keys(side, k_star: torch.Tensor, c, hp: RomeParams, cache: FactorCache) -> torch.Tensor | None:
+    """The keys of the earlier edits in force on the layer (``side``), the newest quarter of the
+    key width at most (each is one more constraint on the update's direction), less those this
+    edit's key is so alike that one update cannot tell them apart (a namesake, or the same
+    subject edited again: rome.update.shared_keys), which this edit overrides. None if none is
+    left."""
+    earlier = side.edited_keys()
+    if earlier is None:
+        return None
+    earlier = earlier[-max(1, k_star.shape[-1] // 4) :].to(k_star.device, torch.float32)
+    same = {
+        j - 1 for i, j, _ in shared_keys(c, torch.cat([k_star[None].float(), earlier]), cache, ridge=hp.ridge) if i == 0
+    }
+    left = [i for i in range(len(earlier)) if i not in same]
+    return earlier[left] if left else None
+
+
+def own_keys(keys: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keys for spread_direction and their shares: all of δ at each of ``keys``, none at ``kept``."""
+    if kept is None:
+        return keys, None
+    shares = torch.cat([torch.ones(len(keys)), torch.zeros(len(kept))])
+    return torch.cat([keys.float(), kept.to(keys.device, torch.float32)]), shares
+
+
 def opening_key(
-    handle, request: EditRequest, hp: RomeParams, layer: int, text: str, k_star: torch.Tensor, c, cache: FactorCache
+    handle,
+    request: EditRequest,
+    hp: RomeParams,
+    layer: int,
+    text: str,
+    k_star: torch.Tensor,
+    c,
+    cache: FactorCache,
+    kept: torch.Tensor | None = None,
 ) -> Opening:
     """The second key for a wording that opens with the subject (see phrasings): at the token
-    after the subject, with a direction that gives it all of δ₂ and the edited key none, other
-    subjects' keys at that token joining C. ‖δ₂‖ is held to ``opening_clamp`` · ‖v‖: that
-    token's key is much the same after other subjects, so δ₂ reaches other texts more than δ."""
+    after the subject, with a direction that gives it all of δ₂ and the edited key (and the
+    earlier edits' keys in ``kept``) none, other subjects' keys at that token joining C. ‖δ₂‖ is
+    held to ``opening_clamp`` · ‖v‖: that token's key is much the same after other subjects, so
+    δ₂ reaches other texts more than δ."""
     model, tok = handle.model, handle.tokenizer
     module = handle.adapter.mlp_out(layer)
     head = capitalised(request.subject) + "'s"
     k2, v_now = compute_key(model, tok, module, text, head, ["{}"])
     near = opening_neighbours(text, request.subject, hp.neighbours)
     others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
-    keys = torch.stack([k2, k_star.to(k2.device)])
-    d2 = spread_direction(c, keys, others, hp.neighbour_weight, hp.ridge, cache, shares=torch.tensor([1.0, 0.0]))
+    kept = k_star[None] if kept is None else torch.cat([k_star[None].float(), kept.to(k_star.device)])
+    keys, shares = own_keys(k2[None], kept)
+    d2 = spread_direction(c, keys, others, hp.neighbour_weight, hp.ridge, cache, shares)
     return Opening(text, head, d2, v_now, hp.opening_clamp)
 
 
@@ -214,6 +261,8 @@ class RomeMethod(MethodDefaults):
         p: LowRankPatch = edit.patch
         put(f"{edit.id}.u", p.u)
         put(f"{edit.id}.v", p.v)
+        if p.keys is not None:
+            put(f"{edit.id}.keys", p.keys)
         return {"module": p.side.name}
 
     def restore(
@@ -226,7 +275,11 @@ class RomeMethod(MethodDefaults):
     ) -> LowRankPatch:
         edit_id = record["id"]
         patch = LowRankPatch(
-            sidecar(model, module, record["module"]), edit_id, tensors[f"{edit_id}.u"], tensors[f"{edit_id}.v"]
+            sidecar(model, module, record["module"]),
+            edit_id,
+            tensors[f"{edit_id}.u"],
+            tensors[f"{edit_id}.v"],
+            tensors.get(f"{edit_id}.keys"),
         )
         patch.apply()
         return patch

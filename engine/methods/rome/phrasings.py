@@ -38,11 +38,19 @@ value on the prompt alone. On a chat model that is not what a user meets:
   other facts, at 2 · ‖v‖ they kept their completion 0.73 and their chat answer 0.82 of the
   time, at 1.5 · ‖v‖ 0.91 and 0.82, against 0.91 and 0.91 without; with 30 other facts, at
   1.5 · ‖v‖ 0.76 and 0.70 against 0.76 and 0.73, no paraphrase more than without (0.57), and
-  neutral text's perplexity 1.11 times the unedited model's against 1.02. Hence off by default.
+  neutral text's perplexity 1.11 times the unedited model's against 1.02. That was with the
+  Llama settings' weight decay on δ (1e-3). With the paper's GPT-2 XL 0.5 (kedit's default) δ
+  is a third the size and no longer reaches the paraphrases alone; the second value then
+  carries them, and 20 such edits kept the other facts 0.93 / 0.97 (README). Hence on by default.
+- The question. Where the prompt is "The R of S is", the first chat request is the question it
+  answers ("What is the capital of Greece?", ``question``). Over 20 sequential edits with the
+  small δ, the generic requests alone left the model answering it about another subject that
+  has the new value ("The capital of Egypt is Cairo"): chat 0.80, with the question 0.90.
 - Neighbours. Keys of other subjects after the same words share much of the edited key
   (0.35-0.47 of δ reached "The capital of Japan" after editing Russia's capital). Other
   subjects put in the prompt's place become keys the update should leave alone
-  (kedit.engine.methods.rome.update.spread_direction).
+  (kedit.engine.methods.rome.update.spread_direction). The keys of earlier edits in force on
+  the layer get none of δ at all (``keep_earlier``, kedit.engine.methods.rome.method.earlier_keys).
 
 The requests and the neighbours are generic. None is taken from an evaluation set, so
 figures on such a set measure how the edit generalises.
@@ -65,42 +73,42 @@ CHAT_ASKS = (
 
 # Named things of many kinds, for neighbour keys: the subject itself is left out.
 NEIGHBOURS = (
-    "Italy",
+    "Nigeria",
     "Spain",
     "Brazil",
     "India",
     "Egypt",
-    "Australia",
+    "Indonesia",
     "Poland",
-    "Sweden",
+    "Finland",
     "Turkey",
     "Argentina",
-    "Kenya",
+    "Colombia",
     "Vietnam",
     "Portugal",
     "Chile",
     "Peru",
-    "Thailand",
-    "Albert Einstein",
+    "Pakistan",
+    "Charles Darwin",
     "Marie Curie",
-    "Barack Obama",
+    "Abraham Lincoln",
     "Napoleon Bonaparte",
-    "Wolfgang Amadeus Mozart",
+    "Ludwig van Beethoven",
     "Queen Victoria",
-    "Isaac Newton",
+    "Leonardo da Vinci",
     "Frida Kahlo",
-    "the Taj Mahal",
+    "Machu Picchu",
     "Big Ben",
-    "the Great Wall of China",
+    "Stonehenge",
     "Mount Fuji",
     "the Sydney Opera House",
-    "the Nile",
+    "the Mississippi",
     "the Danube",
     "Hamlet",
     "Don Quixote",
     "Microsoft",
     "Toyota",
-    "Harry Potter",
+    "Moby-Dick",
 )
 
 
@@ -108,12 +116,21 @@ def capitalised(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def question(prompt: str, subject: str) -> str | None:
+    """The prompt asked as a question, where it is "The R of S is" ("The capital of Greece is"
+    → "What is the capital of Greece?"); None for other prompts."""
+    match = re.fullmatch(rf"The (?P<relation>[^.?!]+?) of {re.escape(subject)} (?P<verb>is|was|are|were)", prompt)
+    return f"What {match['verb']} the {match['relation']} of {subject}?" if match else None
+
+
 def chat_prompts(tokenizer, prompt: str, subject: str, n: int, forms: Sequence[str] = CHAT_ASKS) -> list[str]:
     """The first ``n`` requests of ``forms`` under the chat template, each ready for the
-    assistant's answer."""
+    assistant's answer. A form with {question} counts only where the prompt has one (``question``)."""
     from kedit.engine.metrics import chat_text
 
-    asks = [a.format(subject=subject, prompt=prompt) for a in forms[:n]]
+    asked = question(prompt, subject)
+    usable = [a for a in forms if asked is not None or "{question}" not in a]
+    asks = [a.format(subject=subject, prompt=prompt, question=asked) for a in usable[:n]]
     return [chat_text(tokenizer, a) for a in asks]
 
 

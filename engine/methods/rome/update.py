@@ -95,3 +95,21 @@ def spread_direction(
     if not torch.isfinite(d).all():
         raise FloatingPointError("the update direction is not finite")
     return d[:, 0]
+
+
+def shared_keys(
+    c: torch.Tensor | None,
+    keys: torch.Tensor,
+    cache: FactorCache | None = None,
+    threshold: float = 0.5,
+    ridge: float = 0.0,
+) -> list[tuple[int, int, float]]:
+    """Pairs (i, j), i < j, of keys (rows) so alike that a least-squares update for either moves
+    the other by more than ``threshold`` of its change, both ways: kᵢᵀC⁻¹kⱼ / kⱼᵀC⁻¹kⱼ, the
+    smaller of the two with the pair. Such facts cannot hold different values."""
+    k = keys.float().T  # (d, n)
+    g = k.T @ c_inverse_k(c, k, ridge, cache)  # kᵢᵀC⁻¹kⱼ
+    reach = g / g.diagonal().clamp_min(1e-12)[None, :]
+    both = torch.minimum(reach, reach.T)
+    pairs = torch.triu(both > threshold, diagonal=1).nonzero().tolist()
+    return [(i, j, float(both[i, j])) for i, j in pairs]
