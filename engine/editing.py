@@ -79,11 +79,13 @@ def make_edit(
     question: str | None = None,
     identity_c: bool = False,
     params: dict[str, Any] | None = None,
+    probe: bool = True,
 ) -> Edit:
     """Apply one edit; the model is bit-identical to before if anything fails.
 
     ``question`` is the fact asked in chat, for the generation-based probe (default: the
-    prompt itself sent as a chat turn; on the fact world, the fact's own question).
+    prompt itself sent as a chat turn; on the fact world, the fact's own question). Without
+    ``probe`` (an evaluation that measures on its own) the edit carries no probe.
 
     ``params`` overrides the method's hyperparameters from kedit.toml for this edit.
     ``info.timings`` gets the seconds spent computing the edit and probing it.
@@ -105,13 +107,15 @@ def make_edit(
         raise KeditError(f"{method} has no such setting: {exc}") from None
     started = time.perf_counter()
     with editor.lock:
-        from kedit.engine.probes import GenSettings, generations, probe
+        from kedit.engine.probes import GenSettings, generations
+        from kedit.engine.probes import probe as probe_edit
 
         started_loc = time.perf_counter()
         settings = GenSettings.from_config(ctx.config)
-        # what the user will compare: the prompt, its paraphrases and the chat answer, unedited
-        said_before = generations(handle, clean, list(request.paraphrases), question, settings)
-        loc, before, loc_before = _unedited_locality(editor, {subj.text}, settings)
+        if probe:
+            # what the user will compare: the prompt, its paraphrases and the chat answer, unedited
+            said_before = generations(handle, clean, list(request.paraphrases), question, settings)
+            loc, before, loc_before = _unedited_locality(editor, {subj.text}, settings)
         locality_seconds = time.perf_counter() - started_loc
         edit_id = editor.ledger.next_id()
         computing = time.perf_counter()
@@ -123,23 +127,25 @@ def make_edit(
         timings["compute"] = time.perf_counter() - computing
         timings["locality"] = locality_seconds
         patch.apply()
+        result = None
         try:
             _check_finite(handle, clean)
             probing = time.perf_counter()
-            result = probe(
-                handle,
-                clean,
-                target_text,
-                list(request.paraphrases),
-                loc,
-                before,
-                subject=subj.text,
-                question=question,
-                settings=settings,
-                loc_before=loc_before,
-            )
-            if result.by_gen is not None:
-                result.by_gen.before = said_before
+            if probe:
+                result = probe_edit(
+                    handle,
+                    clean,
+                    target_text,
+                    list(request.paraphrases),
+                    loc,
+                    before,
+                    subject=subj.text,
+                    question=question,
+                    settings=settings,
+                    loc_before=loc_before,
+                )
+                if result.by_gen is not None:
+                    result.by_gen.before = said_before
             timings["probe"] = time.perf_counter() - probing
         except BaseException:
             patch.revert()

@@ -361,9 +361,15 @@ def _measure(
 
 
 def _edit_case(session, case: EvalCase, method: str | None):
-    """One record as a single edit, with its paraphrases and question for the edit's probe."""
+    """One record as a single edit, without the edit's own probe: the evaluation measures it."""
     return session.edit(
-        case.prompt, case.target, subject=case.subject, method=method, paraphrases=case.rephrase, question=case.question
+        case.prompt,
+        case.target,
+        subject=case.subject,
+        method=method,
+        paraphrases=case.rephrase,
+        question=case.question,
+        probe=False,
     )
 
 
@@ -573,7 +579,7 @@ def edit_in_batches(
         chunks = [list(cases[i : i + batch]) for i in range(0, len(cases), batch)]
         for n, chunk in enumerate(chunks):
             started = time.perf_counter()
-            if one_by_one:  # the edit's own compute time: it probes itself as well
+            if one_by_one:  # the edit's own compute time
                 made.append(_edit_case(session, chunk[0], method))
                 seconds.append(made[-1].info.timings["compute"])
             else:

@@ -369,6 +369,7 @@ class Session:
         identity_c: bool = False,
         params: dict[str, Any] | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        probe: bool = True,
     ) -> Edit:
         """Make the model answer ``target`` after ``prompt``; a transaction (see kedit.engine.editing).
 
@@ -395,6 +396,7 @@ class Session:
             question=question,
             identity_c=identity_c,
             params=params,
+            probe=probe,
         )
 
     def edit_batch(

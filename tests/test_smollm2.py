@@ -250,7 +250,9 @@ def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None
         logits_before = model(ids).logits
 
     def edit(**params):
-        return smollm2.edit(record["prompt"], record["new"], subject="Germany", method="rome", params=params)
+        return smollm2.edit(
+            record["prompt"], record["new"], subject="Germany", method="rome", params=params, probe=False
+        )
 
     plain = edit(opening=False)
     try:
