@@ -194,15 +194,20 @@ def test_a_paraphrase_counts_only_where_the_unedited_model_answered_it(smollm2) 
     assert settled[2] is said_false and answered.paraphrase_known is None  # the inputs are not changed
 
 
-def test_opening_rewords_the_prompt_only_where_a_one_token_subject_would_sit_at_position_0(smollm2) -> None:
+def test_opening_rewords_the_prompt_only_where_the_first_key_cannot_read_the_subject(smollm2) -> None:
     from kedit.engine.methods.rome.phrasings import opening
 
     tok = smollm2.tokenizer
-    assert opening(tok, "The capital of Germany is", "Germany") == "Germany's capital is"
-    assert opening(tok, "The official language of Mexico is", "Mexico") == "Mexico's official language is"
-    assert opening(tok, "The capital of the United Kingdom is", "the United Kingdom") is None  # "The" opens it
-    assert opening(tok, "The Colosseum is located in the city of", "The Colosseum") is None  # not "The R of S"
-    assert opening(tok, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux") is None  # two tokens
+    # a one-token subject at position 0: keyed at the token after it
+    assert opening(tok, "The capital of Germany is", "Germany") == ("Germany's capital is", "Germany's")
+    assert opening(tok, "The official language of Mexico is", "Mexico") == ("Mexico's official language is", "Mexico's")
+    # " Ireland" mid-text, "I|re|land" at a text's start: keyed at its own last token
+    assert tok.tokenize(" Ireland") != tok.tokenize("Ireland")[-1:]
+    assert opening(tok, "The capital of Ireland is", "Ireland") == ("Ireland's capital is", "Ireland")
+    # the prompt's key token opens the text too (" Kingdom", " Darrieux"), or no "The R of S"
+    assert opening(tok, "The capital of the United Kingdom is", "the United Kingdom") is None
+    assert opening(tok, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux") is None
+    assert opening(tok, "The Colosseum is located in the city of", "The Colosseum") is None
 
 
 def test_the_question_form_is_built_only_from_the_r_of_s_shape() -> None:
@@ -233,16 +238,18 @@ def test_the_neighbour_keys_name_no_subject_that_the_shared_figures_are_measured
     assert not [n for n in NEIGHBOURS if names(n) & words]
 
 
-def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None:
+@pytest.mark.parametrize("subject, opened", [("Germany", "Germany's"), ("Ireland", "Ireland")])
+def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2, subject: str, opened: str) -> None:
     """A one-token subject that opens a text sits at position 0, where every word has about the
-    same key; the edit's second key, at the token after the subject, carries it there. Without
-    it the possessive paraphrase keeps the old capital; with it the paraphrase names the new
-    one, the second direction leaves the edited key alone, the other capitals asked in chat
-    keep their answers, and rollback is exact."""
+    same key, and a subject can open a text as other tokens than it has mid-text ("I|re|land");
+    the edit's second key, at the token after the subject or at its own last token, carries it
+    there. Without it the possessive paraphrase does not name the new capital; with it it does, the second direction leaves the edited key alone, the other capitals
+    asked in chat keep their answers, and rollback is exact."""
     from kedit.engine.methods.hooks import run_until
     from kedit.engine.methods.rome.key import compute_key, context_templates
+    from kedit.engine.subject import subject_last_token
 
-    record = next(r for r in facts() if r["subject"] == "Germany")
+    record = next(r for r in facts() if r["subject"] == subject)
     capitals = [r for r in facts() if "capital" in r["prompt"] and r is not record]
     tok, model = smollm2.tokenizer, smollm2.model
     ids = tok(record["paraphrase"], return_tensors="pt")["input_ids"]
@@ -250,9 +257,7 @@ def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None
         logits_before = model(ids).logits
 
     def edit(**params):
-        return smollm2.edit(
-            record["prompt"], record["new"], subject="Germany", method="rome", params=params, probe=False
-        )
+        return smollm2.edit(record["prompt"], record["new"], subject=subject, method="rome", params=params, probe=False)
 
     plain = edit(opening=False)
     try:
@@ -262,17 +267,19 @@ def test_a_subject_that_opens_a_text_gets_its_own_key_and_value(smollm2) -> None
     e = edit(opening=True)
     try:
         (said,) = greedy(model, tok, [record["paraphrase"]], 8)
-        assert mentions(without, record["true"]) and not mentions(without, record["new"]), without
+        assert not mentions(without, record["new"]), without
         assert mentions(said, record["new"]), said
-        assert e.info.opening == "Germany's capital is" and e.patch.u.shape[1] == 2
+        text = f"{subject}'s capital is"
+        assert e.info.opening == text and e.patch.u.shape[1] == 2
         module = smollm2.handle.adapter.mlp_out(e.layer)
         d2 = e.patch.v[:, 1].float()
         contexts = context_templates(
             tok, smollm2.contexts(e.hparams["n_contexts"], e.hparams["context_tokens"]), record["prompt"]
         )
-        k_star, _ = compute_key(model, tok, module, record["prompt"], "Germany", contexts)
+        k_star, _ = compute_key(model, tok, module, record["prompt"], subject, contexts)
         with torch.no_grad():
-            k2 = run_until(model, module, **tok("Germany's capital is", return_tensors="pt"))["input"][0, 1].float()
+            seen = run_until(model, module, **tok(text, return_tensors="pt"))["input"][0]
+        k2 = seen[subject_last_token(tok, text, opened)].float()
         assert abs(float(k2 @ d2) - 1) < 1e-3 and abs(float(k_star @ d2)) < 1e-3
         assert_capitals_kept_in_chat(smollm2, capitals)
     finally:

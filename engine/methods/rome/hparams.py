@@ -36,8 +36,11 @@ class RomeParams(MethodParams):
     chat_forms: tuple[str, ...] = ("{question}", *CHAT_ASKS)
     restate_weight: float = 1.0  # weight of the NLL of the subject restated in those answers
     restate: str = "answer"  # what of the restated prompt that NLL reads: "subject" or the whole "answer"
-    opening: bool = False  # a second key and value where the subject opens a text at position 0 (see phrasings)
-    opening_clamp: float = 1.5  # ‖δ₂‖ ≤ factor · ‖v‖ for that value (2 and 4 cost other facts on SmolLM2)
+    # a second key and value where the first key cannot read a subject that opens a text (see phrasings)
+    opening: bool = False
+    # ‖δ₂‖ ≤ factor · ‖v‖ for that value. SmolLM2: 2 and 4 cost other facts; 1.5 a capital asked
+    # in chat after Ireland's edit (keyed at "land" in "I|re|land's"), 1.0 none, with the same paraphrases
+    opening_clamp: float = 1.0
     # the update gives none of δ to the keys of earlier edits in force on its layer (not the same
     # subject's: rome.method.earlier_keys), so that later edits do not move them; False: the paper
     keep_earlier: bool = True

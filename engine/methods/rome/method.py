@@ -22,7 +22,6 @@ from kedit.engine.methods.base import (
 from kedit.engine.methods.rome.hparams import RomeParams
 from kedit.engine.methods.rome.key import compute_key, context_templates, subject_keys
 from kedit.engine.methods.rome.phrasings import (
-    capitalised,
     chat_prompts,
     neighbour_prompts,
     opening,
@@ -104,8 +103,8 @@ def apply_rome(
         others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
         keys, shares = own_keys(k_star[None], kept)
         direction = spread_direction(c, keys, others, hp.neighbour_weight, hp.ridge, cache, shares)
-    text = opening(tok, request.prompt, request.subject) if hp.opening else None
-    second = opening_key(handle, request, hp, layer, text, k_star, c, cache, kept) if text is not None else None
+    opened = opening(tok, request.prompt, request.subject) if hp.opening else None
+    second = opening_key(handle, request, hp, layer, opened, k_star, c, cache, kept) if opened is not None else None
     timings["update"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -152,7 +151,7 @@ def apply_rome(
         stats_seconds=stats_seconds,
         delta_norm=float(value.delta.norm()),
         v_norm=float(v_cur.norm()),
-        opening=text or "",
+        opening=opened[0] if opened else "",
         kept_keys=0 if kept is None else len(kept),
     )
     return RomeOutcome(patch, layer, info)
@@ -188,22 +187,22 @@ def opening_key(
     request: EditRequest,
     hp: RomeParams,
     layer: int,
-    text: str,
+    opened: tuple[str, str],
     k_star: torch.Tensor,
     c,
     cache: FactorCache,
     kept: torch.Tensor | None = None,
 ) -> Opening:
-    """The second key for a wording that opens with the subject (see phrasings): at the token
-    after the subject, with a direction that gives it all of δ₂ and the edited key (and the
+    """The second key for a wording that opens with the subject (``opened``: its text and the
+    words up to the key's token, phrasings.opening), with a direction that gives it all of δ₂ and the edited key (and the
     earlier edits' keys in ``kept``) none, other subjects' keys at that token joining C. ‖δ₂‖ is
     held to ``opening_clamp`` · ‖v‖: that token's key is much the same after other subjects, so
     δ₂ reaches other texts more than δ."""
     model, tok = handle.model, handle.tokenizer
     module = handle.adapter.mlp_out(layer)
-    head = capitalised(request.subject) + "'s"
+    text, head = opened
     k2, v_now = compute_key(model, tok, module, text, head, ["{}"])
-    near = opening_neighbours(text, request.subject, hp.neighbours)
+    near = opening_neighbours(tok, text, head, request.subject, hp.neighbours)
     others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
     kept = k_star[None] if kept is None else torch.cat([k_star[None].float(), kept.to(k_star.device)])
     keys, shares = own_keys(k2[None], kept)

@@ -25,7 +25,7 @@ value on the prompt alone. On a chat model that is not what a user meets:
   an ``opening`` wording (the prompt's "The capital of Germany is" as "Germany's capital is"),
   and a second value, optimised on that wording in the same loop as the first; the update's
   second direction leaves the edited key and other subjects' keys at that token alone
-  (``opening``, off by default). Optimised one after the other, the two values took 1.3-1.6×
+  (``opening``). Optimised one after the other, the two values took 1.3-1.6×
   one value's time.
   On SmolLM2-135M "Germany's capital city is" and "China's capital city is" then follow the
   edit, which they did not with the first key alone. That token's key is much the same after
@@ -42,6 +42,14 @@ value on the prompt alone. On a chat model that is not what a user meets:
   Llama settings' weight decay on δ (1e-3). With the paper's GPT-2 XL 0.5 (kedit's default) δ
   is a third the size and no longer reaches the paraphrases alone; the second value then
   carries them, and 20 such edits kept the other facts 0.93 / 0.97 (README). Hence on by default.
+- Subjects spelled otherwise at a text's start. " Ireland" mid-text is one token, "Ireland" at
+  the start of a text three ("I|re|land"): the edited key is never computed there, and on
+  SmolLM2-135M the update reached "land" in "Ireland's capital city is" by 0.04 of δ. Such a
+  subject gets the opening wording too, keyed at its own last token, which is past position 0
+  and tells subjects apart as any subject's last token does; other subjects opening the text
+  are its neighbours ("Fin|land", "Po|land"). "Ireland's capital city is" then follows the edit.
+  At 1.5 · ‖v‖ that second value cost France's capital asked in chat; at 1.0 · ‖v‖ (now the
+  default for both kinds of opening key) nothing, with the same paraphrases followed.
 - The question. Where the prompt is "The R of S is", the first chat request is the question it
   answers ("What is the capital of Greece?", ``question``). Over 20 sequential edits with the
   small δ, the generic requests alone left the model answering it about another subject that
@@ -134,29 +142,50 @@ def chat_prompts(tokenizer, prompt: str, subject: str, n: int, forms: Sequence[s
     return [chat_text(tokenizer, a) for a in asks]
 
 
-def opening(tokenizer, prompt: str, subject: str) -> str | None:
+def opening(tokenizer, prompt: str, subject: str) -> tuple[str, str] | None:
     """The prompt reworded to open with the subject ("The capital of Germany is" → "Germany's
-    capital is"), where that puts the subject's one token first in the model's input (no start
-    token before it); None where it does not, or where the prompt is not "The R of S ...".
+    capital is"), with the words up to its key's token, where the edit's first key cannot
+    read the subject there:
+
+    - the subject is one token at position 0 (no start token before it): the key is the
+      token after it ("Germany's");
+    - the subject opening a text is other tokens than in the prompt ("I|re|land" against
+      " Ireland"): the key is its own last token ("Ireland").
+
+    None where the prompt's key token is the opening's too ("The United Kingdom's"), or the
+    prompt is not "The R of S ...".
     """
     match = re.fullmatch(rf"The (?P<relation>[^.?!]+?) of {re.escape(subject)} (?P<rest>\S.*)", prompt)
     if not match:
         return None
-    text = f"{capitalised(subject)}'s {match['relation']} {match['rest']}"
-    return text if subject_last_token(tokenizer, text, capitalised(subject)) == 0 else None
+    name = capitalised(subject)
+    text = f"{name}'s {match['relation']} {match['rest']}"
+    last = subject_last_token(tokenizer, text, name)
+    if last == 0:
+        return text, name + "'s"
+    opened = tokenizer(text)["input_ids"][last]
+    inside = tokenizer(prompt)["input_ids"][subject_last_token(tokenizer, prompt, subject)]
+    return (text, name) if opened != inside else None
 
 
 # what else follows a subject that opens a text: the opening's update must not fire there either
 OPENING_WORDS = (" is", " was", " has")
 
 
-def opening_neighbours(text: str, subject: str, n: int) -> list[tuple[str, str]]:
-    """(text, its opening) for keys the opening's update must leave alone: up to ``n`` other
-    subjects opening ``text`` in the subject's place, then each of them followed by other words
-    (what a text's second token usually is: the update must not fire on it)."""
-    head = capitalised(subject) + "'s"
+def opening_neighbours(tokenizer, text: str, head: str, subject: str, n: int) -> list[tuple[str, str]]:
+    """(text, its head) for keys the opening's update must leave alone: up to ``n`` other
+    subjects opening ``text`` in the subject's place. Where the key is the token after the
+    subject (``head`` "Germany's"), each of them also followed by other words (what a text's
+    second token usually is: the update must not fire on it); where it is the subject's last
+    token, only those whose own last token is past position 0 (every text's first position has
+    much the same key)."""
+    name = capitalised(subject)
     others = [capitalised(o) for o in NEIGHBOURS if o.lower() != subject.lower()][:n]
-    out = [(o + "'s" + text[len(head) :], o + "'s") for o in others]
+    if head == name:
+        out = [(o + text[len(name) :], o) for o in others]
+        return [(t, o) for t, o in out if subject_last_token(tokenizer, t, o) > 0]
+    after = head[len(name) :]
+    out = [(o + after + text[len(head) :], o + after) for o in others]
     out += [(o + word, o + word) for word in OPENING_WORDS for o in others]
     return out
 
