@@ -32,6 +32,7 @@ def _run(session, method: str, n: int = N) -> dict[str, float]:
     probe_prompts = [f.prompt(0) for f, _ in cases[:10]] + loc_prompts[:10]
     original = prompt_logits(session, probe_prompts)
     edits = [session.edit(f.prompt(0), new, subject=f.subject, method=method, probe=False) for f, new in cases]
+    assert all(e.probe is None for e in edits)  # measured below, after the last edit
     news = [" " + new for _, new in cases]
     figures = {
         "Rel": mean_accuracy(teacher_forced(model, tok, [f.prompt(0) for f, _ in cases], news)),
