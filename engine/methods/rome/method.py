@@ -194,10 +194,10 @@ def opening_key(
     kept: torch.Tensor | None = None,
 ) -> Opening:
     """The second key for a wording that opens with the subject (``opened``: its text and the
-    words up to the key's token, phrasings.opening), with a direction that gives it all of δ₂ and the edited key (and the
-    earlier edits' keys in ``kept``) none, other subjects' keys at that token joining C. ‖δ₂‖ is
-    held to ``opening_clamp`` · ‖v‖: that token's key is much the same after other subjects, so
-    δ₂ reaches other texts more than δ."""
+    words up to the key's token, phrasings.opening), with a direction that gives it all of δ₂
+    and the edited key (and the earlier edits' keys in ``kept``) none, other subjects' keys at
+    that token joining C. ‖δ₂‖ is held to ``opening_clamp`` · ‖v‖: the token after a subject has
+    much the same key after other subjects, so δ₂ reaches other texts more than δ."""
     model, tok = handle.model, handle.tokenizer
     module = handle.adapter.mlp_out(layer)
     text, head = opened
