@@ -210,6 +210,56 @@ def test_opening_rewords_the_prompt_only_where_the_first_key_cannot_read_the_sub
     assert opening(tok, "The Colosseum is located in the city of", "The Colosseum") is None
 
 
+def test_possessive_rewords_the_r_of_s() -> None:
+    from kedit.engine.methods.rome.phrasings import possessive
+
+    assert possessive("The capital of the Netherlands is", "the Netherlands") == (
+        "The Netherlands's capital is",
+        "The Netherlands",
+    )
+    assert possessive("The official language of Mexico is", "Mexico") == ("Mexico's official language is", "Mexico")
+    assert possessive("The Colosseum is located in the city of", "The Colosseum") is None
+
+
+def test_the_possessive_wording_carries_an_edit_where_the_first_key_reads_the_subject(smollm2) -> None:
+    """The paraphrase "The Netherlands' capital city is" keys the subject at " Netherlands" as the
+    prompt does, so it needs no second key; but δ optimised on the prompt's wording alone leaves
+    it saying Amsterdam. With the possessive wording as one more row of δ's it says the new capital, the
+    other capitals asked in chat keep their answers, and rollback is exact."""
+    tok, model = smollm2.tokenizer, smollm2.model
+    prompt, subject, paraphrase = (
+        "The capital of the Netherlands is",
+        "the Netherlands",
+        "The Netherlands' capital city is",
+    )
+    capitals = [r for r in facts() if "capital" in r["prompt"]]
+    ids = tok(paraphrase, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits_before = model(ids).logits
+
+    def edit(**params):
+        return smollm2.edit(prompt, " Berlin", subject=subject, method="rome", params=params, probe=False)
+
+    plain = edit(possessive=False)
+    try:
+        (without,) = greedy(model, tok, [paraphrase], 8)
+        assert plain.info.reworded == ""
+    finally:
+        smollm2.rollback(plain.id)
+    e = edit(possessive=True)
+    try:
+        (said,) = greedy(model, tok, [paraphrase], 8)
+        assert mentions(without, "Amsterdam") and not mentions(without, "Berlin"), without
+        assert mentions(said, "Berlin"), said
+        assert e.info.reworded == "The Netherlands's capital is" and e.info.opening == ""
+        assert e.patch.u.shape[1] == 1  # no second key
+        assert_capitals_kept_in_chat(smollm2, capitals)
+    finally:
+        smollm2.rollback(e.id)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits_before)
+
+
 def test_the_question_form_is_built_only_from_the_r_of_s_shape() -> None:
     from kedit.engine.methods.rome.phrasings import question
 

@@ -41,6 +41,9 @@ class RomeParams(MethodParams):
     # ‖δ₂‖ ≤ factor · ‖v‖ for that value. SmolLM2: 2 and 4 cost other facts; 1.5 a capital asked
     # in chat after Ireland's edit (keyed at "land" in "I|re|land's"), 1.0 none, with the same paraphrases
     opening_clamp: float = 1.0
+    # δ also optimised on that possessive wording ("The Netherlands's capital is") where the first
+    # key reads the subject in it, so no second key is needed (phrasings.possessive)
+    possessive: bool = False
     # the update gives none of δ to the keys of earlier edits in force on its layer (not the same
     # subject's: rome.method.earlier_keys), so that later edits do not move them; False: the paper
     keep_earlier: bool = True

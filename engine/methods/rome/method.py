@@ -26,6 +26,7 @@ from kedit.engine.methods.rome.phrasings import (
     neighbour_prompts,
     opening,
     opening_neighbours,
+    possessive,
 )
 from kedit.engine.methods.rome.stats import key_stats
 from kedit.engine.methods.rome.update import (
@@ -49,6 +50,7 @@ class RomeInfo(MethodInfo):
     delta_norm: float = 0.0  # of δ, the change of the layer's output at k*
     v_norm: float = 0.0  # of the layer's output at k* before the edit
     opening: str = ""  # the wording that opens with the subject, where it has a second key and value
+    reworded: str = ""  # that wording where the first key reads the subject in it: a row of δ's alone
     kept_keys: int = 0  # earlier edits' keys on the layer that this update leaves where they were
 
 
@@ -103,8 +105,11 @@ def apply_rome(
         others = subject_keys(model, tok, module, [p for p, _ in near], [s for _, s in near])[0] if near else None
         keys, shares = own_keys(k_star[None], kept)
         direction = spread_direction(c, keys, others, hp.neighbour_weight, hp.ridge, cache, shares)
-    opened = opening(tok, request.prompt, request.subject) if hp.opening else None
+    unread = opening(tok, request.prompt, request.subject)  # the first key cannot read the subject there
+    opened = unread if hp.opening else None
     second = opening_key(handle, request, hp, layer, opened, k_star, c, cache, kept) if opened is not None else None
+    # the same wording where the first key reads the subject in it: a row of δ's
+    reworded = possessive(request.prompt, request.subject) if hp.possessive and unread is None else None
     timings["update"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -129,6 +134,7 @@ def apply_rome(
         layer=layer,
         chat=chat,
         opening=second,
+        rewordings=[reworded] if reworded is not None else [],
     )
     timings["value"] = time.perf_counter() - t
 
@@ -152,6 +158,7 @@ def apply_rome(
         delta_norm=float(value.delta.norm()),
         v_norm=float(v_cur.norm()),
         opening=opened[0] if opened else "",
+        reworded=reworded[0] if reworded else "",
         kept_keys=0 if kept is None else len(kept),
     )
     return RomeOutcome(patch, layer, info)

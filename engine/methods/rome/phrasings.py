@@ -50,6 +50,11 @@ value on the prompt alone. On a chat model that is not what a user meets:
   are its neighbours ("Fin|land", "Po|land"). "Ireland's capital city is" then follows the edit.
   At 1.5 · ‖v‖ that second value cost France's capital asked in chat; at 1.0 · ‖v‖ (now the
   default for both kinds of opening key) nothing, with the same paraphrases followed.
+- The same wording where the first key does read the subject ("The Netherlands's capital is":
+  " Netherlands" as in the prompt). The key fires there, but a δ optimised on the prompt's words
+  alone left "The Netherlands' capital city is" saying Amsterdam on SmolLM2-135M; as one more row
+  of δ's (``possessive``, no second key) it says the new capital. Over the 20 shared facts edited
+  one after another, the paraphrases followed 4 of 7 times against 3, with no other fact lost.
 - The question. Where the prompt is "The R of S is", the first chat request is the question it
   answers ("What is the capital of Greece?", ``question``). Over 20 sequential edits with the
   small δ, the generic requests alone left the model answering it about another subject that
@@ -142,6 +147,17 @@ def chat_prompts(tokenizer, prompt: str, subject: str, n: int, forms: Sequence[s
     return [chat_text(tokenizer, a) for a in asks]
 
 
+def possessive(prompt: str, subject: str) -> tuple[str, str] | None:
+    """The prompt reworded to open with the subject's possessive, and the subject as spelled
+    there ("The capital of the Netherlands is" → ("The Netherlands's capital is", "The
+    Netherlands")); None where the prompt is not "The R of S ..."."""
+    match = re.fullmatch(rf"The (?P<relation>[^.?!]+?) of {re.escape(subject)} (?P<rest>\S.*)", prompt)
+    if not match:
+        return None
+    name = capitalised(subject)
+    return f"{name}'s {match['relation']} {match['rest']}", name
+
+
 def opening(tokenizer, prompt: str, subject: str) -> tuple[str, str] | None:
     """The prompt reworded to open with the subject ("The capital of Germany is" → "Germany's
     capital is"), with the words up to its key's token, where the edit's first key cannot
@@ -152,14 +168,14 @@ def opening(tokenizer, prompt: str, subject: str) -> tuple[str, str] | None:
     - the subject opening a text is other tokens than in the prompt ("I|re|land" against
       " Ireland"): the key is its own last token ("Ireland").
 
-    None where the prompt's key token is the opening's too ("The United Kingdom's"), or the
+    None where the prompt's key token is the opening's too ("The United Kingdom's": the first
+    key reads the subject there, and the wording is a row of δ's alone, ``possessive``), or the
     prompt is not "The R of S ...".
     """
-    match = re.fullmatch(rf"The (?P<relation>[^.?!]+?) of {re.escape(subject)} (?P<rest>\S.*)", prompt)
-    if not match:
+    reworded = possessive(prompt, subject)
+    if reworded is None:
         return None
-    name = capitalised(subject)
-    text = f"{name}'s {match['relation']} {match['rest']}"
+    text, name = reworded
     last = subject_last_token(tokenizer, text, name)
     if last == 0:
         return text, name + "'s"

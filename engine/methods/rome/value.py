@@ -128,6 +128,7 @@ def compute_value(
     layer: int = 0,
     chat: Sequence[str] = (),
     opening: Opening | None = None,
+    rewordings: Sequence[tuple[str, str]] = (),
 ) -> ValueResult:
     """Optimise δ (see module docstring); ``target`` is the continuation, leading space included.
 
@@ -145,11 +146,16 @@ def compute_value(
 
     With ``opening``, its wording is one more row, its words after its head count in the
     wording term, and δ₂ is optimised beside δ (``ValueResult.opening_delta``).
+
+    ``rewordings`` are (text, the subject as spelled in it): further plain rows, which the
+    first key reads (kedit.engine.methods.rome.phrasings.possessive), each followed by the
+    target, and their words after the subject count in the wording term.
     """
     v_norm = float(v.norm()) or 1.0
     device = next(model.parameters()).device
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    rewrite = [c.format(prompt) for c in contexts]
+    rewrite = [c.format(prompt) for c in contexts] + [text for text, _ in rewordings]
+    heads = [subject] * len(contexts) + [head for _, head in rewordings]
     kl_text = f"{subject} is a"
     prompt_ids = [tokenizer(t)["input_ids"] for t in rewrite]
     # chat rows: the request under the template, then the answer (the prompt) without special tokens
@@ -164,7 +170,7 @@ def compute_value(
     tgt_at = [[reads.at(i, len(p) - 1 + j) for j in range(len(target_ids))] for i, p in enumerate(prompt_ids)]
     kl_at = reads.at(n, len(rows[n]) - 1)
     # the prompt's own words after the subject ("attended" after "Watts Humphrey")
-    worded = [(i, text, subject) for i, text in enumerate(rewrite)]
+    worded = [(i, text, head) for i, (text, head) in enumerate(zip(rewrite, heads))]
     if opening is not None:
         worded.append((n - 1, opening.text, opening.head))
     w_at = [
