@@ -1,4 +1,5 @@
-"""100 sequential edits on the fact world with GRACE, WISE and ROME: the figures of issue 4,
+"""Sequential edits on the fact world with GRACE (100), WISE (30) and ROME (30, or
+``KEDIT_ROME_EDITS``): the figures of issue 4,
 all measured after the last edit, then every edit rolled back in random order. The edits skip
 their own probe: the figures are measured after the last.
 
@@ -8,6 +9,7 @@ asserted: timings belong to `kedit bench`.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 
@@ -67,7 +69,9 @@ def test_wise_thirty_sequential_edits(session) -> None:
     assert f["Loc"] >= 0.95
 
 
-def test_rome_hundred_sequential_edits_roll_back_exactly(session) -> None:
+def test_rome_sequential_edits_roll_back_exactly(session) -> None:
     """ROME is not built for hundreds of edits: its figures are printed for comparison, and
-    rolling all 100 back in random order must still restore the model bit for bit."""
-    _run(session, "rome")
+    rolling every edit back in random order must still restore the model bit for bit. 30 edits
+    here, for the suite's time (100 took two minutes); ``KEDIT_ROME_EDITS=100`` gives the
+    README's figures."""
+    _run(session, "rome", int(os.environ.get("KEDIT_ROME_EDITS", "30")))
