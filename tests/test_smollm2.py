@@ -223,9 +223,10 @@ def test_possessive_rewords_the_r_of_s() -> None:
 
 def test_the_possessive_wording_carries_an_edit_where_the_first_key_reads_the_subject(smollm2) -> None:
     """The paraphrase "The Netherlands' capital city is" keys the subject at " Netherlands" as the
-    prompt does, so it needs no second key; but δ optimised on the prompt's wording alone leaves
-    it saying Amsterdam. With the possessive wording as one more row of δ's it says the new capital, the
-    other capitals asked in chat keep their answers, and rollback is exact."""
+    prompt does, so it needs no second key; but a small δ optimised on the prompt's wording alone
+    (weight decay 0.5) leaves it saying Amsterdam. With the possessive wording as one more row of
+    δ's it says the new capital, the other capitals asked in chat keep their answers, and rollback
+    is exact. (At kedit's decay of 0.25 δ alone already carries this paraphrase.)"""
     tok, model = smollm2.tokenizer, smollm2.model
     prompt, subject, paraphrase = (
         "The capital of the Netherlands is",
@@ -238,6 +239,7 @@ def test_the_possessive_wording_carries_an_edit_where_the_first_key_reads_the_su
         logits_before = model(ids).logits
 
     def edit(**params):
+        params = {"v_weight_decay": 0.5, **params}
         return smollm2.edit(prompt, " Berlin", subject=subject, method="rome", params=params, probe=False)
 
     plain = edit(possessive=False)
