@@ -1,7 +1,7 @@
 """Sequential edits on the fact world with GRACE (100), WISE (30) and ROME (30, or
-``KEDIT_ROME_EDITS``): the figures of issue 4,
-all measured after the last edit, then every edit rolled back in random order. The edits skip
-their own probe: the figures are measured after the last.
+``KEDIT_ROME_EDITS``): the figures of issue 4, all measured after the last edit, then every edit
+rolled back in random order. The edits skip their own probe: the figures are measured after the
+last.
 
 Each test prints its figures (pytest -s shows them). Edit-time medians are printed, not
 asserted: timings belong to `kedit bench`.
